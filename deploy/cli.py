@@ -1,0 +1,192 @@
+"""``keyyo-stream``: one console script, one subcommand per job (``--help`` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from deploy import logs
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _bootstrap(args: argparse.Namespace) -> str:
+    return str(args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "127.0.0.1:9092")
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    """Start, stop or query the local broker."""
+    from deploy.kafka_local import LocalKafka, default_home
+
+    broker = LocalKafka(home=Path(args.home) if args.home else default_home(args.port), port=args.port)
+    if args.action == "start":
+        try:
+            started = broker.start()
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print("started" if started else "already running", f"(logs: {broker.log_file})")
+        print(f"bootstrap={broker.bootstrap}")
+        return 0
+    if args.action == "stop":
+        print("stopped" if broker.stop() else "not running")
+        return 0
+    running = broker.running()
+    print(f"{'running' if running else 'stopped'} bootstrap={broker.bootstrap} home={broker.home}")
+    return 0 if running else 3
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    """Create every declared topic (idempotent)."""
+    from deploy.topics import create_topics
+
+    prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
+    result = asyncio.run(create_topics(_bootstrap(args), prefix, partitions=args.partitions))
+    for name, state in result.items():
+        print(f"{state:8} {name}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Run the HTTP ingest edge."""
+    from ingest.app import serve
+    from ingest.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(Path(args.config))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _use_uvloop(args.uvloop)
+    serve(settings, args.host, args.port)
+    return 0
+
+
+def cmd_url(args: argparse.Namespace) -> int:
+    """Print the notification URL template for the Keyyo Manager."""
+    from ingest.parsing import notification_url_template
+
+    print(notification_url_template(args.base, args.tenant))
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    """Make a new tenant secret and print the config lines that go with it."""
+    from ingest.config import hash_secret
+
+    secret = secrets.token_urlsafe(24)
+    print(f"# secret for {args.tenant}: put it in the Keyyo URL as key={secret}")
+    print(f"[tenants.{args.tenant}]")
+    print(f'token_sha256 = "{hash_secret(secret)}"')
+    print('# allow_from = ["62.39.136.157/32", "83.136.160.79/32"]')
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the records of a topic, readably, as they arrive."""
+    from deploy.tail import tail
+
+    try:
+        asyncio.run(tail(_bootstrap(args), args.topic, args.prefix or "", args.from_beginning,
+                         args.max_records, args.timeout, args.raw))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Local stack: broker, topics, ingest edge and demo traffic."""
+    from deploy.local_stack import run_local
+
+    _use_uvloop(args.uvloop)
+    return run_local(args)
+
+
+def _use_uvloop(wanted: bool) -> None:
+    if not wanted:
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="keyyo-stream",
+        description="Keyyo call notifications into Kafka, and what follows from them.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("KEYYO_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=["json", "text"],
+                        default=os.environ.get("KEYYO_LOG_FORMAT", "json"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("kafka", cmd_kafka, "Run a local single-node Apache Kafka broker (KRaft) without Docker.")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=int(os.environ.get("KEYYO_KAFKA_PORT", "9092")),
+                   help="broker port on 127.0.0.1 (default 9092)")
+    p.add_argument("--home", help="folder for config, data and logs "
+                   "(default ~/.local/state/keyyo-stream/kafka-PORT)")
+
+    p = add("topics", cmd_topics, "Create every declared topic with its partitions and configs.")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--prefix", help="topic name prefix (default $KEYYO_TOPIC_PREFIX or none)")
+    p.add_argument("--partitions", type=int, help="override every topic's partition count")
+
+    p = add("ingest", cmd_ingest, "Run the HTTP ingest edge (Kafka from $KAFKA_BOOTSTRAP_SERVERS).")
+    p.add_argument("--config", required=True, help="TOML file with [tenants.<id>] and [ingest]")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false",
+                   help="use the standard asyncio loop")
+
+    p = add("url", cmd_url, "Print the notification URL template to paste into the Keyyo Manager.")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--base", required=True, help="public base URL of the ingest edge")
+
+    p = add("secret", cmd_secret, "Generate a tenant secret and its token_sha256 config entry.")
+    p.add_argument("--tenant", required=True)
+
+    p = add("tail", cmd_tail, "Print a topic's records readably (notifications, rejected, ...).")
+    p.add_argument("topic", help="topic base name or short name: notifications, rejected, "
+                   "call-updates, call-records")
+    p.add_argument("--bootstrap")
+    p.add_argument("--prefix")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--max-records", type=int, default=None, help="exit after N records")
+    p.add_argument("--timeout", type=float, default=None, help="exit after N idle seconds")
+    p.add_argument("--raw", action="store_true", help="print the JSON values as they are")
+
+    p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest and demo traffic.")
+    p.add_argument("--port", type=int, default=8080, help="ingest port")
+    p.add_argument("--kafka-port", type=int, default=9092)
+    p.add_argument("--state-dir", default=".keyyo", help="local config, spool and broker home")
+    p.add_argument("--demo-rate", type=float, default=0.5, help="demo calls per second (0: none)")
+    p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``keyyo-stream`` console script."""
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

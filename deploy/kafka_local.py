@@ -1,0 +1,259 @@
+"""A single-node Apache Kafka broker (KRaft, combined broker+controller) on loopback, no Docker.
+
+The official ``org.apache.kafka:kafka_2.13`` artifacts are resolved by Maven (``deploy/kafka/pom.xml``)
+into a cache folder outside git; the broker runs as a detached ``java`` process whose home folder
+holds its configuration, data, log file and pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_PORT = 9092
+KAFKA_MAIN = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+
+
+def kafka_version() -> str:
+    """The Kafka version pinned in ``deploy/kafka/pom.xml``."""
+    pom = resources.files("deploy").joinpath("kafka/pom.xml").read_text()
+    match = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    if match is None:
+        raise RuntimeError("deploy/kafka/pom.xml does not pin <kafka.version>")
+    return match.group(1)
+
+
+def cache_root() -> Path:
+    """Where resolved artifacts live: ``$KEYYO_CACHE_DIR`` or ``~/.cache/keyyo-stream``."""
+    env = os.environ.get("KEYYO_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "keyyo-stream"
+
+
+def default_home(port: int) -> Path:
+    """Default broker home: ``$KEYYO_STATE_DIR`` or ``~/.local/state/keyyo-stream``, per port."""
+    env = os.environ.get("KEYYO_STATE_DIR")
+    base = Path(env) if env else Path.home() / ".local" / "state" / "keyyo-stream"
+    return base / f"kafka-{port}"
+
+
+def resolve_artifacts(progress: bool = True) -> Path:
+    """Copy the broker's jars into the cache with Maven (once); return the folder of jars."""
+    version = kafka_version()
+    lib = cache_root() / f"kafka-{version}" / "lib"
+    marker = lib / ".complete"
+    if marker.exists():
+        return lib
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise RuntimeError("Maven (mvn) is needed to fetch the Kafka broker; install it or use Docker")
+    if shutil.which("java") is None:
+        raise RuntimeError("Java 17+ is needed to run the local Kafka broker")
+    if lib.exists():
+        shutil.rmtree(lib)
+    lib.mkdir(parents=True)
+    pom = resources.files("deploy").joinpath("kafka/pom.xml")
+    with resources.as_file(pom) as pom_path:
+        if progress:
+            print(f"resolving org.apache.kafka:kafka_2.13:{version} with Maven into {lib}", flush=True)
+        cmd = [mvn, "-B", "-q", "-f", str(pom_path), "dependency:copy-dependencies",
+               f"-DoutputDirectory={lib}", "-DincludeScope=runtime"]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"Maven could not resolve Kafka {version}:\n{result.stdout}{result.stderr}")
+    marker.write_text(version)
+    return lib
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def broker_answers(bootstrap: str, timeout: float = 5.0) -> bool:
+    """True when a Kafka broker at ``bootstrap`` answers a metadata request."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        await asyncio.wait_for(admin.describe_cluster(), timeout)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+    finally:
+        await admin.close()
+
+
+@dataclass
+class LocalKafka:
+    """One local broker: its home folder, port and controller port."""
+
+    home: Path
+    port: int = DEFAULT_PORT
+    host: str = "127.0.0.1"
+    heap: str = "768m"
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` for clients."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        """The broker's log file."""
+        return self.home / "broker.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "server.properties"
+
+    def pid(self) -> int | None:
+        """The broker's pid when its process is alive, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        # A reused pid belongs to another program: check it still runs our broker.
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return pid
+        return pid if KAFKA_MAIN.encode() in cmdline else None
+
+    def running(self) -> bool:
+        """True when the broker process is alive and its port accepts connections."""
+        return self.pid() is not None and _port_open(self.host, self.port)
+
+    def _write_config(self, controller_port: int) -> None:
+        data = self.home / "data"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{self.host}:{controller_port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "8",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "min.insync.replicas": "1",
+            "log.retention.hours": "168",
+            "log.segment.bytes": str(64 * 1024 * 1024),
+        }
+        text = "".join(f"{k}={v}\n" for k, v in props.items())
+        self.config_file.write_text(text)
+
+    def start(self, wait_seconds: float = 90.0, progress: bool = True) -> bool:
+        """Start the broker unless it already runs; wait until it answers. True if started now."""
+        if self.running():
+            return False
+        if _port_open(self.host, self.port):
+            raise RuntimeError(f"port {self.port} is taken by another program; choose --port")
+        lib = resolve_artifacts(progress=progress)
+        self.home.mkdir(parents=True, exist_ok=True)
+        ports_file = self.home / "controller.port"
+        if ports_file.exists():
+            controller_port = int(ports_file.read_text())
+        else:
+            controller_port = free_port()
+            ports_file.write_text(str(controller_port))
+        self._write_config(controller_port)
+        classpath = f"{lib}/*"
+        log4j = resources.files("deploy").joinpath("kafka/log4j2.properties")
+        java = shutil.which("java") or "java"
+        jvm = [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+               "-Djava.awt.headless=true", f"-Dkafka.logs.file={self.log_file}",
+               f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
+        if not (self.home / "data" / "meta.properties").exists():
+            cluster_id = uuid.uuid4().hex[:22]
+            fmt = subprocess.run(
+                [*jvm, STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(self.config_file)],
+                capture_output=True, text=True, check=False,
+            )
+            if fmt.returncode != 0:
+                raise RuntimeError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
+        with (self.home / "stdout.log").open("ab") as out:
+            proc = subprocess.Popen(
+                [*jvm, KAFKA_MAIN, str(self.config_file)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the broker exited with status {proc.returncode}; see {self.log_file} "
+                    f"and {self.home / 'stdout.log'}"
+                )
+            if _port_open(self.host, self.port) and asyncio.run(broker_answers(self.bootstrap, 3)):
+                return True
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the broker did not answer within {wait_seconds:.0f}s; see {self.log_file}")
+
+    def stop(self, wait_seconds: float = 60.0) -> bool:
+        """Stop the broker cleanly (SIGTERM, then SIGKILL after ``wait_seconds``). True if it ran."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """Kill the broker at once (SIGKILL), as a crash would."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                time.sleep(0.05)

@@ -1,0 +1,86 @@
+"""``keyyo-stream tail``: follow a topic and print its records readably."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+SHORT_NAMES = {
+    "notifications": "keyyo.notifications.v1",
+    "rejected": "keyyo.notifications.rejected.v1",
+    "call-updates": "keyyo.call-updates.v1",
+    "call-records": "keyyo.call-records.v1",
+}
+
+
+def render(value: dict[str, Any]) -> str:
+    """One readable line for a known record type; compact JSON otherwise."""
+    schema = value.get("schema")
+    if schema == "keyyo.notification.v1":
+        extra = " ".join(
+            f"{k}={value[k]}" for k in ("session_id", "dref_replace", "redirecting_number")
+            if value.get(k)
+        )
+        return (f"{value['event_time']} {value['tenant']:<10} {value['type']:<7} "
+                f"line={value['account']} {value['caller'] or '?'} -> {value['callee'] or '?'} "
+                f"dref={value['dref']}{' acd' if value.get('is_acd') else ''} {extra}").rstrip()
+    if schema == "keyyo.notification-rejected.v1":
+        return (f"{value['received_at']} {value['tenant']:<10} REJECTED {value['status']} "
+                f"{value['error']} field={value['field']}: {value['detail']}  [{value['query']}]")
+    if schema == "keyyo.call-record.v1":
+        return (f"{value.get('started_at')} {value.get('tenant'):<10} {value.get('direction'):<8} "
+                f"{value.get('outcome'):<9} {value.get('caller')} -> {value.get('callee')} "
+                f"answered_by={value.get('answered_by')} wait={value.get('wait_seconds')}s "
+                f"talk={value.get('talk_seconds')}s legs={len(value.get('legs', []))} "
+                f"rev={value.get('revision')} closed_by={value.get('closed_by')}")
+    if schema == "keyyo.call-update.v1":
+        return (f"{value.get('updated_at')} {value.get('tenant'):<10} {value.get('state'):<8} "
+                f"{value.get('caller')} -> {value.get('callee')} legs={len(value.get('legs', []))}")
+    return orjson.dumps(value).decode()
+
+
+async def tail(
+    bootstrap: str, topic: str, prefix: str, from_beginning: bool,
+    max_records: int | None, idle_timeout: float | None, raw: bool,
+) -> int:
+    """Print records until interrupted, ``max_records`` printed, or ``idle_timeout`` idle seconds."""
+    name = prefix + SHORT_NAMES.get(topic, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    printed = 0
+    try:
+        partitions = consumer.partitions_for_topic(name)
+        if partitions is None:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh metadata for a new topic
+            partitions = consumer.partitions_for_topic(name)
+        if not partitions:
+            raise SystemExit(f"topic {name} does not exist (keyyo-stream topics create)")
+        tps = [TopicPartition(name, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await consumer.seek_to_end(*tps)
+        last = time.monotonic()
+        while max_records is None or printed < max_records:
+            batch = await consumer.getmany(timeout_ms=500)
+            if not batch:
+                if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                    break
+                continue
+            last = time.monotonic()
+            for record in (r for records in batch.values() for r in records):
+                text = record.value.decode() if raw else render(orjson.loads(record.value))
+                print(text, flush=True)
+                printed += 1
+                if max_records is not None and printed >= max_records:
+                    break
+    finally:
+        await consumer.stop()
+    await asyncio.sleep(0)
+    return printed

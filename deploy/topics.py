@@ -1,0 +1,54 @@
+"""Topic provisioning: create every declared topic with its partitions and configs (idempotent)."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from schemas.topics import ALL_TOPICS, Topic
+
+
+async def create_topics(
+    bootstrap: str,
+    prefix: str = "",
+    topics: tuple[Topic, ...] = ALL_TOPICS,
+    partitions: int | None = None,
+    replication: int = 1,
+) -> dict[str, str]:
+    """Create the topics that do not exist yet; return ``{name: "created" | "exists"}``.
+
+    ``partitions`` overrides every declared count (tests use small ones).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        result: dict[str, str] = {}
+        new: list[NewTopic] = []
+        for topic in topics:
+            name = topic.full_name(prefix)
+            if name in existing:
+                result[name] = "exists"
+                continue
+            configs = {"cleanup.policy": topic.cleanup_policy, **topic.configs}
+            new.append(NewTopic(name, partitions or topic.partitions, replication, topic_configs=configs))
+            result[name] = "created"
+        if new:
+            response = await admin.create_topics(new)
+            for name, code, message in _errors(response):
+                if code == TopicAlreadyExistsError.errno:
+                    result[name] = "exists"
+                elif code:
+                    raise RuntimeError(f"creating topic {name} failed: error {code} {message}")
+        return result
+    finally:
+        await admin.close()
+
+
+def _errors(response: object) -> list[tuple[str, int, str | None]]:
+    out: list[tuple[str, int, str | None]] = []
+    for entry in getattr(response, "topic_errors", []):
+        name, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else None
+        out.append((name, code, message))
+    return out

@@ -1,0 +1,128 @@
+"""Ingest settings and tenants, read once from a TOML file (and the environment for Kafka)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """The configuration file is invalid; the message says where."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One Keyyo customer allowed to send notifications."""
+
+    id: str
+    """Path segment in ``/v1/keyyo/{tenant}/notifications``."""
+    token_sha256: bytes
+    """SHA-256 digest of the secret passed as ``key=``."""
+    allow_from: tuple[IPNetwork, ...] = ()
+    """Source networks allowed; empty means any."""
+
+    def key_matches(self, secret: str) -> bool:
+        """Constant-time check of the secret against the stored digest."""
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(digest, self.token_sha256)
+
+    def source_allowed(self, ip: str) -> bool:
+        """True when ``ip`` is in ``allow_from`` (or no list is set)."""
+        if not self.allow_from:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.allow_from)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Everything the ingest edge reads from its config file and environment."""
+
+    tenants: dict[str, Tenant]
+    """Tenants by id."""
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Kafka bootstrap servers; ``KAFKA_BOOTSTRAP_SERVERS`` overrides the file."""
+    topic_prefix: str = ""
+    """Prefix of every topic name; ``KEYYO_TOPIC_PREFIX`` overrides the file."""
+    produce_budget_seconds: float = 2.0
+    """How long a request waits for Kafka's ack before answering 503 (or spooling)."""
+    linger_ms: int = 0
+    """Producer linger: 0 lets in-flight batching do the work."""
+    spool_dir: Path | None = None
+    """When set, events Kafka cannot take in time are fsync'd here and replayed in order."""
+    spool_max_bytes: int = 256 * 1024 * 1024
+    """Spool size at which requests are refused with 503."""
+    spool_ready_fraction: float = 0.8
+    """``/readyz`` turns not-ready once the spool holds this fraction of its limit."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Unused sections, kept for other deployables sharing the file."""
+
+
+def hash_secret(secret: str) -> str:
+    """The ``token_sha256`` value to store for a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _tenant(tenant_id: str, raw: Any) -> Tenant:
+    where = f"[tenants.{tenant_id}]"
+    if not _TENANT_ID.fullmatch(tenant_id):
+        raise ConfigError(f"{where}: tenant id must match {_TENANT_ID.pattern}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    token = raw.get("token_sha256")
+    if not isinstance(token, str) or not _SHA256_HEX.fullmatch(token.lower()):
+        raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (keyyo-stream secret)")
+    nets: list[IPNetwork] = []
+    for cidr in raw.get("allow_from", []):
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: allow_from entry {cidr!r}: {exc}") from exc
+    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets))
+
+
+def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettings:
+    """Read the TOML config; environment variables override the Kafka settings."""
+    env = dict(os.environ) if env is None else env
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    tenants_raw = data.get("tenants", {})
+    if not isinstance(tenants_raw, dict):
+        raise ConfigError(f"{path}: [tenants] must be a table of tables")
+    tenants = {tid: _tenant(tid, raw) for tid, raw in tenants_raw.items()}
+    kafka = data.get("kafka", {})
+    ingest = data.get("ingest", {})
+    spool = ingest.get("spool_dir")
+    try:
+        return IngestSettings(
+            tenants=tenants,
+            bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS")
+            or kafka.get("bootstrap_servers", "127.0.0.1:9092"),
+            topic_prefix=env.get("KEYYO_TOPIC_PREFIX", kafka.get("topic_prefix", "")),
+            produce_budget_seconds=float(ingest.get("produce_budget_seconds", 2.0)),
+            linger_ms=int(ingest.get("linger_ms", 0)),
+            spool_dir=(path.parent / spool) if spool else None,
+            spool_max_bytes=int(ingest.get("spool_max_bytes", 256 * 1024 * 1024)),
+            spool_ready_fraction=float(ingest.get("spool_ready_fraction", 0.8)),
+            extra={k: v for k, v in data.items() if k not in ("tenants", "kafka", "ingest")},
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: [ingest]: {exc}") from exc

@@ -1,0 +1,38 @@
+"""Prometheus metrics of the ingest edge, on a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOMES = ("accepted", "spooled", "rejected", "unauthorized", "forbidden", "unavailable")
+
+
+class IngestMetrics:
+    """Counters, histogram and gauges exported at ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        requests = Counter(
+            "keyyo_ingest_requests", "Notification requests by outcome.", ["outcome"],
+            registry=self.registry,
+        )
+        # Bound children up front: no label lookup on the hot path.
+        self.requests = {outcome: requests.labels(outcome) for outcome in OUTCOMES}
+        self.produce_seconds = Histogram(
+            "keyyo_ingest_produce_seconds", "Time from send to Kafka's acks=all acknowledgement.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+        self.spool_bytes = Gauge(
+            "keyyo_ingest_spool_bytes", "Bytes in the disk spool not yet replayed to Kafka.",
+            registry=self.registry,
+        )
+        self.spool_replayed = Counter(
+            "keyyo_ingest_spool_replayed_records", "Spooled records replayed to Kafka.",
+            registry=self.registry,
+        )
+        self.rejected_unrecorded = Counter(
+            "keyyo_ingest_rejected_unrecorded",
+            "Refused requests that could not be written to the rejected topic.",
+            registry=self.registry,
+        )

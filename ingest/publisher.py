@@ -1,0 +1,260 @@
+"""The edge's only Kafka client: acks=all idempotent writes, with an optional disk spool.
+
+``publish`` returns only once a record is durable: acknowledged by Kafka, or (spool enabled)
+fsync'd to the spool, which a background task replays in order when Kafka is back. While the
+spool holds records, new ones are appended behind them so the topic keeps arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from ingest.metrics import IngestMetrics
+from ingest.spool import Spool, SpooledRecord, encode
+
+log = logging.getLogger("keyyo.ingest.publisher")
+
+REPLAY_BATCH = 500
+ORIGINAL_SEND_GRACE_S = 120.0
+
+
+class Outcome(enum.Enum):
+    """Where a record ended up."""
+
+    KAFKA = "kafka"
+    SPOOLED = "spooled"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass
+class _Pending:
+    frame: bytes
+    done: asyncio.Future[None]
+    original: asyncio.Future[object] | None
+
+
+@dataclass
+class _SpoolState:
+    spool: Spool
+    max_bytes: int
+    ready_bytes: int
+    queue: list[_Pending] = field(default_factory=list)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Spool offset -> the producer future of a send that timed out before it was spooled.
+    originals: dict[int, asyncio.Future[object]] = field(default_factory=dict)
+    active: bool = False
+
+
+class Publisher:
+    """Durable writes to Kafka for the ingest edge."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        budget_s: float,
+        metrics: IngestMetrics,
+        linger_ms: int = 0,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 256 * 1024 * 1024,
+        spool_ready_fraction: float = 0.8,
+    ) -> None:
+        self.budget_s = budget_s
+        self.metrics = metrics
+        self.kafka_ok = False
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            request_timeout_ms=30000,
+            client_id="keyyo-ingest",
+        )
+        self._spool_dir = spool_dir
+        self._spool_limits = (spool_max_bytes, int(spool_max_bytes * spool_ready_fraction))
+        self._spool: _SpoolState | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the spool (replaying any left from a previous run) and connect to Kafka.
+
+        Starts even when Kafka is down: requests then get 503 or are spooled.
+        """
+        if self._spool_dir is not None:
+            spool = await asyncio.to_thread(Spool, self._spool_dir)
+            self._spool = _SpoolState(spool, *self._spool_limits)
+            self._spool.active = spool.pending_bytes > 0
+            self.metrics.spool_bytes.set(spool.pending_bytes)
+            self._tasks.append(asyncio.create_task(self._spool_writer(), name="spool-writer"))
+            self._tasks.append(asyncio.create_task(self._spool_replayer(), name="spool-replayer"))
+        try:
+            await asyncio.wait_for(self._producer.start(), timeout=max(self.budget_s, 5.0))
+            self.kafka_ok = True
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("kafka not reachable at start, will keep trying: %s", exc)
+        self._tasks.append(asyncio.create_task(self._probe(), name="kafka-probe"))
+
+    async def stop(self) -> None:
+        """Flush what the producer holds, stop background tasks, close the spool."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._producer.flush(), timeout=self.budget_s * 5)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        # Records still queued for the spool were never answered 200: fail them.
+        if self._spool is not None:
+            for pending in self._spool.queue:
+                if not pending.done.done():
+                    pending.done.set_exception(RuntimeError("shutting down"))
+            self._spool.spool.close()
+        await self._producer.stop()
+
+    @property
+    def spool_ready(self) -> bool:
+        """False once the spool holds more than its ready fraction."""
+        state = self._spool
+        return state is None or state.spool.pending_bytes < state.ready_bytes
+
+    async def _probe(self) -> None:
+        """Keep ``kafka_ok`` current (for /readyz), retrying the producer's start if needed."""
+        started = self.kafka_ok
+        while True:
+            try:
+                if not started:
+                    await asyncio.wait_for(self._producer.start(), timeout=5.0)
+                    started = True
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout=3.0)
+                self.kafka_ok = True
+            except (KafkaError, TimeoutError, OSError):
+                self.kafka_ok = False
+            await asyncio.sleep(1.0 if self.kafka_ok else 0.5)
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> Outcome:
+        """Write one record durably within the budget, or say it could not be."""
+        started = time.perf_counter()
+        spool = self._spool
+        if spool is not None and spool.active:
+            return await self._to_spool(spool, topic, key, value, None)
+        original: asyncio.Future[object] | None = None
+        try:
+            async with asyncio.timeout(self.budget_s):
+                original = await self._producer.send(topic, value=value, key=key)
+                await asyncio.shield(original)
+            self.metrics.produce_seconds.observe(time.perf_counter() - started)
+            return Outcome.KAFKA
+        except (TimeoutError, KafkaError) as exc:
+            self.kafka_ok = False
+            log.warning("kafka did not take a record within %.1fs: %r", self.budget_s, exc)
+        if spool is None:
+            return Outcome.UNAVAILABLE
+        if original is not None and original.done() and original.exception() is not None:
+            original = None  # it failed for sure: only the spool copy will be sent
+        return await self._to_spool(spool, topic, key, value, original)
+
+    async def _to_spool(
+        self, spool: _SpoolState, topic: str, key: bytes, value: bytes,
+        original: asyncio.Future[object] | None,
+    ) -> Outcome:
+        frame = encode(topic, key, value)
+        queued = sum(len(p.frame) for p in spool.queue)
+        if spool.spool.pending_bytes + queued + len(frame) > spool.max_bytes:
+            return Outcome.UNAVAILABLE
+        spool.active = True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        spool.queue.append(_Pending(frame, done, original))
+        spool.wakeup.set()
+        try:
+            await done
+        except RuntimeError:
+            return Outcome.UNAVAILABLE
+        return Outcome.SPOOLED
+
+    async def _spool_writer(self) -> None:
+        """Group commit: write every queued record, one fsync, then answer them all."""
+        state = self._spool
+        assert state is not None
+        while True:
+            await state.wakeup.wait()
+            state.wakeup.clear()
+            if not state.queue:
+                continue
+            batch, state.queue = state.queue, []
+            async with state.lock:
+                offset = state.spool.size
+                try:
+                    await asyncio.to_thread(state.spool.append, [p.frame for p in batch])
+                except OSError as exc:
+                    log.error("spool write failed: %s", exc)
+                    for p in batch:
+                        p.done.set_exception(RuntimeError("spool write failed"))
+                    continue
+                for p in batch:
+                    if p.original is not None:
+                        state.originals[offset] = p.original
+                    offset += len(p.frame)
+                    if not p.done.done():
+                        p.done.set_result(None)
+            self.metrics.spool_bytes.set(state.spool.pending_bytes)
+
+    async def _spool_replayer(self) -> None:
+        """Send spooled records to Kafka in order; empty the spool once all are in."""
+        state = self._spool
+        assert state is not None
+        while True:
+            if not state.active:
+                await asyncio.sleep(0.05)
+                continue
+            start = state.spool.replayed
+            records = await asyncio.to_thread(state.spool.read, start, REPLAY_BATCH)
+            if not records:
+                async with state.lock:
+                    if state.spool.size == state.spool.replayed and not state.queue:
+                        await asyncio.to_thread(state.spool.reset)
+                        state.originals.clear()
+                        state.active = False
+                        log.info("spool replayed; writing to kafka directly again")
+                        self.metrics.spool_bytes.set(0)
+                        continue
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                await self._replay(state, start, records)
+            except (KafkaError, TimeoutError) as exc:
+                self.kafka_ok = False
+                log.info("spool replay waiting for kafka: %r", exc)
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.to_thread(state.spool.mark_replayed, records[-1].end)
+            self.metrics.spool_bytes.set(state.spool.pending_bytes)
+            self.metrics.spool_replayed.inc(len(records))
+
+    async def _replay(self, state: _SpoolState, start: int, records: list[SpooledRecord]) -> None:
+        futures: list[asyncio.Future[object]] = []
+        offset = start
+        for rec in records:
+            original = state.originals.get(offset)
+            if original is not None:
+                delivered = False
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(original), ORIGINAL_SEND_GRACE_S)
+                    delivered = True
+                state.originals.pop(offset, None)
+                if delivered:
+                    offset = rec.end
+                    continue
+            async with asyncio.timeout(10.0):
+                futures.append(await self._producer.send(rec.topic, value=rec.value, key=rec.key))
+            offset = rec.end
+        async with asyncio.timeout(30.0):
+            await asyncio.gather(*futures)

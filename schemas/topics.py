@@ -1,0 +1,65 @@
+"""Every Kafka topic of keyyo-stream, declared once: name, key, partitions, cleanup policy, schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A topic declaration; ``name`` is the base name, a deployment may prefix it."""
+
+    name: str
+    """Base name, e.g. ``keyyo.notifications.v1``."""
+    key: str
+    """What the record key holds."""
+    partitions: int
+    """Partition count created by ``keyyo-stream topics create``."""
+    cleanup_policy: str
+    """``delete`` or ``compact``."""
+    schema: str | None
+    """File name of the value's JSON Schema in ``schemas/json``, if it has one."""
+    configs: dict[str, str] = field(default_factory=dict)
+    """Extra topic configs (retention and the like)."""
+
+    def full_name(self, prefix: str = "") -> str:
+        """The topic name under a deployment prefix."""
+        return f"{prefix}{self.name}"
+
+
+DAY_MS = 24 * 3600 * 1000
+
+NOTIFICATIONS = Topic(
+    name="keyyo.notifications.v1",
+    key="tenant",
+    partitions=12,
+    cleanup_policy="delete",
+    schema="keyyo.notification.v1.schema.json",
+    configs={"retention.ms": str(365 * DAY_MS)},
+)
+NOTIFICATIONS_REJECTED = Topic(
+    name="keyyo.notifications.rejected.v1",
+    key="tenant",
+    partitions=3,
+    cleanup_policy="delete",
+    schema="keyyo.notification-rejected.v1.schema.json",
+    configs={"retention.ms": str(30 * DAY_MS)},
+)
+CALL_UPDATES = Topic(
+    name="keyyo.call-updates.v1",
+    key="tenant",
+    partitions=12,
+    cleanup_policy="delete",
+    schema=None,
+    configs={"retention.ms": str(1 * DAY_MS)},
+)
+CALL_RECORDS = Topic(
+    name="keyyo.call-records.v1",
+    key="tenant",
+    partitions=12,
+    cleanup_policy="delete",
+    schema=None,
+    configs={"retention.ms": str(365 * DAY_MS)},
+)
+
+ALL_TOPICS: tuple[Topic, ...] = (NOTIFICATIONS, NOTIFICATIONS_REJECTED, CALL_UPDATES, CALL_RECORDS)
