@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qsl
 
 import orjson
@@ -55,31 +55,30 @@ def _redact(query: str) -> str:
     return "&".join(parts)
 
 
-async def _body_params(request: web.Request) -> tuple[list[tuple[str, str]], str | None] | Refusal:
+async def _body_params(request: web.Request) -> tuple[list[tuple[str, str]] | Refusal, str | None]:
     """Parameters from a POST body (form or JSON object), and the raw body text."""
     raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        return Refusal("invalid_body", None, f"body larger than {MAX_BODY} bytes", status=413)
-    text = raw.decode("utf-8", "replace")
     if not raw:
         return [], None
-    if request.content_type == _JSON:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return Refusal("invalid_body", None, f"body is not valid JSON: {exc}")
-        if not isinstance(data, dict):
-            return Refusal("invalid_body", None, "JSON body must be an object of parameters")
-        params: list[tuple[str, str]] = []
-        for name, value in data.items():
-            if isinstance(value, bool) or not isinstance(value, str | int):
-                if value is None:
-                    value = ""
-                else:
-                    return Refusal("invalid_body", name, "JSON values must be strings or integers")
-            params.append((name, str(value)))
-        return params, text
-    return parse_qsl(text, keep_blank_values=True), text
+    text = raw[:MAX_BODY].decode("utf-8", "replace")
+    if len(raw) > MAX_BODY:
+        return Refusal("invalid_body", None, f"body larger than {MAX_BODY} bytes", status=413), text
+    if request.content_type != _JSON:
+        return parse_qsl(text, keep_blank_values=True), text
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Refusal("invalid_body", None, f"body is not valid JSON: {exc}"), text
+    if not isinstance(data, dict):
+        return Refusal("invalid_body", None, "JSON body must be an object of parameters"), text
+    params: list[tuple[str, str]] = []
+    for name, value in data.items():
+        if value is None:
+            value = ""
+        elif isinstance(value, bool) or not isinstance(value, str | int):
+            return Refusal("invalid_body", name, "JSON values must be strings or integers"), text
+        params.append((name, str(value)))
+    return params, text
 
 
 async def handle_notification(request: web.Request) -> web.Response:
@@ -98,23 +97,21 @@ async def handle_notification(request: web.Request) -> web.Response:
         return _json(403, {"error": "forbidden", "field": None,
                            "detail": f"source address {source_ip} is not allowed for this tenant"})
 
-    params: Iterable[tuple[str, str]] = request.query.items()
+    params: list[tuple[str, str]] = list(request.query.items())
     body_text: str | None = None
     refusal: Refusal | None = None
     if request.method == "POST":
-        parsed = await _body_params(request)
+        parsed, body_text = await _body_params(request)
         if isinstance(parsed, Refusal):
-            refusal = parsed
+            refusal = parsed  # the key can then only come from the query string
         else:
-            params = [*request.query.items(), *parsed[0]]
-            body_text = parsed[1]
+            params.extend(parsed)
+    secrets = [v for k, v in params if k == SECRET_PARAM]
+    if len(secrets) != 1 or not tenant.key_matches(secrets[0]):
+        metrics.requests["unauthorized"].inc()
+        return _json(401, {"error": "unauthorized", "field": SECRET_PARAM,
+                           "detail": "missing or wrong key"})
     if refusal is None:
-        params = params if isinstance(params, list) else list(params)
-        secrets = [v for k, v in params if k == SECRET_PARAM]
-        if len(secrets) != 1 or not tenant.key_matches(secrets[0]):
-            metrics.requests["unauthorized"].inc()
-            return _json(401, {"error": "unauthorized", "field": SECRET_PARAM,
-                               "detail": "missing or wrong key"})
         result = parse_notification(tenant_id, params, source_ip, received_ms)
         if isinstance(result, Refusal):
             refusal = result

@@ -1,0 +1,23 @@
+"""Session fixtures: one real Kafka broker for the whole test session, per-test topic prefixes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.kafka import Broker, session_broker
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """The session's broker (see tests/kafka.py for how it is chosen)."""
+    with session_broker() as b:
+        yield b
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix of this test's own, so tests never see each other's records."""
+    return f"t{uuid.uuid4().hex[:10]}."

@@ -1,0 +1,85 @@
+"""Running the ingest edge in the test process, against a real broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from deploy.topics import create_topics
+from ingest.app import PUBLISHER, build_app
+from ingest.config import IngestSettings, Tenant, hash_secret
+from ingest.publisher import Publisher
+from schemas.topics import NOTIFICATIONS, NOTIFICATIONS_REJECTED
+
+SECRET = "s3cret-acme"
+TENANT = "acme"
+
+
+class Edge:
+    """A running edge and a client to it."""
+
+    def __init__(self, client: TestClient, settings: IngestSettings) -> None:
+        self.client = client
+        self.settings = settings
+
+    @property
+    def publisher(self) -> Publisher:
+        return self.client.app[PUBLISHER]  # type: ignore[index]
+
+    @property
+    def topic(self) -> str:
+        return self.settings.topic_prefix + NOTIFICATIONS.name
+
+    @property
+    def rejected_topic(self) -> str:
+        return self.settings.topic_prefix + NOTIFICATIONS_REJECTED.name
+
+    async def notify(self, params: dict[str, str], tenant: str = TENANT,
+                     key: str | None = SECRET) -> ClientResponse:
+        query = {**({"key": key} if key is not None else {}), **params}
+        async with self.client.get(f"/v1/keyyo/{tenant}/notifications", params=query) as resp:
+            await resp.read()
+            return resp
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.client.get(path) as resp:
+            body = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, body.decode()
+
+
+def tenants(**allow: list[str]) -> dict[str, Tenant]:
+    """The test tenants: ``acme`` (secret SECRET) and ``locked`` (allowed only from 10.0.0.0/8)."""
+    import ipaddress
+
+    return {
+        TENANT: Tenant(TENANT, bytes.fromhex(hash_secret(SECRET))),
+        "locked": Tenant("locked", bytes.fromhex(hash_secret(SECRET)),
+                         (ipaddress.ip_network("10.0.0.0/8"),)),
+    }
+
+
+@asynccontextmanager
+async def running_edge(
+    bootstrap: str, prefix: str, *, budget_s: float = 2.0, spool_dir: Path | None = None,
+    spool_max_bytes: int = 256 * 1024 * 1024, create: bool = True,
+) -> AsyncIterator[Edge]:
+    """Create the prefix's topics, start the edge, yield it, then shut it down gracefully."""
+    if create:
+        await create_topics(bootstrap, prefix, partitions=3)
+    settings = IngestSettings(
+        tenants=tenants(), bootstrap_servers=bootstrap, topic_prefix=prefix,
+        produce_budget_seconds=budget_s, spool_dir=spool_dir, spool_max_bytes=spool_max_bytes,
+    )
+    client = TestClient(TestServer(build_app(settings)))
+    await client.start_server()
+    try:
+        yield Edge(client, settings)
+    finally:
+        await client.close()
