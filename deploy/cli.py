@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -91,11 +92,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print the records of a topic, readably, as they arrive."""
     from deploy.tail import tail
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(tail(_bootstrap(args), args.topic, args.prefix or "", args.from_beginning,
                          args.max_records, args.timeout, args.raw))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

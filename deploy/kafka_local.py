@@ -14,8 +14,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -91,16 +94,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def broker_answers(bootstrap: str, timeout: float = 5.0) -> bool:
+async def broker_answers(bootstrap: str, wait_s: float = 5.0) -> bool:
     """True when a Kafka broker at ``bootstrap`` answers a metadata request."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(wait_s * 1000))
     try:
-        await asyncio.wait_for(admin.start(), timeout)
-        await asyncio.wait_for(admin.describe_cluster(), timeout)
+        await asyncio.wait_for(admin.start(), wait_s)
+        await asyncio.wait_for(admin.describe_cluster(), wait_s)
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not answering"
+    except Exception:
         return False
     finally:
         await admin.close()
@@ -257,3 +260,27 @@ class LocalKafka:
             os.kill(pid, signal.SIGKILL)
             while self.pid() is not None:
                 time.sleep(0.05)
+
+
+@contextmanager
+def temporary_broker() -> Iterator[LocalKafka]:
+    """A broker in a temporary home on a free port, stopped and removed afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="keyyo-kafka-"))
+    broker = LocalKafka(home=home, port=free_port())
+    broker.start(progress=False)
+    try:
+        yield broker
+    finally:
+        broker.stop(wait_seconds=20)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def bootstrap_or_temporary_broker() -> Iterator[str]:
+    """``KAFKA_BOOTSTRAP_SERVERS`` when set, else a :func:`temporary_broker` for the duration."""
+    env = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if env:
+        yield env
+        return
+    with temporary_broker() as broker:
+        yield broker.bootstrap

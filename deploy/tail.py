@@ -43,6 +43,12 @@ def render(value: dict[str, Any]) -> str:
     return orjson.dumps(value).decode()
 
 
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of ``topic`` (empty when it does not exist), from fresh metadata."""
+    await consumer._client.force_metadata_update()  # private: no public way to refresh metadata
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+
 async def tail(
     bootstrap: str, topic: str, prefix: str, from_beginning: bool,
     max_records: int | None, idle_timeout: float | None, raw: bool,
@@ -54,13 +60,9 @@ async def tail(
     await consumer.start()
     printed = 0
     try:
-        partitions = consumer.partitions_for_topic(name)
-        if partitions is None:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh metadata for a new topic
-            partitions = consumer.partitions_for_topic(name)
-        if not partitions:
+        tps = await topic_partitions(consumer, name)
+        if not tps:
             raise SystemExit(f"topic {name} does not exist (keyyo-stream topics create)")
-        tps = [TopicPartition(name, p) for p in sorted(partitions)]
         consumer.assign(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)

@@ -29,7 +29,7 @@ Clock = Callable[[], int]
 SETTINGS = web.AppKey("settings", IngestSettings)
 METRICS = web.AppKey("metrics", IngestMetrics)
 PUBLISHER = web.AppKey("publisher", Publisher)
-CLOCK = web.AppKey("clock", Clock)  # type: ignore[var-annotated]
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 MAX_BODY = 64 * 1024
 _JSON = "application/json"

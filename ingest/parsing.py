@@ -30,7 +30,7 @@ FIELDS: Final[dict[str, tuple[str, int]]] = {
     "tsms": ("_TSMS_", 13),
 }
 REQUIRED: Final = ("account", "type", "dref", "callref", "caller", "callee")
-SECRET_PARAM: Final = "key"
+SECRET_PARAM: Final = "key"  # noqa: S105 - the name of the parameter, not a secret
 
 
 def _aliases() -> dict[str, str]:
@@ -168,12 +168,12 @@ def parse_notification(
             return refusal
     optional: dict[str, str | None] = {}
     for name in ("dref_replace", "session_id"):
-        value = fields.get(name) or None
-        if value is not None:
-            refusal = _check_ident(name, value)
+        text = fields.get(name) or None
+        if text is not None:
+            refusal = _check_ident(name, text)
             if refusal:
                 return refusal
-        optional[name] = value
+        optional[name] = text
     redirecting = fields.get("redirecting_number") or None
     if redirecting is not None:
         refusal = _check_number("redirecting_number", redirecting, allow_anonymous=False)

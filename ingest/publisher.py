@@ -118,7 +118,16 @@ class Publisher:
                 if not pending.done.done():
                     pending.done.set_exception(RuntimeError("shutting down"))
             self._spool.spool.close()
-        await self._producer.stop()
+        try:
+            await asyncio.wait_for(self._producer.stop(), timeout=self.budget_s * 2)
+        except TimeoutError:
+            # aiokafka would keep retrying in the background: abandon unacknowledged batches
+            # now, or a record already in the spool could land twice (sender/client internals).
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                await sender.close()
+            await self._producer.client.close()
+            log.warning("kafka unreachable at shutdown; unsent records stay in the spool (if any)")
 
     @property
     def spool_ready(self) -> bool:

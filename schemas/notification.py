@@ -34,7 +34,7 @@ class Notification:
     """One normalised Keyyo call notification, the value of ``keyyo.notifications.v1``."""
 
     event_id: str
-    """Deterministic hash of the tenant and the notification's identity: a duplicate delivery gets the same id."""
+    """Hash of tenant, account, dref, type and callref: a duplicate delivery gets the same id."""
     tenant: str
     """The Keyyo customer the notification URL belongs to; also the record key."""
     type: NotificationType

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 
@@ -21,3 +22,8 @@ def broker() -> Iterator[Broker]:
 def prefix() -> str:
     """A topic prefix of this test's own, so tests never see each other's records."""
     return f"t{uuid.uuid4().hex[:10]}."
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # aiokafka logs every failed reconnect at ERROR: noise in tests that stop the broker on purpose.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
-from deploy.kafka_local import LocalKafka, free_port
+from deploy.kafka_local import temporary_broker
+from deploy.tail import topic_partitions
 
 
 @dataclass
@@ -34,7 +34,7 @@ def _docker_answers() -> bool:
         client = docker.from_env(timeout=3)
         client.ping()
         return True
-    except Exception:  # noqa: BLE001 - no engine, no socket, no permission: all mean "no docker"
+    except Exception:
         return False
 
 
@@ -56,39 +56,22 @@ def session_broker() -> Iterator[Broker]:
         with KafkaContainer().with_kraft() as container:
             yield Broker(container.get_bootstrap_server(), "docker")
         return
-    with local_broker() as broker:
+    with temporary_broker() as broker:
         yield Broker(broker.bootstrap, "local")
 
 
-@contextmanager
-def local_broker() -> Iterator[LocalKafka]:
-    """A broker of our own in a temporary home, killed and removed afterwards."""
-    home = Path(tempfile.mkdtemp(prefix="keyyo-kafka-"))
-    broker = LocalKafka(home=home, port=free_port())
-    broker.start(progress=False)
-    try:
-        yield broker
-    finally:
-        broker.stop(wait_seconds=20)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-async def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[ConsumerRecord]:
+async def read_topic(bootstrap: str, topic: str, within_s: float = 30.0) -> list[ConsumerRecord]:
     """Every committed record of ``topic`` up to its current end, in partition then offset order."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed", auto_offset_reset="earliest")
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(consumer, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         records: list[ConsumerRecord] = []
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within_s
         while True:
             positions = {tp: await consumer.position(tp) for tp in tps}
             if all(positions[tp] >= ends[tp] for tp in tps):
@@ -109,9 +92,9 @@ async def read_values(bootstrap: str, topic: str) -> list[dict[str, object]]:
     return [orjson.loads(r.value) for r in await read_topic(bootstrap, topic)]
 
 
-async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate: Any, within_s: float = 30.0, interval: float = 0.05, what: str = "") -> None:
     """Poll ``predicate()`` (sync or async) until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while True:
         result = predicate()
         if asyncio.iscoroutine(result):
@@ -119,5 +102,5 @@ async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, wha
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {within_s}s waiting for {what or predicate}")
         await asyncio.sleep(interval)

@@ -96,7 +96,7 @@ async def test_every_refusal_is_answered_and_kept_in_the_rejected_topic(
     broker: Broker, prefix: str,
 ) -> None:
     async with running_edge(broker.bootstrap, prefix) as edge:
-        for params, error, field in REFUSALS:
+        for params, _, _ in REFUSALS:
             resp = await edge.notify(params)
             assert resp.status == 400
         query = f"key={SECRET}&" + urlencode(BAD) + "&N_TYPE=SETUP"

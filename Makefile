@@ -1,0 +1,45 @@
+# keyyo-stream: `make run` (the local pipeline with demo traffic) and `make test` (lint + tests).
+# Each does its own idempotent set-up: .venv with the project and its dev tools, the Kafka jars.
+
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	&& { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup kafka-jars run test lint unit bench-ingest clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ is needed"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# The broker's jars, resolved by Maven into ~/.cache/keyyo-stream (skipped when Kafka comes from
+# KAFKA_BOOTSTRAP_SERVERS; needs Java 17+ and Maven otherwise, unless Docker is used by the tests).
+kafka-jars: setup
+	@if [ -z "$$KAFKA_BOOTSTRAP_SERVERS" ] && command -v java >/dev/null && command -v mvn >/dev/null; then \
+		$(BIN)/python -c 'from deploy.kafka_local import resolve_artifacts; print(resolve_artifacts())'; fi
+
+run: kafka-jars
+	$(BIN)/keyyo-stream --log-format text run
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+test: lint kafka-jars
+	$(BIN)/pytest -q -ra --durations=10
+
+bench-ingest: kafka-jars
+	$(BIN)/python -m devtools.bench_ingest
+
+clean:
+	rm -rf $(VENV) .keyyo bench-results .pytest_cache .mypy_cache .ruff_cache

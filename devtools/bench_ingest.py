@@ -1,0 +1,245 @@
+"""Ingest benchmark: the edge (every 200 backed by an acks=all write) against a no-op aiohttp handler.
+
+Both servers run as separate processes, served the same way (uvloop, no access log), measured in
+the same run with the same load generator (wrk when installed, at 64 and 256 keep-alive
+connections). Then the edge is driven open-loop at half its measured maximum to read its latency
+under load. Prints a table and writes JSON to ``bench-results/ingest-<time>.json``.
+
+    python -m devtools.bench_ingest [--duration 10] [--connections 64,256]
+
+Kafka: ``KAFKA_BOOTSTRAP_SERVERS``, else a local broker started (and stopped) for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
+from deploy.tail import topic_partitions
+from deploy.topics import create_topics
+from ingest.config import hash_secret
+
+SECRET = "bench-secret"  # noqa: S105 - a throwaway tenant of the benchmark
+TENANT = "bench"
+WRK_SCRIPT = r"""
+local n = 0
+local types = {"SETUP", "CONNECT", "RELEASE"}
+request = function()
+  n = n + 1
+  local path = "/v1/keyyo/bench/notifications?key=bench-secret&account=33123456789"
+    .. "&caller=33612345678&callee=33123456789&callref=" .. math.floor(n / 3)
+    .. "&type=" .. types[(n % 3) + 1] .. "&version=1&dref=" .. string.format("%032x", math.floor(n / 3))
+    .. "&dref_replace=&session_id=&is_acd=0&redirecting_number=&tsms=1795000000000"
+  return wrk.format("GET", path)
+end
+done = function(summary, latency, requests)
+  local non2xx = summary.errors.status
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, '
+    .. '"p50_us": %d, "p99_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, non2xx,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+def _wait_port(port: int, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_wrk(port: int, connections: int, duration: float, script: Path, pid: int) -> dict[str, Any]:
+    """One wrk run; its JSON summary plus the server's CPU use."""
+    cpu0 = _cpu_seconds(pid)
+    out = subprocess.run(
+        [shutil.which("wrk") or "wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "-s", str(script),
+         f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    cpu = _cpu_seconds(pid) - cpu0
+    line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
+    data: dict[str, Any] = orjson.loads(line.removeprefix("WRKJSON "))
+    seconds = data["duration_us"] / 1e6
+    ok = data["requests"] - data["non2xx"]
+    return {
+        "connections": connections, "requests": data["requests"], "ok": ok,
+        "non2xx": data["non2xx"], "socket_errors": data["socket_errors"],
+        "rps": round(ok / seconds, 1), "p50_ms": data["p50_us"] / 1000,
+        "p99_ms": data["p99_us"] / 1000, "max_ms": data["max_us"] / 1000,
+        "server_cores": round(cpu / seconds, 2),
+    }
+
+
+async def open_loop(port: int, rate: float, duration: float, concurrency: int = 256) -> dict[str, Any]:
+    """Send at a fixed rate (latency counted from each request's scheduled time)."""
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    base = f"http://127.0.0.1:{port}/v1/keyyo/{TENANT}/notifications"
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int, due: float) -> None:
+            kind = ("SETUP", "CONNECT", "RELEASE")[i % 3]
+            url = (f"{base}?key={SECRET}&account=33123456789&caller=33612345678&callee=33123456789"
+                   f"&callref=ol{i // 3}&type={kind}&dref=ol{i // 3:030d}&tsms=1795000000000")
+            async with gate, session.get(url) as resp:
+                await resp.read()
+                statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+            latencies.append(time.perf_counter() - due)
+
+        loop_start = time.perf_counter()
+        total = int(rate * duration)
+        tasks = []
+        for i in range(total):
+            due = loop_start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - loop_start
+    latencies.sort()
+    return {
+        "target_rps": round(rate, 1), "achieved_rps": round(len(latencies) / elapsed, 1),
+        "requests": len(latencies), "statuses": statuses,
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+        "max_ms": round(latencies[-1] * 1000, 2),
+    }
+
+
+async def topic_size(bootstrap: str, topic: str) -> int:
+    """Records in a topic (sum of end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tps = await topic_partitions(consumer, topic)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+def main() -> int:
+    """Run the benchmark; print the table; write the JSON results."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--connections", default="64,256", help="wrk connection counts")
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+    conns = [int(c) for c in args.connections.split(",")]
+    with bootstrap_or_temporary_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        prefix = f"bench{uuid.uuid4().hex[:6]}."
+        asyncio.run(create_topics(bootstrap, prefix))
+        config = Path(tmp) / "ingest.toml"
+        config.write_text(f'[tenants.{TENANT}]\ntoken_sha256 = "{hash_secret(SECRET)}"\n')
+        script = Path(tmp) / "bench.lua"
+        script.write_text(WRK_SCRIPT)
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KEYYO_TOPIC_PREFIX": prefix}
+        edge_port, noop_port = free_port(), free_port()
+        edge_cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "warning", "ingest",
+                    "--config", str(config), "--port", str(edge_port)]
+        noop_cmd = [sys.executable, "-m", "devtools.noop_server", "--port", str(noop_port)]
+        results: dict[str, Any] = {"runs": []}
+        with _process(edge_cmd, env, edge_port) as edge, _process(noop_cmd, env, noop_port) as noop:
+            print(f"warming up ({bootstrap}, topics {prefix}*)", flush=True)
+            run_wrk(edge_port, 64, 3, script, edge.pid)
+            run_wrk(noop_port, 64, 3, script, noop.pid)
+            ok_total = 0
+            for c in conns:
+                for name, port, pid in (("noop", noop_port, noop.pid), ("edge", edge_port, edge.pid)):
+                    print(f"wrk {name} c={c} {args.duration:.0f}s ...", flush=True)
+                    run = run_wrk(port, c, args.duration, script, pid)
+                    run["server"] = name
+                    results["runs"].append(run)
+                    if name == "edge":
+                        ok_total += run["ok"]
+            edge_max = max(r["rps"] for r in results["runs"] if r["server"] == "edge")
+            print(f"open loop at half the edge's max ({edge_max / 2:.0f}/s) ...", flush=True)
+            half = asyncio.run(open_loop(edge_port, edge_max / 2, args.duration))
+            results["half_rate"] = half
+        topic = prefix + "keyyo.notifications.v1"
+        in_topic = asyncio.run(topic_size(bootstrap, topic))
+    warmup_note = "warm-up requests (3 s per server) also land in the topic"
+    results.update({
+        "time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "edge_200s_measured": ok_total + half["statuses"].get("200", 0),
+        "records_in_topic": in_topic, "records_note": warmup_note,
+        "ratios": {
+            str(c): round(
+                next(r["rps"] for r in results["runs"] if r["server"] == "edge" and r["connections"] == c)
+                / next(r["rps"] for r in results["runs"] if r["server"] == "noop" and r["connections"] == c),
+                3)
+            for c in conns
+        },
+    })
+    print(f"\n{'server':6} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cores':>5} {'non2xx':>6}")
+    for r in results["runs"]:
+        print(f"{r['server']:6} {r['connections']:>5} {r['rps']:>9.0f} {r['p50_ms']:>7.2f} "
+              f"{r['p99_ms']:>7.2f} {r['server_cores']:>5} {r['non2xx']:>6}")
+    for c, ratio in results["ratios"].items():
+        print(f"edge / no-op throughput at {c} connections: {ratio:.2f}x (target >= 0.5x)")
+    print(f"edge at half its max: target {half['target_rps']}/s, achieved {half['achieved_rps']}/s, "
+          f"p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms (target p99 < 50 ms), "
+          f"statuses {half['statuses']}")
+    print(f"records in topic: {in_topic} >= 200s measured: {results['edge_200s_measured']} ({warmup_note})")
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    path = out / f"ingest-{datetime.now(tz=UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""A broker that goes away: 503s or spooled 200s, and after it is back, every 200 exactly once.
+
+These tests kill and restart a broker of their own (the local launcher), so they need Java and
+Maven even when the session broker comes from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.kafka_local import LocalKafka, temporary_broker
+from devtools.traffic import answered_incoming
+from tests.integration.edge import Edge, running_edge
+from tests.kafka import local_launcher_available, read_values, wait_for
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.broker_control,
+    pytest.mark.skipif(not local_launcher_available(), reason="needs Java and Maven"),
+]
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[LocalKafka]:
+    with temporary_broker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def broker_up(own_broker: LocalKafka) -> LocalKafka:
+    if not own_broker.running():
+        own_broker.start(progress=False)
+    return own_broker
+
+
+def calls(n: int, line: str = "33123456789") -> list[dict[str, str]]:
+    """``n`` notifications, from answered incoming calls."""
+    out: list[dict[str, str]] = []
+    t = 1_795_000_000_000
+    while len(out) < n:
+        out.extend(answered_incoming(line, f"3361234{len(out):04d}", t))
+        t += 60_000
+    return out[:n]
+
+
+async def send(edge: Edge, params: list[dict[str, str]]) -> list[tuple[int, dict[str, str]]]:
+    """Send each notification; return (status, body) of each."""
+    results = []
+    for p in params:
+        async with edge.client.get("/v1/keyyo/acme/notifications",
+                                   params={"key": "s3cret-acme", **p}) as resp:
+            results.append((resp.status, await resp.json()))
+            if resp.status == 503:
+                assert resp.headers["Retry-After"] == "1"
+    return results
+
+
+def acknowledged(results: list[tuple[int, dict[str, str]]]) -> list[str]:
+    return [body["event_id"] for status, body in results if status == 200]
+
+
+async def test_without_spool_kafka_down_means_503_and_every_200_lands_once(
+    broker_up: LocalKafka, prefix: str,
+) -> None:
+    traffic = calls(30)
+    async with running_edge(broker_up.bootstrap, prefix, budget_s=1.0) as edge:
+        before = await send(edge, traffic[:10])
+        broker_up.kill()
+        during = await send(edge, traffic[10:14])
+        assert [s for s, _ in during] == [503] * 4
+        await wait_for(lambda: not edge.publisher.kafka_ok, 10, what="kafka marked down")
+        status, body = await edge.get("/readyz")
+        assert status == 503 and body["checks"]["kafka"] is False
+        await asyncio.to_thread(broker_up.start, progress=False)
+        await wait_for(lambda: edge.publisher.kafka_ok, 60, what="kafka back")
+        after = await send(edge, traffic[14:])
+        values = await read_values(broker_up.bootstrap, edge.topic)
+    ok = acknowledged(before) + acknowledged(after)
+    assert len(ok) == 26
+    counts = Counter(v["event_id"] for v in values)
+    assert all(counts[event_id] == 1 for event_id in ok), counts
+    assert max(counts.values()) == 1  # a 503'd event may land (it was in flight), never twice
+
+
+async def test_with_spool_kafka_down_means_spooled_200s_replayed_in_order_exactly_once(
+    broker_up: LocalKafka, prefix: str, tmp_path: Path,
+) -> None:
+    traffic = calls(40)
+    async with running_edge(broker_up.bootstrap, prefix, budget_s=1.0,
+                            spool_dir=tmp_path / "spool") as edge:
+        before = await send(edge, traffic[:10])
+        broker_up.kill()
+        during = await send(edge, traffic[10:30])
+        assert [(s, b["stored"]) for s, b in during] == [(200, "spooled")] * 20
+        status, body = await edge.get("/readyz")
+        assert status == 503 and body["checks"]["kafka"] is False
+        await asyncio.to_thread(broker_up.start, progress=False)
+        await wait_for(lambda: edge.publisher.kafka_ok, 60, what="kafka back")
+        after = await send(edge, traffic[30:])
+        await wait_for(lambda: (tmp_path / "spool" / "spool.log").stat().st_size == 0, 90,
+                       what="spool drained")
+        values = await read_values(broker_up.bootstrap, edge.topic)
+    ok = acknowledged(before) + acknowledged(during) + acknowledged(after)
+    assert len(ok) == 40
+    assert [v["event_id"] for v in values] == ok  # one key, one partition: arrival order kept
+
+
+async def test_spool_survives_an_edge_restart(
+    broker_up: LocalKafka, prefix: str, tmp_path: Path,
+) -> None:
+    traffic = calls(12)
+    spool = tmp_path / "spool"
+    async with running_edge(broker_up.bootstrap, prefix, budget_s=1.0, spool_dir=spool) as edge:
+        direct = await send(edge, traffic[:2])
+        broker_up.kill()
+        spooled = await send(edge, traffic[2:])
+        topic = edge.topic
+    assert {b.get("stored") for _, b in spooled} == {"spooled"}
+    assert (spool / "spool.log").stat().st_size > 0
+    await asyncio.to_thread(broker_up.start, progress=False)
+    async with running_edge(broker_up.bootstrap, prefix, spool_dir=spool, create=False):
+        await wait_for(lambda: (spool / "spool.log").stat().st_size == 0, 90, what="spool drained")
+    values = await read_values(broker_up.bootstrap, topic)
+    assert [v["event_id"] for v in values] == acknowledged(direct) + acknowledged(spooled)
+
+
+async def test_readiness_turns_off_before_the_spool_is_full(
+    broker_up: LocalKafka, prefix: str, tmp_path: Path,
+) -> None:
+    traffic = calls(30)
+    async with running_edge(broker_up.bootstrap, prefix, budget_s=0.5,
+                            spool_dir=tmp_path / "spool", spool_max_bytes=8000) as edge:
+        await send(edge, traffic[:1])
+        broker_up.kill()
+        spool_ready_when_full = None
+        statuses = []
+        for params in traffic[1:]:
+            ready = edge.publisher.spool_ready
+            (status, _), = await send(edge, [params])
+            statuses.append(status)
+            if status == 503:
+                spool_ready_when_full = ready
+                break
+        await asyncio.to_thread(broker_up.start, progress=False)
+        await wait_for(lambda: (tmp_path / "spool" / "spool.log").stat().st_size == 0, 90,
+                       what="spool drained")
+    assert 200 in statuses and statuses[-1] == 503
+    assert spool_ready_when_full is False
