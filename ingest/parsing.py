@@ -136,7 +136,7 @@ def parse_notification(
     if isinstance(fields, Refusal):
         return fields
     for name, value in fields.items():
-        if _KEYWORD.fullmatch(value):
+        if value[:1] == "_" and _KEYWORD.fullmatch(value):
             return Refusal(
                 "unsubstituted_keyword", name,
                 f"value is the keyword {value} itself: the notification URL template is "

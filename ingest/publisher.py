@@ -3,6 +3,11 @@
 ``publish`` returns only once a record is durable: acknowledged by Kafka, or (spool enabled)
 fsync'd to the spool, which a background task replays in order when Kafka is back. While the
 spool holds records, new ones are appended behind them so the topic keeps arrival order.
+
+Hot path: records are appended to an open batch of their partition (``create_batch``); one lane
+task per partition hands batches to the producer (``send_batch``) one after the other, so order
+is kept and records pile up in the open batch while the previous one is in flight. One Kafka
+future per batch, not per record; one sweeper enforces the budget instead of a timer per request.
 """
 
 from __future__ import annotations
@@ -10,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool, SpooledRecord, encode
@@ -35,11 +44,33 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Records for one partition and who waits for them."""
+
+    builder: BatchBuilder
+    delivery: asyncio.Future[None]
+    """Resolves when Kafka acknowledged the batch, fails when it will not."""
+    deadline: float
+    started: float
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """The batches of one partition, handed to the producer in order by one task."""
+
+    topic: str
+    partition: int
+    queue: deque[_Batch] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+
+
 @dataclass
 class _Pending:
     frame: bytes
     done: asyncio.Future[None]
-    original: asyncio.Future[object] | None
+    original: asyncio.Future[None] | None
 
 
 @dataclass
@@ -51,7 +82,7 @@ class _SpoolState:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Spool offset -> the producer future of a send that timed out before it was spooled.
-    originals: dict[int, asyncio.Future[object]] = field(default_factory=dict)
+    originals: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     active: bool = False
 
 
@@ -77,12 +108,19 @@ class Publisher:
             enable_idempotence=True,
             linger_ms=linger_ms,
             request_timeout_ms=30000,
+            # One batch in flight per partition: let it grow under load (one tenant = one partition).
+            max_batch_size=1024 * 1024,
             client_id="keyyo-ingest",
         )
         self._spool_dir = spool_dir
         self._spool_limits = (spool_max_bytes, int(spool_max_bytes * spool_ready_fraction))
         self._spool: _SpoolState | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._inflight: set[_Batch] = set()
+        self._partitions: dict[str, list[int]] = {}
+        self._key_partition: dict[tuple[str, bytes], int] = {}
+        self._partitioner = DefaultPartitioner()
 
     async def start(self) -> None:
         """Open the spool (replaying any left from a previous run) and connect to Kafka.
@@ -102,9 +140,13 @@ class Publisher:
         except (KafkaError, TimeoutError) as exc:
             log.warning("kafka not reachable at start, will keep trying: %s", exc)
         self._tasks.append(asyncio.create_task(self._probe(), name="kafka-probe"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="budget-sweeper"))
 
     async def stop(self) -> None:
-        """Flush what the producer holds, stop background tasks, close the spool."""
+        """Send open batches, flush the producer, stop background tasks, close the spool."""
+        deliveries = [b.delivery for b in self._inflight]
+        if deliveries:
+            await asyncio.wait(deliveries, timeout=self.budget_s * 5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._producer.flush(), timeout=self.budget_s * 5)
         for task in self._tasks:
@@ -145,35 +187,119 @@ class Publisher:
                     started = True
                 await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout=3.0)
                 self.kafka_ok = True
+                for topic in list(self._partitions):
+                    partitions = sorted(await self._producer.partitions_for(topic))
+                    if partitions != self._partitions[topic]:
+                        self._partitions[topic] = partitions
+                        self._key_partition.clear()
             except (KafkaError, TimeoutError, OSError):
                 self.kafka_ok = False
             await asyncio.sleep(1.0 if self.kafka_ok else 0.5)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Outcome:
         """Write one record durably within the budget, or say it could not be."""
-        started = time.perf_counter()
         spool = self._spool
         if spool is not None and spool.active:
             return await self._to_spool(spool, topic, key, value, None)
-        original: asyncio.Future[object] | None = None
+        batch: _Batch | None = None
         try:
-            async with asyncio.timeout(self.budget_s):
-                original = await self._producer.send(topic, value=value, key=key)
-                await asyncio.shield(original)
-            self.metrics.produce_seconds.observe(time.perf_counter() - started)
+            partition = self._key_partition.get((topic, key))
+            if partition is None:
+                partition = await self._partition_for(topic, key)
+            batch = self._append(topic, partition, key, value)
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            batch.waiters.append(waiter)
+            await waiter
             return Outcome.KAFKA
         except (TimeoutError, KafkaError) as exc:
             self.kafka_ok = False
             log.warning("kafka did not take a record within %.1fs: %r", self.budget_s, exc)
         if spool is None:
             return Outcome.UNAVAILABLE
+        original = batch.delivery if batch is not None else None
         if original is not None and original.done() and original.exception() is not None:
             original = None  # it failed for sure: only the spool copy will be sent
         return await self._to_spool(spool, topic, key, value, original)
 
+    async def _partition_for(self, topic: str, key: bytes) -> int:
+        """The partition Kafka's default partitioner gives ``key`` (murmur2, as Java clients do)."""
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            async with asyncio.timeout(self.budget_s):
+                partitions = sorted(await self._producer.partitions_for(topic))
+            self._partitions[topic] = partitions
+        partition = int(self._partitioner(key, partitions, partitions))
+        self._key_partition[(topic, key)] = partition
+        return partition
+
+    def _append(self, topic: str, partition: int, key: bytes, value: bytes) -> _Batch:
+        lane = self._lanes.get((topic, partition))
+        if lane is None:
+            lane = self._lanes[(topic, partition)] = _Lane(topic, partition)
+        batch = lane.queue[-1] if lane.queue else None
+        if batch is None or batch.builder.append(key=key, value=value, timestamp=None) is None:
+            now = time.perf_counter()
+            batch = _Batch(self._producer.create_batch(), asyncio.get_running_loop().create_future(),
+                           now + self.budget_s, now)
+            if batch.builder.append(key=key, value=value, timestamp=None) is None:
+                raise KafkaError(f"record of {len(value)} bytes is larger than a batch")
+            lane.queue.append(batch)
+            self._inflight.add(batch)
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._run_lane(lane))
+        return batch
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        """Hand the lane's batches to the producer, oldest first, until none is left."""
+        try:
+            while lane.queue:
+                batch = lane.queue.popleft()
+                try:
+                    future = await self._producer.send_batch(
+                        batch.builder, lane.topic, partition=lane.partition)
+                except Exception as exc:  # every failure goes to the waiters
+                    self._settle(batch, exc)
+                    continue
+                future.add_done_callback(functools.partial(self._delivered, batch))
+        finally:
+            lane.task = None
+
+    def _delivered(self, batch: _Batch, future: asyncio.Future[object]) -> None:
+        exc = None if not future.cancelled() else KafkaError("cancelled")
+        self._settle(batch, exc or future.exception())
+
+    def _settle(self, batch: _Batch, exc: BaseException | None) -> None:
+        self._inflight.discard(batch)
+        if exc is None:
+            batch.delivery.set_result(None)
+            elapsed = time.perf_counter() - batch.started
+            observe = self.metrics.produce_seconds.observe
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+                    observe(elapsed)
+            return
+        error = exc if isinstance(exc, KafkaError) else KafkaError(repr(exc))
+        batch.delivery.set_exception(error)
+        batch.delivery.exception()  # seen: the waiters get it
+        for waiter in batch.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    async def _sweep(self) -> None:
+        """Fail the waiters of batches Kafka has not acknowledged within the budget."""
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.perf_counter()
+            for batch in [b for b in self._inflight if b.deadline <= now]:
+                self._inflight.discard(batch)
+                for waiter in batch.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(TimeoutError())
+
     async def _to_spool(
         self, spool: _SpoolState, topic: str, key: bytes, value: bytes,
-        original: asyncio.Future[object] | None,
+        original: asyncio.Future[None] | None,
     ) -> Outcome:
         frame = encode(topic, key, value)
         queued = sum(len(p.frame) for p in spool.queue)
@@ -254,10 +380,9 @@ class Publisher:
         for rec in records:
             original = state.originals.get(offset)
             if original is not None:
-                delivered = False
-                with contextlib.suppress(KafkaError, TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(original), ORIGINAL_SEND_GRACE_S)
-                    delivered = True
+                await asyncio.wait([original], timeout=ORIGINAL_SEND_GRACE_S)
+                delivered = (original.done() and not original.cancelled()
+                             and original.exception() is None)
                 state.originals.pop(offset, None)
                 if delivered:
                     offset = rec.end

@@ -5,6 +5,7 @@ Field names are a published contract: more may be added, none renamed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -18,10 +19,15 @@ NotificationType = Literal["SETUP", "CONNECT", "RELEASE"]
 NOTIFICATION_TYPES: tuple[str, ...] = ("SETUP", "CONNECT", "RELEASE")
 
 
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def rfc3339_ms(epoch_ms: int) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T03:47:13.123Z``."""
-    dt = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+    seconds, millis = divmod(epoch_ms, 1000)
+    return f"{_second_prefix(seconds)}{millis:03d}Z"
 
 
 def parse_rfc3339_ms(text: str) -> int:
