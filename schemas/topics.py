@@ -50,7 +50,7 @@ CALL_UPDATES = Topic(
     key="tenant",
     partitions=12,
     cleanup_policy="delete",
-    schema=None,
+    schema="keyyo.call-update.v1.schema.json",
     configs={"retention.ms": str(1 * DAY_MS)},
 )
 CALL_RECORDS = Topic(
@@ -58,8 +58,30 @@ CALL_RECORDS = Topic(
     key="tenant",
     partitions=12,
     cleanup_policy="delete",
-    schema=None,
+    schema="keyyo.call-record.v1.schema.json",
     configs={"retention.ms": str(365 * DAY_MS)},
 )
+DEAD_LETTERS = Topic(
+    name="keyyo.dead-letters.v1",
+    key="source topic:partition:offset",
+    partitions=3,
+    cleanup_policy="delete",
+    schema="keyyo.dead-letter.v1.schema.json",
+    configs={"retention.ms": str(30 * DAY_MS)},
+)
 
-ALL_TOPICS: tuple[Topic, ...] = (NOTIFICATIONS, NOTIFICATIONS_REJECTED, CALL_UPDATES, CALL_RECORDS)
+ALL_TOPICS: tuple[Topic, ...] = (
+    NOTIFICATIONS, NOTIFICATIONS_REJECTED, CALL_UPDATES, CALL_RECORDS, DEAD_LETTERS,
+)
+
+
+def changelog(group: str, store: str, partitions: int) -> Topic:
+    """The compacted changelog of a processor's state store: one partition per input partition."""
+    return Topic(
+        name=f"{group}.{store}.changelog",
+        key="state key",
+        partitions=partitions,
+        cleanup_policy="compact",
+        schema=None,
+        configs={"min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+    )
