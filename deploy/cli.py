@@ -92,9 +92,43 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print the records of a topic, readably, as they arrive."""
     from deploy.tail import tail
 
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         asyncio.run(tail(_bootstrap(args), args.topic, args.prefix or "", args.from_beginning,
                          args.max_records, args.timeout, args.raw))
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    """Run a processor (one process of its consumer group)."""
+    from deploy.topics import ALL_TOPICS, create_topics, partition_count
+    from processors.call_records import CallRecords, CallRecordsConfig
+    from processors.runtime import RuntimeSettings
+    from processors.service import serve
+    from schemas.topics import NOTIFICATIONS, changelog
+
+    bootstrap = _bootstrap(args)
+    prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
+    out_prefix = args.output_prefix if args.output_prefix is not None else prefix
+    group = args.group or f"{out_prefix}keyyo.call-records"
+    settings = RuntimeSettings(
+        bootstrap=bootstrap, group=group, input_topic=NOTIFICATIONS.full_name(prefix),
+        output_prefix=out_prefix, mode=args.mode, allowed_lateness_ms=args.lateness_ms,
+        until_idle_s=args.until_idle,
+        flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
+    )
+    logic = CallRecords(CallRecordsConfig(
+        linger_ms=int(args.linger * 1000), ring_timeout_ms=int(args.ring_timeout * 1000),
+        max_duration_ms=int(args.max_duration * 1000), retention_ms=int(args.retention * 1000)))
+
+    async def main() -> None:
+        await create_topics(bootstrap, prefix, topics=(NOTIFICATIONS,))
+        await create_topics(bootstrap, out_prefix, topics=ALL_TOPICS)
+        partitions = await partition_count(bootstrap, settings.input_topic)
+        await create_topics(bootstrap, "", topics=(changelog(group, settings.store, partitions),))
+        await serve(settings, logic, args.health_host, args.health_port)
+
+    _use_uvloop(args.uvloop)
+    asyncio.run(main())
     return 0
 
 
@@ -151,6 +185,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false",
                    help="use the standard asyncio loop")
+
+    p = add("process", cmd_process, "Run a processor: one process of its consumer group.")
+    p.add_argument("name", choices=["call-records"])
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--prefix", help="input topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
+    p.add_argument("--output-prefix", help="output topic prefix (default: the input prefix)")
+    p.add_argument("--group", help="consumer group (default OUTPUT_PREFIX + keyyo.call-records)")
+    p.add_argument("--mode", choices=["live", "replay"], default="live",
+                   help="live: idle partitions follow the wall clock; replay: event time only")
+    p.add_argument("--lateness-ms", type=int, default=5000,
+                   help="live mode: stream time is at least wall clock minus this")
+    p.add_argument("--linger", type=float, default=10.0,
+                   help="seconds after the last RELEASE before a call closes")
+    p.add_argument("--ring-timeout", type=float, default=300.0,
+                   help="seconds a leg may ring without CONNECT/RELEASE")
+    p.add_argument("--max-duration", type=float, default=4 * 3600.0,
+                   help="seconds a connected leg may go without RELEASE")
+    p.add_argument("--retention", type=float, default=600.0,
+                   help="seconds a closed call is kept for late events")
+    p.add_argument("--until-idle", type=float, default=None,
+                   help="burst mode: exit after the input has been drained for N seconds")
+    p.add_argument("--flush-at-end", type=float, default=None, metavar="SECONDS",
+                   help="burst mode: advance stream time by N seconds before exiting")
+    p.add_argument("--health-host", default="127.0.0.1")
+    p.add_argument("--health-port", type=int, default=9101, help="side port (0: any free port)")
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
 
     p = add("url", cmd_url, "Print the notification URL template to paste into the Keyyo Manager.")
     p.add_argument("--tenant", required=True)

@@ -7,6 +7,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas.topics import ALL_TOPICS, Topic
 
+__all__ = ["ALL_TOPICS", "create_topics", "partition_count"]
+
 
 async def create_topics(
     bootstrap: str,
@@ -52,3 +54,17 @@ def _errors(response: object) -> list[tuple[str, int, str | None]]:
         message = entry[2] if len(entry) > 2 else None
         out.append((name, code, message))
     return out
+
+
+async def partition_count(bootstrap: str, topic: str) -> int:
+    """Partitions of an existing topic (0 when it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+        for entry in described:
+            if entry.get("topic") == topic and not entry.get("error_code"):
+                return len(entry.get("partitions", []))
+        return 0
+    finally:
+        await admin.close()

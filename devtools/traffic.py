@@ -50,15 +50,15 @@ def intercepted_incoming(line_a: str, line_b: str, caller: str, start_ms: int) -
     In B's dialog the interceptor is CALLER and the original caller is CALLEE; A only gets
     SETUP and RELEASE.
     """
-    callref, dref_a, dref_b = new_callref(), new_dref(), new_dref()
+    callref, callref_b, dref_a, dref_b = new_callref(), new_callref(), new_dref(), new_dref()
     return [
         _notif("SETUP", line_a, caller, line_a, callref, dref_a, start_ms),
-        _notif("SETUP", line_b, line_b, caller, new_callref(), dref_b, start_ms + 3000,
+        _notif("SETUP", line_b, line_b, caller, callref_b, dref_b, start_ms + 3000,
                dref_replace=dref_a),
         _notif("RELEASE", line_a, caller, line_a, callref, dref_a, start_ms + 3100),
-        _notif("CONNECT", line_b, line_b, caller, callref, dref_b, start_ms + 3200,
+        _notif("CONNECT", line_b, line_b, caller, callref_b, dref_b, start_ms + 3200,
                dref_replace=dref_a),
-        _notif("RELEASE", line_b, line_b, caller, callref, dref_b, start_ms + 40000,
+        _notif("RELEASE", line_b, line_b, caller, callref_b, dref_b, start_ms + 40000,
                dref_replace=dref_a),
     ]
 

@@ -17,22 +17,15 @@ from typing import Any
 
 import orjson
 
+from processors.output import Output
 from processors.state import Store
 from schemas.call_record import CALL_RECORD_SCHEMA, CALL_UPDATE_SCHEMA
+from schemas.notification import SCHEMA as NOTIFICATION_SCHEMA
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 
 Call = dict[str, Any]
 Leg = dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    """One record to write: topic base name, key, value."""
-
-    topic: str
-    key: bytes
-    value: bytes
 
 
 @dataclass(frozen=True)
@@ -68,6 +61,25 @@ class CallRecords:
 
     def __init__(self, config: CallRecordsConfig | None = None) -> None:
         self.config = config or CallRecordsConfig()
+
+    # -- input --------------------------------------------------------------------------
+
+    @staticmethod
+    def decode(raw: bytes) -> Notification:
+        """A notification from its wire form; ValueError/KeyError/TypeError when it is not one."""
+        data = orjson.loads(raw)
+        if not isinstance(data, dict) or data.get("schema") != NOTIFICATION_SCHEMA:
+            raise ValueError(f"not a {NOTIFICATION_SCHEMA} value")
+        n = Notification.from_dict(data)
+        if n.type not in ("SETUP", "CONNECT", "RELEASE") or not n.dref or not n.tenant:
+            raise ValueError("type, dref and tenant are required")
+        parse_rfc3339_ms(n.event_time)
+        return n
+
+    @staticmethod
+    def event_time_ms(n: Notification) -> int:
+        """Event time of a notification."""
+        return parse_rfc3339_ms(n.event_time)
 
     # -- events -------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 
 from ingest.parsing import event_id
-from processors.call_records import CallRecords, CallRecordsConfig, Output
+from processors.call_records import CallRecords, CallRecordsConfig
+from processors.output import Output
 from processors.state import Store
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 
@@ -67,7 +68,8 @@ class Flow:
 
     def rings(self, line: str, after: float = 0, callref: str | None = None) -> Flow:
         """SETUP on ``line`` for the incoming call (a new dialog)."""
-        d = Dialog(line, self.caller, line) if self.direction == "inbound" else Dialog(line, line, self.caller)
+        inbound = self.direction == "inbound"
+        d = Dialog(line, self.caller, line) if inbound else Dialog(line, line, self.caller)
         if callref is not None:
             d.callref = callref
         self.dialogs[line] = d
