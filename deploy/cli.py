@@ -132,6 +132,15 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Send realistic Keyyo traffic; optionally write the expected records."""
+    from devtools.simulate import simulate
+
+    if args.to_kafka and not args.bootstrap:
+        args.bootstrap = _bootstrap(args)
+    return asyncio.run(simulate(args))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Local stack: broker, topics, ingest edge and demo traffic."""
     from deploy.local_stack import run_local
@@ -211,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-host", default="127.0.0.1")
     p.add_argument("--health-port", type=int, default=9101, help="side port (0: any free port)")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+
+    p = add("simulate", cmd_simulate, "Send realistic Keyyo notification traffic (and expected records).")
+    from devtools.simulate import add_arguments
+
+    add_arguments(p)
 
     p = add("url", cmd_url, "Print the notification URL template to paste into the Keyyo Manager.")
     p.add_argument("--tenant", required=True)
