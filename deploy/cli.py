@@ -100,11 +100,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     """Run a processor (one process of its consumer group)."""
-    from deploy.topics import ALL_TOPICS, create_topics, partition_count
+    from deploy.topics import provision_processor
     from processors.call_records import CallRecords, CallRecordsConfig
     from processors.runtime import RuntimeSettings
     from processors.service import serve
-    from schemas.topics import NOTIFICATIONS, changelog
+    from schemas.topics import NOTIFICATIONS
 
     bootstrap = _bootstrap(args)
     prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
@@ -121,10 +121,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         max_duration_ms=int(args.max_duration * 1000), retention_ms=int(args.retention * 1000)))
 
     async def main() -> None:
-        await create_topics(bootstrap, prefix, topics=(NOTIFICATIONS,))
-        await create_topics(bootstrap, out_prefix, topics=ALL_TOPICS)
-        partitions = await partition_count(bootstrap, settings.input_topic)
-        await create_topics(bootstrap, "", topics=(changelog(group, settings.store, partitions),))
+        await provision_processor(bootstrap, NOTIFICATIONS, prefix, out_prefix, group, settings.store)
         await serve(settings, logic, args.health_host, args.health_port)
 
     _use_uvloop(args.uvloop)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from schemas.topics import ALL_TOPICS, Topic
+from schemas.topics import ALL_TOPICS, Topic, changelog
 
-__all__ = ["ALL_TOPICS", "create_topics", "partition_count"]
+__all__ = ["ALL_TOPICS", "create_topics", "partition_count", "provision_processor"]
 
 
 async def create_topics(
@@ -68,3 +68,14 @@ async def partition_count(bootstrap: str, topic: str) -> int:
         return 0
     finally:
         await admin.close()
+
+
+async def provision_processor(
+    bootstrap: str, input_topic: Topic, prefix: str, out_prefix: str, group: str, store: str,
+    partitions: int | None = None,
+) -> None:
+    """Topics a processor needs: its input, every output, and its changelog (input's partitions)."""
+    await create_topics(bootstrap, prefix, topics=(input_topic,), partitions=partitions)
+    await create_topics(bootstrap, out_prefix, topics=ALL_TOPICS, partitions=partitions)
+    count = await partition_count(bootstrap, input_topic.full_name(prefix))
+    await create_topics(bootstrap, "", topics=(changelog(group, store, count),))

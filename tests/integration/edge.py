@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -54,14 +55,15 @@ class Edge:
             return resp.status, body.decode()
 
 
-def tenants(**allow: list[str]) -> dict[str, Tenant]:
-    """The test tenants: ``acme`` (secret SECRET) and ``locked`` (allowed only from 10.0.0.0/8)."""
-    import ipaddress
+TENANTS = ("acme", "globex", "initech", "umbrella")
 
+
+def tenants() -> dict[str, Tenant]:
+    """Test tenants, all with secret SECRET: TENANTS, and ``locked`` (only from 10.0.0.0/8)."""
+    digest = bytes.fromhex(hash_secret(SECRET))
     return {
-        TENANT: Tenant(TENANT, bytes.fromhex(hash_secret(SECRET))),
-        "locked": Tenant("locked", bytes.fromhex(hash_secret(SECRET)),
-                         (ipaddress.ip_network("10.0.0.0/8"),)),
+        **{name: Tenant(name, digest) for name in TENANTS},
+        "locked": Tenant("locked", digest, (ipaddress.ip_network("10.0.0.0/8"),)),
     }
 
 

@@ -1,0 +1,117 @@
+"""Helpers for the call-records integration tests: processors, traffic, ground truth."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from deploy.topics import provision_processor
+from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, schedule
+from processors.call_records import CallRecords, CallRecordsConfig
+from processors.observability import ProcessorMetrics
+from processors.runtime import Runtime, RuntimeSettings
+from schemas.topics import CALL_RECORDS, CALL_UPDATES, NOTIFICATIONS
+from tests.integration.edge import TENANTS
+from tests.kafka import read_values
+
+# Short clocks so a test's calls close within seconds of their last event.
+FAST = CallRecordsConfig(linger_ms=1000, ring_timeout_ms=4000, max_duration_ms=6000, retention_ms=60_000)
+FAST_ARGS = ["--linger", "1", "--ring-timeout", "4", "--max-duration", "6", "--retention", "60",
+             "--lateness-ms", "300"]
+
+
+def group_of(prefix: str) -> str:
+    return f"{prefix}keyyo.call-records"
+
+
+async def provision(bootstrap: str, prefix: str, out_prefix: str | None = None,
+                    group: str | None = None) -> None:
+    out = prefix if out_prefix is None else out_prefix
+    await provision_processor(bootstrap, NOTIFICATIONS, prefix, out, group or group_of(out), "state",
+                              partitions=3)
+
+
+@asynccontextmanager
+async def running_processor(bootstrap: str, prefix: str, **overrides: Any) -> AsyncIterator[Runtime]:
+    """A call-records runtime in this process (live mode, fast clocks)."""
+    settings = RuntimeSettings(**{
+        "bootstrap": bootstrap, "group": group_of(prefix),
+        "input_topic": NOTIFICATIONS.full_name(prefix), "output_prefix": prefix,
+        "allowed_lateness_ms": 300, **overrides})
+    runtime = Runtime(settings, CallRecords(FAST), ProcessorMetrics(settings.group))
+    task = asyncio.create_task(runtime.run())
+    try:
+        yield runtime
+    finally:
+        runtime.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def run_to_end(bootstrap: str, prefix: str, **overrides: Any) -> None:
+    """A call-records runtime in burst mode, until it drains its input and exits."""
+    settings = RuntimeSettings(**{
+        "bootstrap": bootstrap, "group": group_of(prefix),
+        "input_topic": NOTIFICATIONS.full_name(prefix), "output_prefix": prefix, **overrides})
+    runtime = Runtime(settings, CallRecords(FAST), ProcessorMetrics(settings.group))
+    await asyncio.wait_for(runtime.run(), 120)
+
+
+def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``keyyo-stream process call-records`` as a child process."""
+    cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", "call-records",
+           "--bootstrap", bootstrap, "--prefix", prefix, "--health-port", "0", *FAST_ARGS, *extra]
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def traffic(seed: int, rate: float, duration: float, start_ms: int, chaos: Chaos,
+            tenants: tuple[str, ...] = TENANTS,
+            ) -> tuple[list[PlannedCall], list[Send]]:
+    rng = random.Random(seed)
+    planner = Planner(list(tenants), 5, rng, time_scale=0.05)
+    calls = plan_traffic(planner, rate, duration, start_ms, chaos)
+    return calls, schedule(calls, chaos, rng)
+
+
+def comparable(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("record_id", "revision")}
+
+
+def final_records(records: list[dict[str, Any]]) -> dict[frozenset[str], dict[str, Any]]:
+    """Highest revision per record, keyed by the set of its legs' DREFs."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["record_id"] not in best or r["revision"] > best[r["record_id"]]["revision"]:
+            best[r["record_id"]] = r
+    return {frozenset(leg["dref"] for leg in r["legs"]): comparable(r) for r in best.values()}
+
+
+def expected_records(calls: list[PlannedCall]) -> dict[frozenset[str], dict[str, Any]]:
+    return {frozenset(leg.dref for leg in c.legs): c.expected() for c in calls}
+
+
+async def records(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
+    return await read_values(bootstrap, CALL_RECORDS.full_name(prefix))
+
+
+async def updates(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
+    return await read_values(bootstrap, CALL_UPDATES.full_name(prefix))

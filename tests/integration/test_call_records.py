@@ -1,0 +1,180 @@
+"""Call records end to end on a real broker: simulator -> ingest -> processor -> records.
+
+The records must equal the simulator's ground truth (ids aside), with duplicates and reordering
+on; every accepted notification gives exactly one call update; a processor killed with SIGKILL
+while a second copy runs loses and duplicates nothing; a replay rebuilds the same records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from devtools.simulate import HttpSender, KafkaSender
+from devtools.simulator import Chaos, play
+from ingest.parsing import parse_notification
+from schemas.notification import Notification
+from schemas.topics import DEAD_LETTERS, NOTIFICATIONS
+from tests.integration.edge import SECRET, TENANTS, running_edge
+from tests.integration.pipeline import (
+    comparable,
+    expected_records,
+    final_records,
+    processor_process,
+    provision,
+    records,
+    run_to_end,
+    running_processor,
+    stop_process,
+    traffic,
+    updates,
+)
+from tests.kafka import Broker, read_values, wait_for
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def event_ids(sends: list) -> set[str]:  # type: ignore[type-arg]
+    ids = set()
+    for s in sends:
+        n = parse_notification(s.tenant, list(s.params.items()), "x", 0)
+        assert isinstance(n, Notification)
+        ids.add(n.event_id)
+    return ids
+
+
+async def test_records_equal_the_ground_truth_with_duplicates_and_reordering_then_replay(
+    broker: Broker, prefix: str,
+) -> None:
+    chaos = Chaos(duplicate=0.15, reorder=0.15, delay=0.05, delay_ms=300)
+    calls, sends = traffic(seed=11, rate=12, duration=6, start_ms=wall_ms() + 500, chaos=chaos)
+    await provision(broker.bootstrap, prefix)
+    expected = expected_records(calls)
+    async with running_edge(broker.bootstrap, prefix, create=False) as edge, \
+            running_processor(broker.bootstrap, prefix) as runtime:
+        await wait_for(lambda: runtime.readiness() == {"joined": True, "restored": True}, 30,
+                       what="processor joined and restored")
+        sender = HttpSender(str(edge.client.make_url("")), dict.fromkeys(TENANTS, SECRET))
+        async with aiohttp.ClientSession() as session:
+            sender.session = session
+            statuses = await play(sends, sender, wall_ms)
+        assert statuses == {"200": len(sends)}
+
+        async def complete() -> bool:
+            return final_records(await records(broker.bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 60, interval=0.5, what="every expected record")
+        live = await records(broker.bootstrap, prefix)
+        live_updates = await updates(broker.bootstrap, prefix)
+    got = final_records(live)
+    assert len(calls) >= 40
+    assert got.keys() == expected.keys()
+    for match, record in expected.items():
+        assert got[match] == record
+    assert Counter((r["record_id"], r["revision"]) for r in live).most_common(1)[0][1] == 1
+    counts = Counter(u["event_id"] for u in live_updates)
+    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
+
+    # Replay: a fresh group over the same notifications, event time only, rebuilds the records.
+    out = prefix + "replay."
+    await provision(broker.bootstrap, prefix, out_prefix=out, group=out + "keyyo.call-records")
+    await run_to_end(broker.bootstrap, prefix, group=out + "keyyo.call-records", output_prefix=out,
+                     mode="replay", until_idle_s=1.5, flush_at_end_ms=24 * 3600_000)
+    replayed = await records(broker.bootstrap, out)
+    by_id = {r["record_id"]: comparable(r) for r in replayed}
+    live_by_id = {}
+    for r in sorted(live, key=lambda r: r["revision"]):
+        live_by_id[r["record_id"]] = comparable(r)
+    assert by_id == live_by_id
+
+
+async def test_a_processor_killed_mid_run_loses_and_duplicates_nothing(
+    broker: Broker, prefix: str, tmp_path: Path,
+) -> None:
+    await provision(broker.bootstrap, prefix)
+    chaos = Chaos(duplicate=0.1, reorder=0.1)
+    calls, sends = traffic(seed=23, rate=12, duration=10, start_ms=wall_ms() + 4000, chaos=chaos)
+    expected = expected_records(calls)
+    first = processor_process(broker.bootstrap, prefix, tmp_path / "first.log")
+    second = processor_process(broker.bootstrap, prefix, tmp_path / "second.log")
+    try:
+        sender = KafkaSender(broker.bootstrap, NOTIFICATIONS.full_name(prefix))
+        await sender.producer.start()
+        try:
+            player = asyncio.create_task(play(sends, sender, wall_ms))
+            await asyncio.sleep(8)  # both run, partitions shared, calls in progress
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            assert await player == {"200": len(sends)}
+        finally:
+            await sender.producer.stop()
+
+        async def complete() -> bool:
+            return final_records(await records(broker.bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 90, interval=0.5, what="every expected record")
+        written = await records(broker.bootstrap, prefix)
+        written_updates = await updates(broker.bootstrap, prefix)
+    finally:
+        for proc in (first, second):
+            stop_process(proc)
+    restores = [orjson.loads(line) for line in (tmp_path / "second.log").read_text().splitlines()
+                if '"partition restored"' in line]
+    # The survivor took over the killed process's partitions, state restored from the changelog.
+    assert any(r["changelog_records"] > 0 for r in restores), restores
+    got = final_records(written)
+    assert got.keys() == expected.keys()
+    for match, record in expected.items():
+        assert got[match] == record
+    assert Counter((r["record_id"], r["revision"]) for r in written).most_common(1)[0][1] == 1
+    counts = Counter(u["event_id"] for u in written_updates)
+    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
+
+
+async def test_undecodable_input_goes_to_dead_letters_and_the_rest_flows(
+    broker: Broker, prefix: str,
+) -> None:
+    await provision(broker.bootstrap, prefix)
+    calls, sends = traffic(seed=5, rate=5, duration=1, start_ms=wall_ms(), chaos=Chaos())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    topic = NOTIFICATIONS.full_name(prefix)
+    try:
+        await producer.send_and_wait(topic, b"not json", key=b"acme")
+        await producer.send_and_wait(topic, orjson.dumps({"schema": "other"}), key=b"acme")
+    finally:
+        await producer.stop()
+    sender = KafkaSender(broker.bootstrap, topic)
+    await sender.producer.start()
+    try:
+        async with running_processor(broker.bootstrap, prefix) as runtime:
+            await play(sends, sender, wall_ms)
+            await wait_for(
+                lambda: _all(records(broker.bootstrap, prefix), len(calls)), 60, interval=0.5,
+                what="records")
+            status = runtime.readiness()
+    finally:
+        await sender.producer.stop()
+    dead = await read_values(broker.bootstrap, DEAD_LETTERS.full_name(prefix))
+    assert sorted(d["value"] for d in dead) == sorted(['{"schema":"other"}', "not json"])
+    assert all(d["topic"] == topic and d["reason"] for d in dead)
+    assert status == {"joined": True, "restored": True}
+
+
+async def _all(coro, n: int) -> bool:  # type: ignore[no-untyped-def]
+    with contextlib.suppress(Exception):
+        return len(final_records(await coro)) >= n
+    return False
