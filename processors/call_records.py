@@ -112,11 +112,11 @@ class CallRecords:
         outputs: list[Output] = []
         if call["closed"]:
             call["closed"] = False  # reopened: the next close restates it with revision + 1
+        call_ref = call["id"].encode()
+        index_keys.extend(f"i/{t}/d/{leg['replaces']}" for leg in call["legs"].values() if leg["replaces"])
         for key in index_keys:
-            store.put(key, call["id"].encode())
-        for leg in call["legs"].values():
-            if leg["replaces"]:
-                store.put(f"i/{t}/d/{leg['replaces']}", call["id"].encode())
+            if store.get(key) != call_ref:  # unchanged entries cost no changelog write
+                store.put(key, call_ref)
         outputs.append(self._update(call, n.event_id, event_ms))
         self._save(store, call)
         self._arm(store, call)
@@ -223,7 +223,9 @@ class CallRecords:
         return "timeout" if open_legs else "release"
 
     def _arm(self, store: Store, call: Call) -> None:
-        store.wake(f"c/{call['tenant']}/{call['id']}", self._wake_at(call))
+        key, at = f"c/{call['tenant']}/{call['id']}", self._wake_at(call)
+        if store.wake_time(key) != at:
+            store.wake(key, at)
 
     # -- state --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ProducerFenced
+from aiokafka.partitioner import DefaultPartitioner
 
 from processors.observability import ProcessorMetrics
 from processors.output import Output
@@ -65,7 +66,7 @@ class RuntimeSettings:
     """live: an idle partition's time follows the wall clock; replay: event time only."""
     allowed_lateness_ms: int = 5000
     """Live mode: stream time is at least wall clock minus this."""
-    max_records: int = 5000
+    max_records: int = 20000
     """Records fetched per poll."""
     poll_ms: int = 100
     """Longest wait for input, so commits and timers run at least this often."""
@@ -92,6 +93,52 @@ class _Partition:
     idle_since: float = field(default_factory=time.monotonic)
 
 
+class _BatchWriter:
+    """Appends records to one producer batch per (topic, partition) and sends each when full.
+
+    ``send_batch`` costs one future per batch instead of one per record; records of a partition
+    keep their order. Partitions come from Kafka's default partitioner, as ``send`` would pick.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, partitions: dict[str, list[int]],
+                 key_partition: dict[tuple[str, bytes], int]) -> None:
+        self.producer = producer
+        self.partitions = partitions
+        self.key_partition = key_partition
+        self.open: dict[tuple[str, int], Any] = {}
+        self.futures: list[asyncio.Future[Any]] = []
+
+    async def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+        if partition is None:
+            partition = self.key_partition.get((topic, key))
+            if partition is None:
+                if topic not in self.partitions:
+                    self.partitions[topic] = sorted(await self.producer.partitions_for(topic))
+                partition = int(_PARTITIONER(key, self.partitions[topic], self.partitions[topic]))
+                self.key_partition[(topic, key)] = partition
+        batch = self.open.get((topic, partition))
+        if batch is None or batch.append(key=key, value=value, timestamp=None) is None:
+            if batch is not None:
+                await self._send(topic, partition, batch)
+            batch = self.open[(topic, partition)] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
+
+    async def _send(self, topic: str, partition: int, batch: Any) -> None:
+        self.futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+
+    async def flush(self) -> None:
+        """Send the open batches and wait until Kafka has every record."""
+        for (topic, partition), batch in self.open.items():
+            await self._send(topic, partition, batch)
+        self.open = {}
+        await asyncio.gather(*self.futures)
+        self.futures = []
+
+
+_PARTITIONER = DefaultPartitioner()
+
+
 class Runtime:
     """Runs a :class:`Logic` over the input topic with exactly-once outputs and state."""
 
@@ -107,6 +154,8 @@ class Runtime:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: dict[str, list[int]] = {}
+        self._key_partition: dict[tuple[str, bytes], int] = {}
 
     def readiness(self) -> dict[str, bool]:
         """For ``/readyz``: joined the group and every owned partition restored."""
@@ -132,10 +181,10 @@ class Runtime:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=s.poll_ms, max_records=s.max_records)
                 async with self._lock:
-                    for tp, records in batches.items():
-                        part = self.parts.get(tp)
-                        if part is not None and records:
-                            await self._process(part, records)
+                    # Partitions have their own producer and store: their transactions overlap.
+                    await asyncio.gather(*(
+                        self._process(self.parts[tp], records)
+                        for tp, records in batches.items() if tp in self.parts and records))
                     await self._fire_idle_timers()
                 self._report(consumer)
                 if s.until_idle_s is not None:
@@ -176,25 +225,24 @@ class Runtime:
         stream_time_before = part.stream_time
         try:
             await producer.begin_transaction()
-            pending: list[asyncio.Future[Any]] = []
+            writer = self._writer(producer)
             for rec in records:
                 try:
                     event = self.logic.decode(rec.value)
                 except (ValueError, KeyError, TypeError) as exc:
-                    pending.append(await self._dead_letter(producer, rec, exc))
+                    await self._dead_letter(writer, rec, exc)
                     continue
                 event_ms = self.logic.event_time_ms(event)
                 if event_ms > part.stream_time:
                     part.stream_time = event_ms
                 now = self._now(part)
-                outputs = self._due(part, now)
-                outputs.extend(self.logic.on_event(store, event, now))
-                pending.extend(await self._send_all(producer, outputs))
-            pending.extend(await self._send_all(producer, self._due(part, self._now(part))))
+                await self._write(writer, self._due(part, now))
+                await self._write(writer, self.logic.on_event(store, event, now))
+            await self._write(writer, self._due(part, self._now(part)))
             if part.stream_time != stream_time_before:
                 store.put(STREAM_TIME_KEY, str(part.stream_time).encode())
-            pending.extend(await self._send_changelog(part))
-            await asyncio.gather(*pending)
+            await self._write_changelog(writer, part)
+            await writer.flush()
             await producer.send_offsets_to_transaction({part.tp: records[-1].offset + 1}, s.group)
             started = time.perf_counter()
             await producer.commit_transaction()
@@ -230,50 +278,49 @@ class Runtime:
         return outputs
 
     async def _fire_idle_timers(self) -> None:
-        """Timers of partitions without input in this round (live: the wall clock moves them)."""
-        for part in list(self.parts.values()):
-            wake = part.store.next_wake()
-            if wake is None or wake > self._now(part):
-                continue
-            try:
-                await part.producer.begin_transaction()
-                outputs = self._due(part, self._now(part))
-                pending = await self._send_all(part.producer, outputs)
-                pending.extend(await self._send_changelog(part))
-                await asyncio.gather(*pending)
-                await part.producer.commit_transaction()
-            except ProducerFenced:
-                part.store.abort()
-                await self._drop(part)
-                continue
-            except Exception as exc:
-                part.store.abort()
-                self.metrics.aborts.inc()
-                log.error("timer transaction failed, aborted", extra={
-                    "topic": part.tp.topic, "partition": part.tp.partition, "error": repr(exc)})
-                with contextlib.suppress(Exception):
-                    await part.producer.abort_transaction()
-                continue
-            part.store.commit()
+        """Timers that are due (live mode: the wall clock moves an idle partition's time)."""
+        await asyncio.gather(*(self._fire_timers(part) for part in list(self.parts.values())
+                               if (wake := part.store.next_wake()) is not None
+                               and wake <= self._now(part)))
 
-    async def _send_all(
-        self, producer: AIOKafkaProducer, outputs: Iterable[Output],
-    ) -> list[asyncio.Future[Any]]:
-        futures = []
+    async def _fire_timers(self, part: _Partition) -> None:
+        """One transaction with the outputs of a partition's due timers."""
+        try:
+            await part.producer.begin_transaction()
+            writer = self._writer(part.producer)
+            await self._write(writer, self._due(part, self._now(part)))
+            await self._write_changelog(writer, part)
+            await writer.flush()
+            await part.producer.commit_transaction()
+        except ProducerFenced:
+            part.store.abort()
+            await self._drop(part)
+            return
+        except Exception as exc:
+            part.store.abort()
+            self.metrics.aborts.inc()
+            log.error("timer transaction failed, aborted", extra={
+                "topic": part.tp.topic, "partition": part.tp.partition, "error": repr(exc)})
+            with contextlib.suppress(Exception):
+                await part.producer.abort_transaction()
+            return
+        part.store.commit()
+
+    def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
+        return _BatchWriter(producer, self._partitions, self._key_partition)
+
+    async def _write(self, writer: _BatchWriter, outputs: Iterable[Output]) -> None:
         prefix = self.settings.output_prefix
         for out in outputs:
-            futures.append(await producer.send(prefix + out.topic, value=out.value, key=out.key))
+            await writer.add(prefix + out.topic, out.key, out.value)
             self.metrics.records_out.labels(self.metrics.processor, out.topic).inc()
-        return futures
 
-    async def _send_changelog(self, part: _Partition) -> list[asyncio.Future[Any]]:
+    async def _write_changelog(self, writer: _BatchWriter, part: _Partition) -> None:
         topic = self.settings.changelog_topic
-        return [
-            await part.producer.send(topic, key=key.encode(), value=value, partition=part.tp.partition)
-            for key, value in part.store.staged().items()
-        ]
+        for key, value in part.store.staged().items():
+            await writer.add(topic, key.encode(), value, partition=part.tp.partition)
 
-    async def _dead_letter(self, producer: AIOKafkaProducer, rec: Any, exc: Exception) -> asyncio.Future[Any]:
+    async def _dead_letter(self, writer: _BatchWriter, rec: Any, exc: Exception) -> None:
         self.metrics.dead_letters.inc()
         value = {
             "schema": "keyyo.dead-letter.v1", "processor": self.settings.group, "topic": rec.topic,
@@ -283,9 +330,8 @@ class Runtime:
             "reason": f"{type(exc).__name__}: {exc}", "at": rfc3339_ms(self.clock()),
         }
         key = f"{rec.topic}:{rec.partition}:{rec.offset}".encode()
-        topic = self.settings.output_prefix + self.settings.dead_letter_topic
-        future: asyncio.Future[Any] = await producer.send(topic, value=orjson.dumps(value), key=key)
-        return future
+        await writer.add(self.settings.output_prefix + self.settings.dead_letter_topic, key,
+                         orjson.dumps(value))
 
     # -- partitions ----------------------------------------------------------------------
 

@@ -59,7 +59,8 @@ class Store:
     def commit(self) -> None:
         """Make staged writes durable in memory (the runtime calls it after Kafka's commit)."""
         for key, value in self._staged.items():
-            self._apply(key, value)
+            # A copy sized to its content: orjson's bytes keep a far larger hidden capacity.
+            self._apply(key, None if value is None else bytes(memoryview(value)))
         self._staged = {}
         self._popped = []
 

@@ -1,0 +1,273 @@
+"""Call-records benchmark: throughput with exactly-once, end-to-end latency, memory per open call.
+
+1. Throughput: the notification topic is filled with simulated traffic; one call-records process
+   (replay mode, exactly-once transactions, changelog) drains it; a raw aiokafka consumer reads
+   the same topic in the same run as the baseline (ratio).
+2. Latency: the edge and a live processor run as separate processes; notifications are sent at
+   a fixed rate over HTTP; latency = call update seen on ``keyyo.call-updates.v1`` minus the
+   moment the edge answered 200 (one clock: this process's).
+3. Memory: calls opened (SETUP only) in a store, Python allocations per open call (tracemalloc).
+
+    python -m devtools.bench_call_records [--notifications 200000] [--rate 1000] [--seconds 15]
+
+Writes JSON to ``bench-results/call-records-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
+from deploy.tail import topic_partitions
+from deploy.topics import provision_processor
+from devtools.simulator import Chaos, Planner, plan_traffic, schedule
+from ingest.config import hash_secret
+from ingest.parsing import Refusal, parse_notification
+from processors.call_records import CallRecords, CallRecordsConfig
+from processors.observability import ProcessorMetrics
+from processors.runtime import Runtime, RuntimeSettings
+from processors.state import Store
+from schemas.notification import Notification
+from schemas.topics import CALL_UPDATES, NOTIFICATIONS
+
+TENANTS = [f"tenant{i:03d}" for i in range(60)]
+SECRET = "bench-secret"  # noqa: S105 - throwaway tenants of the benchmark
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def simulated(n: int, seed: int, start_ms: int) -> list[Notification]:
+    """About ``n`` notifications of the simulator's mix, in send order."""
+    rng = random.Random(seed)
+    planner = Planner(TENANTS, 8, rng, time_scale=0.2)
+    calls = plan_traffic(planner, rate=300, duration=n / 300 / 3.4, start_ms=start_ms, chaos=Chaos())
+    out = []
+    for s in schedule(calls, Chaos(), rng):
+        note = parse_notification(s.tenant, list(s.params.items()), "127.0.0.1", s.due)
+        if not isinstance(note, Refusal):
+            out.append(note)
+    return out
+
+
+async def fill(bootstrap: str, topic: str, notes: list[Notification]) -> None:
+    """Produce the notifications, keyed by tenant."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                                max_batch_size=512 * 1024, enable_idempotence=True)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, n.to_json(), key=n.tenant.encode()) for n in notes]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def raw_consume(bootstrap: str, topic: str, expected: int) -> float:
+    """Records/s of a plain aiokafka consumer (group, read_committed) reading the topic."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"raw-{uuid.uuid4().hex}",
+                                isolation_level="read_committed", auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    seen, started = 0, None
+    try:
+        while seen < expected:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            if batch and started is None:
+                started = time.perf_counter()
+            seen += sum(len(v) for v in batch.values())
+    finally:
+        await consumer.stop()
+    return expected / (time.perf_counter() - (started or time.perf_counter()))
+
+
+async def processor_throughput(bootstrap: str, prefix: str, expected: int) -> dict[str, Any]:
+    """Drain the topic with one call-records runtime (replay mode, EOS); records/s."""
+    group = f"{prefix}bench.call-records"
+    await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix, group, "state")
+    settings = RuntimeSettings(bootstrap=bootstrap, group=group,
+                               input_topic=NOTIFICATIONS.full_name(prefix), output_prefix=prefix,
+                               mode="replay", until_idle_s=2.0)
+    metrics = ProcessorMetrics(group)
+    runtime = Runtime(settings, CallRecords(), metrics)
+    task = asyncio.create_task(runtime.run())
+    started = None
+    done_at = None
+    while not task.done():
+        processed = metrics.records_in._value.get()  # private: read the counter without scraping
+        if started is None and processed > 0:
+            started = (time.perf_counter(), processed)
+        if processed >= expected and done_at is None:
+            done_at = time.perf_counter()
+        await asyncio.sleep(0.05)
+    await task
+    assert started is not None and done_at is not None, "the processor did not drain the topic"
+    commits = metrics.commit_seconds._sum.get()  # private: as above
+    return {"records_per_s": round((expected - started[1]) / (done_at - started[0]), 1),
+            "seconds": round(done_at - started[0], 2), "commit_seconds_total": round(commits, 2)}
+
+
+def memory_per_open_call(calls: int = 50_000) -> dict[str, float]:
+    """Python allocations per open call (SETUP seen, not closed) in a store."""
+    logic = CallRecords(CallRecordsConfig())
+    notes = []
+    for i in range(calls):
+        params = {"account": "33100000001", "caller": f"336{i:08d}", "callee": "33100000001",
+                  "callref": str(10**11 + i), "type": "SETUP", "dref": f"{i:032x}",
+                  "tsms": str(1_795_000_000_000 + i)}
+        note = parse_notification(TENANTS[i % len(TENANTS)], list(params.items()), "127.0.0.1", 0)
+        assert isinstance(note, Notification)
+        notes.append(note)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    store = Store()
+    for n in notes:
+        logic.on_event(store, n, 1_795_000_000_000)
+        store.commit()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {"open_calls": calls, "bytes_per_open_call": round((after - before) / calls, 1),
+            "state_bytes_per_open_call": round(store.size_bytes() / calls, 1)}
+
+
+async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
+    """p50/p99 from the edge's 200 to the call update, at ``rate`` notifications/s."""
+    tmp = Path(tempfile.mkdtemp())
+    config = tmp / "ingest.toml"
+    config.write_text("".join(f'[tenants.{t}]\ntoken_sha256 = "{hash_secret(SECRET)}"\n' for t in TENANTS))
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KEYYO_TOPIC_PREFIX": prefix}
+    port = free_port()
+    group = f"{prefix}keyyo.call-records"
+    await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix, group, "state")
+    edge = subprocess.Popen([sys.executable,  # noqa: ASYNC220 - started once, before measuring "-m", "deploy.cli", "--log-level", "warning", "ingest",
+                             "--config", str(config), "--port", str(port)], env=env)
+    proc = subprocess.Popen([sys.executable,  # noqa: ASYNC220 - as above "-m", "deploy.cli", "--log-level", "warning", "process",
+                             "call-records", "--health-port", "0"], env=env)
+    acked: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        topic = CALL_UPDATES.full_name(prefix)
+        tps = await topic_partitions(consumer, topic)
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+
+        async def watch() -> None:
+            while True:
+                batch = await consumer.getmany(timeout_ms=100)
+                now = time.time()
+                for recs in batch.values():
+                    for r in recs:
+                        seen.setdefault(orjson.loads(r.value)["event_id"], now)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(6)  # edge up, processor joined and restored
+        rng = random.Random(3)
+        planner = Planner(TENANTS, 8, rng, time_scale=0.05)
+        calls = plan_traffic(planner, rate=rate / 3.4, duration=seconds, start_ms=_ms() + 500,
+                             chaos=Chaos())
+        sends = schedule(calls, Chaos(), rng)
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+
+            async def one(tenant: str, params: dict[str, str]) -> None:
+                url = f"{base}/v1/keyyo/{tenant}/notifications"
+                async with session.get(url, params={"key": SECRET, **params}) as resp:
+                    body = await resp.json()
+                    if resp.status == 200:
+                        acked[body["event_id"]] = time.time()
+
+            tasks = []
+            for s in sends:
+                wait = (s.due - _ms()) / 1000
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                tasks.append(asyncio.create_task(one(s.tenant, s.params)))
+            await asyncio.gather(*tasks)
+        deadline = time.time() + 20
+        while time.time() < deadline and not acked.keys() <= seen.keys():  # noqa: ASYNC110 - a deadline
+            await asyncio.sleep(0.2)
+        watcher.cancel()
+    finally:
+        await consumer.stop()
+        for p in (edge, proc):
+            p.terminate()
+            p.wait(30)
+    lat = sorted((seen[e] - t) * 1000 for e, t in acked.items() if e in seen)
+    return {
+        "rate_target": rate, "sent": len(acked), "updates_seen": len(lat),
+        "achieved_rate": round(len(acked) / seconds, 1),
+        "p50_ms": round(lat[len(lat) // 2], 1) if lat else None,
+        "p99_ms": round(lat[int(len(lat) * 0.99)], 1) if lat else None,
+        "max_ms": round(lat[-1], 1) if lat else None,
+    }
+
+
+def main() -> int:
+    """Run the three measurements, print them, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--notifications", type=int, default=200_000)
+    parser.add_argument("--rate", type=float, default=1000.0, help="notifications/s for latency")
+    parser.add_argument("--seconds", type=float, default=15.0, help="latency run length")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds")}
+    print("memory per open call ...", flush=True)
+    results["memory"] = memory_per_open_call()
+    with bootstrap_or_temporary_broker() as bootstrap:
+        prefix = f"bench{uuid.uuid4().hex[:6]}."
+        notes = simulated(args.notifications, 1, _ms() - 3600_000)
+        print(f"filling {prefix}keyyo.notifications.v1 with {len(notes)} notifications ...", flush=True)
+
+        async def throughput() -> None:
+            await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix,
+                                      f"{prefix}bench.call-records", "state")
+            await fill(bootstrap, NOTIFICATIONS.full_name(prefix), notes)
+            print("raw consumer baseline ...", flush=True)
+            raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))
+            print("call-records processor (exactly-once) ...", flush=True)
+            proc = await processor_throughput(bootstrap, prefix, len(notes))
+            results["throughput"] = {"notifications": len(notes), "raw_consumer_per_s": round(raw, 1),
+                                     "processor": proc,
+                                     "ratio": round(proc["records_per_s"] / raw, 3)}
+
+        asyncio.run(throughput())
+        print(f"end-to-end latency at {args.rate:.0f} notifications/s ...", flush=True)
+        results["latency"] = asyncio.run(end_to_end(bootstrap, f"lat{uuid.uuid4().hex[:6]}.",
+                                                    args.rate, args.seconds))
+    t, lat, mem = results["throughput"], results["latency"], results["memory"]
+    print(f"\nthroughput: processor {t['processor']['records_per_s']:.0f} notifications/s with "
+          f"exactly-once vs raw consumer {t['raw_consumer_per_s']:.0f}/s: {t['ratio']:.3f}x "
+          f"(target >= 20,000/s)")
+    print(f"latency 200 -> call update at {lat['achieved_rate']}/s: p50 {lat['p50_ms']} ms, "
+          f"p99 {lat['p99_ms']} ms (target p99 < 500 ms); {lat['updates_seen']}/{lat['sent']} seen")
+    print(f"memory: {mem['bytes_per_open_call']:.0f} bytes per open call "
+          f"(state {mem['state_bytes_per_open_call']:.0f} bytes; target < 2 KB)")
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    path = out / f"call-records-{datetime.now(tz=UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
