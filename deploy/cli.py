@@ -240,11 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="exit after N idle seconds")
     p.add_argument("--raw", action="store_true", help="print the JSON values as they are")
 
-    p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest and demo traffic.")
+    p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest, call-records processor "
+            "and simulated traffic.")
     p.add_argument("--port", type=int, default=8080, help="ingest port")
+    p.add_argument("--processor-port", type=int, default=9101, help="processor health/metrics port")
     p.add_argument("--kafka-port", type=int, default=9092)
     p.add_argument("--state-dir", default=".keyyo", help="local config, spool and broker home")
-    p.add_argument("--demo-rate", type=float, default=0.5, help="demo calls per second (0: none)")
+    p.add_argument("--demo-rate", type=float, default=0.3, help="simulated calls per second (0: none)")
+    p.add_argument("--time-scale", type=float, default=0.3,
+                   help="simulated ring/talk durations scale (1: realistic)")
     p.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     return parser

@@ -1,4 +1,8 @@
-"""``keyyo-stream run``: the whole pipeline on local defaults, with demo traffic."""
+"""``keyyo-stream run``: the whole pipeline on local defaults, with simulated traffic.
+
+Broker (unless ``KAFKA_BOOTSTRAP_SERVERS``), topics, the ingest edge on :8080, the call-records
+processor (health on :9101), and the simulator sending a gentle mix of Keyyo call flows.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 import signal
 import time
@@ -16,15 +21,24 @@ import aiohttp
 from aiohttp import web
 
 from deploy.kafka_local import LocalKafka
-from deploy.topics import create_topics
-from devtools.traffic import demo_calls
+from deploy.topics import create_topics, provision_processor
+from devtools.simulate import HttpSender
+from devtools.simulator import Chaos, Planner, plan_traffic, play, schedule
 from ingest.app import build_app
 from ingest.config import hash_secret, load_settings
+from processors.call_records import CallRecords
+from processors.observability import ProcessorMetrics, health_server
+from processors.runtime import Runtime, RuntimeSettings
+from schemas.topics import NOTIFICATIONS
 
 log = logging.getLogger("keyyo.run")
 
 DEMO_TENANT = "demo"
-DEMO_LINES = ["33123456789", "33123456790", "33123456791"]
+GROUP = "keyyo.call-records"
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _ensure_config(state_dir: Path) -> tuple[Path, str]:
@@ -47,57 +61,80 @@ def _ensure_config(state_dir: Path) -> tuple[Path, str]:
     return config, secret
 
 
-async def _demo_traffic(base: str, secret: str, rate: float, stats: dict[str, int]) -> None:
-    """Send the guide's example calls to the edge over HTTP, ``rate`` calls per second."""
-    url = f"{base}/v1/keyyo/{DEMO_TENANT}/notifications"
-    calls = demo_calls(DEMO_LINES, lambda: time.time_ns() // 1_000_000)
+async def _simulate(base: str, secret: str, rate: float, time_scale: float, stats: dict[str, int]) -> None:
+    """The simulator's mix of call flows, ``rate`` calls per second, minute after minute."""
+    rng = random.Random()  # noqa: S311 - simulated traffic, not security
+    planner = Planner([DEMO_TENANT], 6, rng, time_scale=time_scale)
+    sender = HttpSender(base, {DEMO_TENANT: secret})
+
+    async def counted(tenant: str, params: dict[str, str]) -> int:
+        status = await sender(tenant, params)
+        stats[str(status)] = stats.get(str(status), 0) + 1
+        return status
+
     async with aiohttp.ClientSession() as session:
+        sender.session = session
         while True:
-            for params in next(calls):
-                async with session.get(url, params={"key": secret, **params}) as resp:
-                    stats[str(resp.status)] = stats.get(str(resp.status), 0) + 1
-            stats["calls"] = stats.get("calls", 0) + 1
-            await asyncio.sleep(1.0 / rate)
+            calls = plan_traffic(planner, rate, 60, _ms() + 100, Chaos())
+            stats["calls"] = stats.get("calls", 0) + len(calls)
+            await play(schedule(calls, Chaos(), rng), counted, _ms)
 
 
 async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret: str) -> None:
     settings = load_settings(config, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
     runner = web.AppRunner(build_app(settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", args.port)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
     base = f"http://127.0.0.1:{args.port}"
+    await provision_processor(bootstrap, NOTIFICATIONS, "", "", GROUP, "state")
+    processor_settings = RuntimeSettings(bootstrap=bootstrap, group=GROUP,
+                                         input_topic=NOTIFICATIONS.name)
+    metrics = ProcessorMetrics(GROUP)
+    processor = Runtime(processor_settings, CallRecords(), metrics)
     print(f"ingest listening on {base} (tenant {DEMO_TENANT!r}, key in {config.parent}/demo.secret)",
           flush=True)
     print(f"try: curl '{base}/v1/keyyo/{DEMO_TENANT}/notifications?key={secret}&account=33123456789"
           "&caller=33612345678&callee=33123456789&callref=1&type=SETUP&dref=abc123'", flush=True)
-    print("follow: keyyo-stream tail notifications", flush=True)
+    print("follow: keyyo-stream tail notifications | tail call-updates | tail call-records",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stats: dict[str, int] = {}
-    tasks = []
-    if args.demo_rate > 0:
-        tasks.append(asyncio.create_task(_demo_traffic(base, secret, args.demo_rate, stats)))
-    started = time.monotonic()
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 10.0)
-            if tasks and tasks[0].done() and tasks[0].exception():
-                log.error("demo traffic stopped: %r", tasks[0].exception())
-                tasks.clear()
-            elapsed = time.monotonic() - started
-            print(f"[{elapsed:6.0f}s] demo calls={stats.get('calls', 0)} "
-                  f"notifications 200={stats.get('200', 0)} other="
-                  f"{sum(v for k, v in stats.items() if k not in ('calls', '200'))}", flush=True)
-            if args.duration is not None and elapsed >= args.duration:
-                break
-    finally:
-        for task in tasks:
-            task.cancel()
-        await runner.cleanup()
+    async with health_server("127.0.0.1", args.processor_port, metrics, processor.readiness):
+        tasks = [asyncio.create_task(processor.run(), name="call-records")]
+        if args.demo_rate > 0:
+            tasks.append(asyncio.create_task(
+                _simulate(base, secret, args.demo_rate, args.time_scale, stats), name="simulator"))
+        started = time.monotonic()
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 10.0)
+                for task in [t for t in tasks if t.done()]:
+                    tasks.remove(task)
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("%s stopped: %r", task.get_name(), task.exception())
+                        stop.set()
+                elapsed = time.monotonic() - started
+                written = {s.labels["topic"]: s.value for m in metrics.registry.collect()
+                           if m.name == "keyyo_processor_records_out" for s in m.samples
+                           if s.name.endswith("_total")}
+                print(f"[{elapsed:6.0f}s] simulated calls={stats.get('calls', 0)} "
+                      f"notifications 200={stats.get('200', 0)} "
+                      f"other={sum(v for k, v in stats.items() if k not in ('calls', '200'))} "
+                      f"call-updates={written.get('keyyo.call-updates.v1', 0):.0f} "
+                      f"call-records={written.get('keyyo.call-records.v1', 0):.0f}", flush=True)
+                if args.duration is not None and elapsed >= args.duration:
+                    break
+        finally:
+            processor.stop()
+            for task in tasks[1:]:
+                task.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            await runner.cleanup()
 
 
 def run_local(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -155,12 +156,15 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
     port = free_port()
     group = f"{prefix}keyyo.call-records"
     await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix, group, "state")
-    edge = subprocess.Popen([sys.executable,  # noqa: ASYNC220 - started once, before measuring "-m", "deploy.cli", "--log-level", "warning", "ingest",
-                             "--config", str(config), "--port", str(port)], env=env)
-    proc = subprocess.Popen([sys.executable,  # noqa: ASYNC220 - as above "-m", "deploy.cli", "--log-level", "warning", "process",
-                             "call-records", "--health-port", "0"], env=env)
+    cli = [sys.executable, "-m", "deploy.cli", "--log-level", "warning"]
+    edge_cmd = [*cli, "ingest", "--config", str(config), "--port", str(port)]
+    health = free_port()
+    proc_cmd = [*cli, "process", "call-records", "--health-port", str(health)]
+    edge = subprocess.Popen(edge_cmd, env=env)  # noqa: ASYNC220 - started once, before measuring
+    proc = subprocess.Popen(proc_cmd, env=env)  # noqa: ASYNC220 - as above
     acked: dict[str, float] = {}
     seen: dict[str, float] = {}
+    sent_at: dict[str, float] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
     try:
@@ -178,10 +182,13 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
                         seen.setdefault(orjson.loads(r.value)["event_id"], now)
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(6)  # edge up, processor joined and restored
+        await _ready(f"http://127.0.0.1:{health}/readyz")
+        await _ready(f"http://127.0.0.1:{port}/readyz")
         rng = random.Random(3)
         planner = Planner(TENANTS, 8, rng, time_scale=0.05)
-        calls = plan_traffic(planner, rate=rate / 3.4, duration=seconds, start_ms=_ms() + 500,
+        sample = [planner.plan(0) for _ in range(2000)]
+        per_call = sum(len(c.notifications()) for c in sample) / len(sample)
+        calls = plan_traffic(planner, rate=rate / per_call, duration=seconds, start_ms=_ms() + 500,
                              chaos=Chaos())
         sends = schedule(calls, Chaos(), rng)
         base = f"http://127.0.0.1:{port}"
@@ -193,8 +200,10 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
                     body = await resp.json()
                     if resp.status == 200:
                         acked[body["event_id"]] = time.time()
+                        sent_at[body["event_id"]] = time.time() - t0
 
             tasks = []
+            t0 = time.time()
             for s in sends:
                 wait = (s.due - _ms()) / 1000
                 if wait > 0:
@@ -211,13 +220,28 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
             p.terminate()
             p.wait(30)
     lat = sorted((seen[e] - t) * 1000 for e, t in acked.items() if e in seen)
+    warm = sorted((seen[e] - t) * 1000 for e, t in acked.items() if e in seen and sent_at[e] > 3)
     return {
+        "p99_after_3s_ms": round(warm[int(len(warm) * 0.99)], 1) if warm else None,
         "rate_target": rate, "sent": len(acked), "updates_seen": len(lat),
         "achieved_rate": round(len(acked) / seconds, 1),
         "p50_ms": round(lat[len(lat) // 2], 1) if lat else None,
         "p99_ms": round(lat[int(len(lat) * 0.99)], 1) if lat else None,
         "max_ms": round(lat[-1], 1) if lat else None,
     }
+
+
+async def _ready(url: str, within_s: float = 60.0) -> None:
+    """Wait until ``url`` answers 200."""
+    deadline = time.monotonic() + within_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} not ready within {within_s:.0f}s")
 
 
 def main() -> int:
@@ -258,7 +282,8 @@ def main() -> int:
           f"exactly-once vs raw consumer {t['raw_consumer_per_s']:.0f}/s: {t['ratio']:.3f}x "
           f"(target >= 20,000/s)")
     print(f"latency 200 -> call update at {lat['achieved_rate']}/s: p50 {lat['p50_ms']} ms, "
-          f"p99 {lat['p99_ms']} ms (target p99 < 500 ms); {lat['updates_seen']}/{lat['sent']} seen")
+          f"p99 {lat['p99_ms']} ms (after the first 3 s: {lat['p99_after_3s_ms']} ms; target p99 < 500 ms); "
+          f"{lat['updates_seen']}/{lat['sent']} seen")
     print(f"memory: {mem['bytes_per_open_call']:.0f} bytes per open call "
           f"(state {mem['state_bytes_per_open_call']:.0f} bytes; target < 2 KB)")
     out = Path(args.out)

@@ -1,13 +1,12 @@
-"""Notification traffic shaped like Keyyo's: the guide's example calls, as GET query parameters.
+"""The guide's two example calls (keyyo.md), as GET query parameters, with fixed timings.
 
-Used by ``keyyo-stream run`` for demo traffic and by the tests; the fuller simulator builds on it.
+Tests use them where exact values matter; ``devtools.simulator`` generates the full mix.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable, Iterator
 
 Params = dict[str, str]
 
@@ -61,15 +60,3 @@ def intercepted_incoming(line_a: str, line_b: str, caller: str, start_ms: int) -
         _notif("RELEASE", line_b, line_b, caller, callref_b, dref_b, start_ms + 40000,
                dref_replace=dref_a),
     ]
-
-
-def demo_calls(lines: list[str], clock: Callable[[], int]) -> Iterator[list[Params]]:
-    """An endless mix of the guide's two examples on ``lines``, starting at ``clock()`` ms."""
-    while True:
-        t = clock()
-        caller = "336" + str(random.randint(10**7, 10**8 - 1))
-        if random.random() < 0.7 or len(lines) < 2:
-            yield answered_incoming(random.choice(lines), caller, t)
-        else:
-            a, b = random.sample(lines, 2)
-            yield intercepted_incoming(a, b, caller, t)
