@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars run test lint unit bench-ingest clean
+.PHONY: setup kafka-jars run test lint unit bench-ingest bench-call-records clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is needed"; exit 1; }
@@ -40,6 +40,9 @@ test: lint kafka-jars
 
 bench-ingest: kafka-jars
 	$(BIN)/python -m devtools.bench_ingest
+
+bench-call-records: kafka-jars
+	$(BIN)/python -m devtools.bench_call_records
 
 clean:
 	rm -rf $(VENV) .keyyo bench-results .pytest_cache .mypy_cache .ruff_cache

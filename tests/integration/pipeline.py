@@ -73,7 +73,8 @@ def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str) -> su
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (graceful: finish the batch, commit, leave the group); SIGKILL after 30 s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -81,6 +82,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    return proc.returncode
 
 
 def traffic(seed: int, rate: float, duration: float, start_ms: int, chaos: Chaos,

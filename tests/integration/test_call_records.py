@@ -128,6 +128,7 @@ async def test_a_processor_killed_mid_run_loses_and_duplicates_nothing(
         await wait_for(complete, 90, interval=0.5, what="every expected record")
         written = await records(broker.bootstrap, prefix)
         written_updates = await updates(broker.bootstrap, prefix)
+        assert stop_process(second) == 0  # SIGTERM: commit, leave the group, exit cleanly
     finally:
         for proc in (first, second):
             stop_process(proc)
