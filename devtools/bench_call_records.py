@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
 from deploy.tail import topic_partitions
 from deploy.topics import provision_processor
+from devtools.bench_results import write_results
 from devtools.simulator import Chaos, Planner, plan_traffic, schedule
 from ingest.config import hash_secret
 from ingest.parsing import Refusal, parse_notification
@@ -286,11 +287,7 @@ def main() -> int:
           f"{lat['updates_seen']}/{lat['sent']} seen")
     print(f"memory: {mem['bytes_per_open_call']:.0f} bytes per open call "
           f"(state {mem['state_bytes_per_open_call']:.0f} bytes; target < 2 KB)")
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    path = out / f"call-records-{datetime.now(tz=UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    print(f"results: {path}")
+    write_results(args.out, "call-records", results)
     return 0
 
 

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer
 from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
 from deploy.tail import topic_partitions
 from deploy.topics import create_topics
+from devtools.bench_results import write_results
 from ingest.config import hash_secret
 
 SECRET = "bench-secret"  # noqa: S105 - a throwaway tenant of the benchmark
@@ -211,11 +212,7 @@ def main() -> int:
           f"p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms (target p99 < 50 ms), "
           f"non-2xx {half['non2xx']}, server cores {half['server_cores']}")
     print(f"records in topic: {in_topic} >= 200s measured: {results['edge_200s_measured']} ({warmup_note})")
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    path = out / f"ingest-{datetime.now(tz=UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    print(f"results: {path}")
+    write_results(args.out, "ingest", results)
     return 0
 
 

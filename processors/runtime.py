@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -90,7 +90,6 @@ class _Partition:
     stream_time: int = 0
     position: int = -1
     """Next input offset to process."""
-    idle_since: float = field(default_factory=time.monotonic)
 
 
 class _BatchWriter:
@@ -268,7 +267,6 @@ class Runtime:
             return
         store.commit()
         part.position = records[-1].offset + 1
-        part.idle_since = time.monotonic()
         self.metrics.records_in.inc(len(records))
 
     def _due(self, part: _Partition, now: int) -> list[Output]:

@@ -94,23 +94,6 @@ def traffic(seed: int, rate: float, duration: float, start_ms: int, chaos: Chaos
     return calls, schedule(calls, chaos, rng)
 
 
-def comparable(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in ("record_id", "revision")}
-
-
-def final_records(records: list[dict[str, Any]]) -> dict[frozenset[str], dict[str, Any]]:
-    """Highest revision per record, keyed by the set of its legs' DREFs."""
-    best: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r["record_id"] not in best or r["revision"] > best[r["record_id"]]["revision"]:
-            best[r["record_id"]] = r
-    return {frozenset(leg["dref"] for leg in r["legs"]): comparable(r) for r in best.values()}
-
-
-def expected_records(calls: list[PlannedCall]) -> dict[frozenset[str], dict[str, Any]]:
-    return {frozenset(leg.dref for leg in c.legs): c.expected() for c in calls}
-
-
 async def records(bootstrap: str, prefix: str) -> list[dict[str, Any]]:
     return await read_values(bootstrap, CALL_RECORDS.full_name(prefix))
 

@@ -26,9 +26,6 @@ from schemas.notification import Notification
 from schemas.topics import DEAD_LETTERS, NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANTS, running_edge
 from tests.integration.pipeline import (
-    comparable,
-    expected_records,
-    final_records,
     processor_process,
     provision,
     records,
@@ -39,6 +36,7 @@ from tests.integration.pipeline import (
     updates,
 )
 from tests.kafka import Broker, read_values, wait_for
+from tests.truth import comparable, expected_records, final_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 
@@ -12,6 +11,7 @@ from ingest.parsing import parse_notification
 from processors.call_records import CallRecordsConfig
 from schemas.notification import Notification
 from tests.scenarios import T0, run
+from tests.truth import comparable, expected_records, final_records
 
 CONFIG = CallRecordsConfig(linger_ms=10_000, ring_timeout_ms=60_000, max_duration_ms=120_000)
 
@@ -23,18 +23,6 @@ def notifications(tenant: str, params_list: list[dict[str, str]]) -> list[Notifi
         assert isinstance(n, Notification), n
         out.append(n)
     return out
-
-
-def comparable(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in ("record_id", "revision")}
-
-
-def final_records(records: list[dict[str, Any]]) -> dict[frozenset[str], dict[str, Any]]:
-    best: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r["record_id"] not in best or r["revision"] > best[r["record_id"]]["revision"]:
-            best[r["record_id"]] = r
-    return {frozenset(leg["dref"] for leg in r["legs"]): comparable(r) for r in best.values()}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -62,7 +50,7 @@ def test_a_mix_under_chaos_gives_every_expected_record_once() -> None:
     sends = schedule(calls, chaos, rng)
     events = [n for s in sends for n in notifications(s.tenant, [s.params])]
     result = run(events, CONFIG)
-    expected = {frozenset(leg.dref for leg in c.legs): c.expected() for c in calls}
+    expected = expected_records(calls)
     got = final_records(result.records)
     assert len(calls) > 100
     assert got.keys() == expected.keys()
