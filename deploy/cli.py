@@ -113,7 +113,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     settings = RuntimeSettings(
         bootstrap=bootstrap, group=group, input_topic=NOTIFICATIONS.full_name(prefix),
         output_prefix=out_prefix, mode=args.mode, allowed_lateness_ms=args.lateness_ms,
-        until_idle_s=args.until_idle,
+        until_idle_s=args.until_idle, slice_ms=args.slice_ms,
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
     )
     logic = CallRecords(CallRecordsConfig(
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a connected leg may go without RELEASE")
     p.add_argument("--retention", type=float, default=600.0,
                    help="seconds a closed call is kept for late events")
+    p.add_argument("--slice-ms", type=int, default=8,
+                   help="processing time per transaction and partition: lower commits more often, "
+                        "higher gives more throughput")
     p.add_argument("--until-idle", type=float, default=None,
                    help="burst mode: exit after the input has been drained for N seconds")
     p.add_argument("--flush-at-end", type=float, default=None, metavar="SECONDS",

@@ -2,10 +2,12 @@
 
 One consumer per process in a consumer group (``read_committed``, no auto-commit). For each owned
 input partition: a transactional producer whose id derives from (group, topic, partition) — the
-fencing aiokafka's lack of KIP-447 calls for — and a :class:`~processors.state.Store` restored
-from its changelog partition before any input of it is processed. Each batch of a partition is
-one transaction: outputs, changelog entries (coalesced per key) and the input offsets.
-Rebalances wait for the batch in progress to commit (a lock), then drop or add partitions.
+fencing aiokafka's lack of KIP-447 calls for — a :class:`~processors.state.Store` restored from
+its changelog partition before any input of it is processed, and a worker task. The worker turns
+the partition's fetched records into transactions: outputs, changelog entries (coalesced per key)
+and the input offsets, each taking at most ``slice_ms`` of processing, so partitions commit often
+and one partition's commit overlaps another's processing. A revoked partition's worker finishes
+its transaction before the partition is given up.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -66,10 +69,14 @@ class RuntimeSettings:
     """live: an idle partition's time follows the wall clock; replay: event time only."""
     allowed_lateness_ms: int = 5000
     """Live mode: stream time is at least wall clock minus this."""
-    max_records: int = 20000
+    max_records: int = 10000
     """Records fetched per poll."""
     poll_ms: int = 100
-    """Longest wait for input, so commits and timers run at least this often."""
+    """Longest wait for input; timers are checked at least this often."""
+    slice_ms: int = 8
+    """A transaction takes a partition's waiting records for at most this much processing time."""
+    queue_high: int = 20000
+    """A partition with this many records waiting is paused until it is below half."""
     until_idle_s: float | None = None
     """Burst mode: exit once every owned partition is at its end for this long."""
     flush_at_end_ms: int | None = None
@@ -84,12 +91,20 @@ class RuntimeSettings:
 
 @dataclass(eq=False)
 class _Partition:
+    """An owned input partition: its producer, state, fetched records, and its worker."""
+
     tp: TopicPartition
     producer: AIOKafkaProducer
     store: Store
     stream_time: int = 0
     position: int = -1
     """Next input offset to process."""
+    queue: deque[Any] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
+    closing: bool = False
+    busy: bool = False
+    paused: bool = False
 
 
 class _BatchWriter:
@@ -150,7 +165,6 @@ class Runtime:
         self.parts: dict[TopicPartition, _Partition] = {}
         self.restoring: set[TopicPartition] = set()
         self.joined = False
-        self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: dict[str, list[int]] = {}
@@ -165,7 +179,11 @@ class Runtime:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Consume until :meth:`stop` (or, in burst mode, until the input is drained)."""
+        """Consume until :meth:`stop` (or, in burst mode, until the input is drained).
+
+        This loop only fetches and hands records to each partition's worker; the workers process
+        and commit concurrently, so one partition's commit overlaps another's processing.
+        """
         s = self.settings
         consumer = self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap, group_id=s.group, client_id=f"{s.group}-consumer",
@@ -179,35 +197,36 @@ class Runtime:
         try:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=s.poll_ms, max_records=s.max_records)
-                async with self._lock:
-                    # Partitions have their own producer and store: their transactions overlap.
-                    await asyncio.gather(*(
-                        self._process(self.parts[tp], records)
-                        for tp, records in batches.items() if tp in self.parts and records))
-                    await self._fire_idle_timers()
+                for tp, records in batches.items():
+                    part = self.parts.get(tp)
+                    if part is None or part.closing or not records:
+                        continue
+                    part.queue.extend(records)
+                    part.wakeup.set()
+                    if len(part.queue) >= s.queue_high and not part.paused:
+                        consumer.pause(tp)
+                        part.paused = True
                 self._report(consumer)
                 if s.until_idle_s is not None:
-                    drained = self.joined and not batches and await self._at_end(consumer)
+                    drained = (self.joined and not self.restoring and not batches
+                               and await self._at_end(consumer))
                     if not drained:
                         idle_since = None
                     elif idle_since is None:
                         idle_since = time.monotonic()
                     elif time.monotonic() - idle_since >= s.until_idle_s:
                         break
-            if s.flush_at_end_ms is not None:
-                async with self._lock:
-                    for part in self.parts.values():
-                        part.stream_time += s.flush_at_end_ms
-                    await self._fire_idle_timers()
-        finally:
-            await consumer.stop()
             for part in list(self.parts.values()):
-                await self._drop(part)
+                await self._close(part, flush_ms=s.flush_at_end_ms)
+        finally:
+            for part in list(self.parts.values()):
+                await self._close(part)
+            await consumer.stop()
 
     async def _at_end(self, consumer: AIOKafkaConsumer) -> bool:
-        for tp in self.parts:
+        for tp, part in self.parts.items():
             end = consumer.last_stable_offset(tp)
-            if end is None or await consumer.position(tp) < end:
+            if part.queue or part.busy or end is None or await consumer.position(tp) < end:
                 return False
         return True
 
@@ -218,14 +237,38 @@ class Runtime:
 
     # -- processing ----------------------------------------------------------------------
 
-    async def _process(self, part: _Partition, records: list[Any]) -> None:
+    async def _work(self, part: _Partition) -> None:
+        """A partition's worker: a transaction for its waiting records, or for its due timers."""
+        s = self.settings
+        while not part.closing:
+            if not part.queue:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(part.wakeup.wait(), s.poll_ms / 1000)
+                part.wakeup.clear()
+                if part.closing:
+                    break
+            if part.queue:
+                await self._process(part)
+            elif (wake := part.store.next_wake()) is not None and wake <= self._now(part):
+                await self._fire_timers(part)
+            if part.paused and len(part.queue) < s.queue_high // 2 and self._consumer is not None:
+                self._consumer.resume(part.tp)
+                part.paused = False
+
+    async def _process(self, part: _Partition) -> None:
+        """One transaction: outputs, changelog entries and offsets of the records it takes."""
         s = self.settings
         store, producer = part.store, part.producer
         stream_time_before = part.stream_time
+        records: list[Any] = []
+        part.busy = True
         try:
             await producer.begin_transaction()
             writer = self._writer(producer)
-            for rec in records:
+            until = time.perf_counter() + s.slice_ms / 1000
+            while part.queue and (not records or time.perf_counter() < until):
+                rec = part.queue.popleft()
+                records.append(rec)
                 try:
                     event = self.logic.decode(rec.value)
                 except (ValueError, KeyError, TypeError) as exc:
@@ -250,7 +293,7 @@ class Runtime:
             log.warning("fenced: another process owns the partition now",
                         extra={"topic": part.tp.topic, "partition": part.tp.partition})
             store.abort()
-            await self._drop(part)
+            part.closing = True
             return
         except Exception as exc:
             store.abort()
@@ -258,13 +301,16 @@ class Runtime:
             self.metrics.aborts.inc()
             log.error("batch failed, aborted; it will be processed again",
                       extra={"topic": part.tp.topic, "partition": part.tp.partition,
-                             "offset": records[0].offset, "error": repr(exc)})
+                             "offset": records[0].offset if records else None, "error": repr(exc)})
             with contextlib.suppress(Exception):
                 await producer.abort_transaction()
-            if self._consumer is not None:
+            if records and self._consumer is not None:
+                part.queue.clear()  # read again from the first record of the aborted batch
                 self._consumer.seek(part.tp, records[0].offset)
             await asyncio.sleep(0.5)
             return
+        finally:
+            part.busy = False
         store.commit()
         part.position = records[-1].offset + 1
         self.metrics.records_in.inc(len(records))
@@ -275,14 +321,9 @@ class Runtime:
             outputs.extend(self.logic.on_timer(part.store, key, now))
         return outputs
 
-    async def _fire_idle_timers(self) -> None:
-        """Timers that are due (live mode: the wall clock moves an idle partition's time)."""
-        await asyncio.gather(*(self._fire_timers(part) for part in list(self.parts.values())
-                               if (wake := part.store.next_wake()) is not None
-                               and wake <= self._now(part)))
-
     async def _fire_timers(self, part: _Partition) -> None:
         """One transaction with the outputs of a partition's due timers."""
+        part.busy = True
         try:
             await part.producer.begin_transaction()
             writer = self._writer(part.producer)
@@ -292,7 +333,7 @@ class Runtime:
             await part.producer.commit_transaction()
         except ProducerFenced:
             part.store.abort()
-            await self._drop(part)
+            part.closing = True
             return
         except Exception as exc:
             part.store.abort()
@@ -301,7 +342,10 @@ class Runtime:
                 "topic": part.tp.topic, "partition": part.tp.partition, "error": repr(exc)})
             with contextlib.suppress(Exception):
                 await part.producer.abort_transaction()
+            await asyncio.sleep(0.5)
             return
+        finally:
+            part.busy = False
         part.store.commit()
 
     def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
@@ -334,28 +378,33 @@ class Runtime:
     # -- partitions ----------------------------------------------------------------------
 
     async def _assign(self, assigned: set[TopicPartition]) -> None:
-        async with self._lock:
-            self.joined = True
-            new = sorted(tp for tp in assigned if tp not in self.parts)
-            self.restoring.update(new)
-            for part in await asyncio.gather(*(self._open(tp) for tp in new)):
-                self.parts[part.tp] = part
-                self.restoring.discard(part.tp)
-            self.metrics.assigned.set(len(self.parts))
+        self.joined = True
+        # Registered at once: records fetched while the state is restored wait in the queue.
+        new = [self._partition(tp) for tp in sorted(assigned) if tp not in self.parts]
+        for part in new:
+            self.parts[part.tp] = part
+            self.restoring.add(part.tp)
+        await asyncio.gather(*(self._open(part) for part in new))
+        for part in new:
+            self.restoring.discard(part.tp)
+            part.worker = asyncio.create_task(self._work(part), name=f"partition-{part.tp.partition}")
+        self.metrics.assigned.set(len(self.parts))
 
-    async def _open(self, tp: TopicPartition) -> _Partition:
-        """Fence the previous owner (its open transaction is aborted), then restore the state."""
+    def _partition(self, tp: TopicPartition) -> _Partition:
         s = self.settings
         producer = AIOKafkaProducer(
             bootstrap_servers=s.bootstrap, transactional_id=f"{s.group}.{tp.topic}.{tp.partition}",
             client_id=f"{s.group}-p{tp.partition}", linger_ms=5, max_batch_size=512 * 1024,
         )
-        await producer.start()
-        store = Store()
-        restored = await self._restore(store, tp.partition)
-        log.info("partition restored", extra={"topic": tp.topic, "partition": tp.partition,
-                                              "entries": len(store), "changelog_records": restored})
-        return _Partition(tp, producer, store, stream_time=int(store.get(STREAM_TIME_KEY) or 0))
+        return _Partition(tp, producer, Store())
+
+    async def _open(self, part: _Partition) -> None:
+        """Fence the previous owner (its open transaction is aborted), then restore the state."""
+        await part.producer.start()
+        restored = await self._restore(part.store, part.tp.partition)
+        part.stream_time = int(part.store.get(STREAM_TIME_KEY) or 0)
+        log.info("partition restored", extra={"topic": part.tp.topic, "partition": part.tp.partition,
+                                              "entries": len(part.store), "changelog_records": restored})
 
     async def _restore(self, store: Store, partition: int) -> int:
         tp = TopicPartition(self.settings.changelog_topic, partition)
@@ -377,15 +426,23 @@ class Runtime:
         return count
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
-        async with self._lock:
-            for tp in revoked:
-                part = self.parts.get(tp)
-                if part is not None:
-                    await self._drop(part)
-            self.metrics.assigned.set(len(self.parts))
+        for tp in revoked:
+            part = self.parts.get(tp)
+            if part is not None:
+                await self._close(part)
+        self.metrics.assigned.set(len(self.parts))
 
-    async def _drop(self, part: _Partition) -> None:
+    async def _close(self, part: _Partition, flush_ms: int | None = None) -> None:
+        """Let the worker finish its transaction, optionally fire every timer, stop the producer."""
         self.parts.pop(part.tp, None)
+        part.closing = True
+        part.wakeup.set()
+        if part.worker is not None:
+            with contextlib.suppress(Exception):
+                await part.worker
+        if flush_ms is not None:
+            part.stream_time += flush_ms
+            await self._fire_timers(part)
         with contextlib.suppress(Exception):
             await part.producer.stop()
         for gauge in (self.metrics.lag, self.metrics.state_entries):
