@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
@@ -16,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.config import IngestSettings
 from ingest.metrics import IngestMetrics
-from ingest.parsing import SECRET_PARAM, Refusal, parse_notification
+from ingest.parsing import SECRET_PARAM, Refusal, parse_notification, query_pairs
 from ingest.publisher import Outcome, Publisher
 from schemas.notification import RejectedNotification, rfc3339_ms
 from schemas.topics import NOTIFICATIONS, NOTIFICATIONS_REJECTED
@@ -64,7 +63,7 @@ async def _body_params(request: web.Request) -> tuple[list[tuple[str, str]] | Re
     if len(raw) > MAX_BODY:
         return Refusal("invalid_body", None, f"body larger than {MAX_BODY} bytes", status=413), text
     if request.content_type != _JSON:
-        return parse_qsl(text, keep_blank_values=True), text
+        return query_pairs(text), text
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -97,7 +96,7 @@ async def handle_notification(request: web.Request) -> web.Response:
         return _json(403, {"error": "forbidden", "field": None,
                            "detail": f"source address {source_ip} is not allowed for this tenant"})
 
-    params: list[tuple[str, str]] = list(request.query.items())
+    params = query_pairs(request.raw_path.partition("?")[2])
     body_text: str | None = None
     refusal: Refusal | None = None
     if request.method == "POST":
@@ -137,7 +136,7 @@ async def _refuse(
     app[METRICS].requests["rejected"].inc()
     rejected = RejectedNotification(
         tenant=tenant_id, method=request.method, path=request.path,
-        query=_redact(request.query_string), body=body_text, source_ip=source_ip,
+        query=_redact(request.raw_path.partition("?")[2]), body=body_text, source_ip=source_ip,
         received_at=rfc3339_ms(received_ms), status=refusal.status, error=refusal.error,
         field=refusal.field, detail=refusal.detail,
     )

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_plus
 
 from schemas.notification import Notification, NotificationType, rfc3339_ms
 
@@ -89,6 +90,22 @@ def collect_fields(params: Iterable[tuple[str, str]]) -> dict[str, str] | Refusa
             return Refusal("repeated_parameter", name, f"parameter {name!r} is given more than once")
         fields[name] = value
     return fields
+
+
+def query_pairs(raw_query: str) -> list[tuple[str, str]]:
+    """``name=value`` pairs of a raw (still percent-encoded) query string, blanks kept.
+
+    Decodes only the pairs that need it: Keyyo's values are digits and hex.
+    """
+    pairs: list[tuple[str, str]] = []
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in part or "+" in part:
+            name, value = unquote_plus(name), unquote_plus(value)
+        pairs.append((name, value))
+    return pairs
 
 
 def event_id(tenant: str, account: str, dref: str, kind: str, callref: str) -> str:

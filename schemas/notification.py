@@ -35,7 +35,7 @@ def parse_rfc3339_ms(text: str) -> int:
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000 + 0.5)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more to build, per request
 class Notification:
     """One normalised Keyyo call notification, the value of ``keyyo.notifications.v1``."""
 
