@@ -30,6 +30,7 @@ def rfc3339_ms(epoch_ms: int) -> str:
     return f"{_second_prefix(seconds)}{millis:03d}Z"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_rfc3339_ms(text: str) -> int:
     """Milliseconds since the epoch from an RFC 3339 timestamp as written by :func:`rfc3339_ms`."""
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000 + 0.5)
