@@ -1,8 +1,8 @@
-# keyyo-stream: `make run` (the local pipeline with demo traffic) and `make test` (lint + tests).
+# keyyo-stream: `make run` (the local pipeline with simulated calls) and `make test` (lint + tests).
 # Each does its own idempotent set-up: .venv with the project and its dev tools, the Kafka jars.
 
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
