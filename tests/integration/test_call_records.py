@@ -13,6 +13,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -22,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from devtools.simulate import HttpSender, KafkaSender
 from devtools.simulator import Chaos, play
 from ingest.parsing import parse_notification
+from processors.observability import health_server
 from schemas.notification import Notification
 from schemas.topics import DEAD_LETTERS, NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANTS, running_edge
@@ -177,3 +179,49 @@ async def _all(coro, n: int) -> bool:  # type: ignore[no-untyped-def]
     with contextlib.suppress(Exception):
         return len(final_records(await coro)) >= n
     return False
+
+
+async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: str) -> None:
+    await provision(broker.bootstrap, prefix)
+    calls, sends = traffic(seed=31, rate=10, duration=3, start_ms=wall_ms() + 1000, chaos=Chaos())
+    expected = expected_records(calls)
+    failures: list[str] = []
+    async with running_processor(broker.bootstrap, prefix) as runtime, \
+            health_server("127.0.0.1", 0, runtime.metrics, runtime.readiness) as port:
+        await wait_for(lambda: runtime.readiness() == {"joined": True, "restored": True}, 30,
+                       what="processor ready")
+        # The first transaction to reach its offsets fails after its outputs and changelog
+        # entries were written (and acknowledged) inside it: the abort must hide them.
+        for part in runtime.parts.values():
+            original = part.producer.send_offsets_to_transaction
+
+            async def failing(offsets: Any, group: str, original: Any = original) -> Any:
+                if not failures:
+                    failures.append(group)
+                    raise RuntimeError("injected failure after the outputs were written")
+                return await original(offsets, group)
+
+            part.producer.send_offsets_to_transaction = failing  # type: ignore[method-assign]
+        sender = KafkaSender(broker.bootstrap, NOTIFICATIONS.full_name(prefix))
+        await sender.producer.start()
+        try:
+            await play(sends, sender, wall_ms)
+        finally:
+            await sender.producer.stop()
+
+        async def complete() -> bool:
+            return final_records(await records(broker.bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 60, interval=0.5, what="every expected record")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                ready = (resp.status, await resp.json())
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                metrics = await resp.text()
+    assert failures, "the failure was never injected"
+    assert ready == (200, {"ready": True, "checks": {"joined": True, "restored": True}})
+    aborts = [line for line in metrics.splitlines() if line.startswith("keyyo_processor_aborts_total")]
+    assert aborts and float(aborts[0].split()[-1]) == 1.0
+    assert final_records(await records(broker.bootstrap, prefix)) == expected
+    counts = Counter(u["event_id"] for u in await updates(broker.bootstrap, prefix))
+    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
