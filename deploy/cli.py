@@ -120,13 +120,12 @@ def cmd_process(args: argparse.Namespace) -> int:
         linger_ms=int(args.linger * 1000), ring_timeout_ms=int(args.ring_timeout * 1000),
         max_duration_ms=int(args.max_duration * 1000), retention_ms=int(args.retention * 1000)))
 
-    async def main() -> None:
+    async def main() -> bool:
         await provision_processor(bootstrap, NOTIFICATIONS, prefix, out_prefix, group, settings.store)
-        await serve(settings, logic, args.health_host, args.health_port)
+        return await serve(settings, logic, args.health_host, args.health_port)
 
     _use_uvloop(args.uvloop)
-    asyncio.run(main())
-    return 0
+    return 0 if asyncio.run(main()) else 1
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -165,6 +166,8 @@ class Runtime:
         self.parts: dict[TopicPartition, _Partition] = {}
         self.restoring: set[TopicPartition] = set()
         self.joined = False
+        self.failed = False
+        """Set when a partition worker died of an unexpected error."""
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: dict[str, list[int]] = {}
@@ -388,7 +391,17 @@ class Runtime:
         for part in new:
             self.restoring.discard(part.tp)
             part.worker = asyncio.create_task(self._work(part), name=f"partition-{part.tp.partition}")
+            part.worker.add_done_callback(functools.partial(self._worker_done, part))
         self.metrics.assigned.set(len(self.parts))
+
+    def _worker_done(self, part: _Partition, task: asyncio.Task[None]) -> None:
+        """A worker that died of a bug stops the process: better a restart than a stalled partition."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("partition worker failed; stopping", exc_info=task.exception(), extra={
+            "topic": part.tp.topic, "partition": part.tp.partition, "offset": part.position})
+        self.failed = True
+        self.stop()
 
     def _partition(self, tp: TopicPartition) -> _Partition:
         s = self.settings

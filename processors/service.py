@@ -12,8 +12,11 @@ from processors.runtime import Logic, Runtime, RuntimeSettings
 log = logging.getLogger("keyyo.processor")
 
 
-async def serve(settings: RuntimeSettings, logic: Logic, health_host: str, health_port: int) -> None:
-    """Run until SIGTERM/SIGINT (finish the batch, commit, leave the group) or the input drains."""
+async def serve(settings: RuntimeSettings, logic: Logic, health_host: str, health_port: int) -> bool:
+    """Run until SIGTERM/SIGINT (finish the batch, commit, leave the group) or the input drains.
+
+    Returns False when a partition worker failed (the caller exits non-zero).
+    """
     metrics = ProcessorMetrics(settings.group)
     runtime = Runtime(settings, logic, metrics)
     loop = asyncio.get_running_loop()
@@ -24,4 +27,5 @@ async def serve(settings: RuntimeSettings, logic: Logic, health_host: str, healt
             "group": settings.group, "input": settings.input_topic, "mode": settings.mode,
             "health": f"http://{health_host}:{port}/readyz"})
         await runtime.run()
-    log.info("processor stopped", extra={"group": settings.group})
+    log.info("processor stopped", extra={"group": settings.group, "failed": runtime.failed})
+    return not runtime.failed
