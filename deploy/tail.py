@@ -84,5 +84,4 @@ async def tail(
                     break
     finally:
         await consumer.stop()
-    await asyncio.sleep(0)
     return printed

@@ -143,7 +143,7 @@ class Publisher:
         self._tasks.append(asyncio.create_task(self._sweep(), name="budget-sweeper"))
 
     async def stop(self) -> None:
-        """Send open batches, flush the producer, stop background tasks, close the spool."""
+        """Wait for batches in flight, flush the producer, stop background tasks, close the spool."""
         deliveries = [b.delivery for b in self._inflight]
         if deliveries:
             await asyncio.wait(deliveries, timeout=self.budget_s * 5)
