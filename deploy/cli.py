@@ -92,7 +92,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     """Print the records of a topic, readably, as they arrive."""
     from deploy.tail import tail
 
-    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(tail(_bootstrap(args), args.topic, args.prefix or "", args.from_beginning,
                          args.max_records, args.timeout, args.raw))
     return 0
@@ -261,7 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     handler: Handler = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
