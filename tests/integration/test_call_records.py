@@ -47,6 +47,15 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+async def wait_for_records(bootstrap: str, prefix: str, expected: dict[Any, Any], within_s: float) -> None:
+    """Poll the call-records topic until every expected record is there."""
+
+    async def complete() -> bool:
+        return final_records(await records(bootstrap, prefix)).keys() >= expected.keys()
+
+    await wait_for(complete, within_s, interval=0.5, what="every expected record")
+
+
 def event_ids(sends: list) -> set[str]:  # type: ignore[type-arg]
     ids = set()
     for s in sends:
@@ -73,10 +82,7 @@ async def test_records_equal_the_ground_truth_with_duplicates_and_reordering_the
             statuses = await play(sends, sender, wall_ms)
         assert statuses == {"200": len(sends)}
 
-        async def complete() -> bool:
-            return final_records(await records(broker.bootstrap, prefix)).keys() >= expected.keys()
-
-        await wait_for(complete, 60, interval=0.5, what="every expected record")
+        await wait_for_records(broker.bootstrap, prefix, expected, 60)
         live = await records(broker.bootstrap, prefix)
         live_updates = await updates(broker.bootstrap, prefix)
     got = final_records(live)
@@ -122,10 +128,7 @@ async def test_a_processor_killed_mid_run_loses_and_duplicates_nothing(
         finally:
             await sender.producer.stop()
 
-        async def complete() -> bool:
-            return final_records(await records(broker.bootstrap, prefix)).keys() >= expected.keys()
-
-        await wait_for(complete, 90, interval=0.5, what="every expected record")
+        await wait_for_records(broker.bootstrap, prefix, expected, 90)
         written = await records(broker.bootstrap, prefix)
         written_updates = await updates(broker.bootstrap, prefix)
         assert stop_process(second) == 0  # SIGTERM: commit, leave the group, exit cleanly
@@ -209,10 +212,7 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
         finally:
             await sender.producer.stop()
 
-        async def complete() -> bool:
-            return final_records(await records(broker.bootstrap, prefix)).keys() >= expected.keys()
-
-        await wait_for(complete, 60, interval=0.5, what="every expected record")
+        await wait_for_records(broker.bootstrap, prefix, expected, 60)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
                 ready = (resp.status, await resp.json())
