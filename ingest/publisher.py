@@ -79,6 +79,7 @@ class _SpoolState:
     max_bytes: int
     ready_bytes: int
     queue: list[_Pending] = field(default_factory=list)
+    queued_bytes: int = 0
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Spool offset -> the producer future of a send that timed out before it was spooled.
@@ -212,8 +213,9 @@ class Publisher:
             await waiter
             return Outcome.KAFKA
         except (TimeoutError, KafkaError) as exc:
+            if self.kafka_ok:  # once per outage, not once per request
+                log.warning("kafka did not take a record within %.1fs: %r", self.budget_s, exc)
             self.kafka_ok = False
-            log.warning("kafka did not take a record within %.1fs: %r", self.budget_s, exc)
         if spool is None:
             return Outcome.UNAVAILABLE
         original = batch.delivery if batch is not None else None
@@ -302,12 +304,12 @@ class Publisher:
         original: asyncio.Future[None] | None,
     ) -> Outcome:
         frame = encode(topic, key, value)
-        queued = sum(len(p.frame) for p in spool.queue)
-        if spool.spool.pending_bytes + queued + len(frame) > spool.max_bytes:
+        if spool.spool.pending_bytes + spool.queued_bytes + len(frame) > spool.max_bytes:
             return Outcome.UNAVAILABLE
         spool.active = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         spool.queue.append(_Pending(frame, done, original))
+        spool.queued_bytes += len(frame)
         spool.wakeup.set()
         try:
             await done
@@ -324,7 +326,7 @@ class Publisher:
             state.wakeup.clear()
             if not state.queue:
                 continue
-            batch, state.queue = state.queue, []
+            batch, state.queue, state.queued_bytes = state.queue, [], 0
             async with state.lock:
                 offset = state.spool.size
                 try:

@@ -20,8 +20,8 @@ import orjson
 from processors.output import Output
 from processors.state import Store
 from schemas.call_record import CALL_RECORD_SCHEMA, CALL_UPDATE_SCHEMA
+from schemas.notification import NOTIFICATION_TYPES, Notification, parse_rfc3339_ms, rfc3339_ms
 from schemas.notification import SCHEMA as NOTIFICATION_SCHEMA
-from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 
 Call = dict[str, Any]
@@ -71,7 +71,7 @@ class CallRecords:
         if not isinstance(data, dict) or data.get("schema") != NOTIFICATION_SCHEMA:
             raise ValueError(f"not a {NOTIFICATION_SCHEMA} value")
         n = Notification.from_dict(data)
-        if n.type not in ("SETUP", "CONNECT", "RELEASE") or not n.dref or not n.tenant:
+        if n.type not in NOTIFICATION_TYPES or not n.dref or not n.tenant:
             raise ValueError("type, dref and tenant are required")
         parse_rfc3339_ms(n.event_time)
         return n

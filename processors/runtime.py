@@ -250,16 +250,15 @@ class Runtime:
                 part.wakeup.clear()
                 if part.closing:
                     break
-            if part.queue:
+            if part.queue or ((wake := part.store.next_wake()) is not None and wake <= self._now(part)):
                 await self._process(part)
-            elif (wake := part.store.next_wake()) is not None and wake <= self._now(part):
-                await self._fire_timers(part)
             if part.paused and len(part.queue) < s.queue_high // 2 and self._consumer is not None:
                 self._consumer.resume(part.tp)
                 part.paused = False
 
     async def _process(self, part: _Partition) -> None:
-        """One transaction: outputs, changelog entries and offsets of the records it takes."""
+        """One transaction: outputs and changelog entries of the records it takes from the queue
+        (and their offsets) and of the timers that are due."""
         s = self.settings
         store, producer = part.store, part.producer
         stream_time_before = part.stream_time
@@ -288,7 +287,8 @@ class Runtime:
                 store.put(STREAM_TIME_KEY, str(part.stream_time).encode())
             await self._write_changelog(writer, part)
             await writer.flush()
-            await producer.send_offsets_to_transaction({part.tp: records[-1].offset + 1}, s.group)
+            if records:
+                await producer.send_offsets_to_transaction({part.tp: records[-1].offset + 1}, s.group)
             started = time.perf_counter()
             await producer.commit_transaction()
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -315,41 +315,15 @@ class Runtime:
         finally:
             part.busy = False
         store.commit()
-        part.position = records[-1].offset + 1
-        self.metrics.records_in.inc(len(records))
+        if records:
+            part.position = records[-1].offset + 1
+            self.metrics.records_in.inc(len(records))
 
     def _due(self, part: _Partition, now: int) -> list[Output]:
         outputs: list[Output] = []
         for key in list(part.store.due(now)):
             outputs.extend(self.logic.on_timer(part.store, key, now))
         return outputs
-
-    async def _fire_timers(self, part: _Partition) -> None:
-        """One transaction with the outputs of a partition's due timers."""
-        part.busy = True
-        try:
-            await part.producer.begin_transaction()
-            writer = self._writer(part.producer)
-            await self._write(writer, self._due(part, self._now(part)))
-            await self._write_changelog(writer, part)
-            await writer.flush()
-            await part.producer.commit_transaction()
-        except ProducerFenced:
-            part.store.abort()
-            part.closing = True
-            return
-        except Exception as exc:
-            part.store.abort()
-            self.metrics.aborts.inc()
-            log.error("timer transaction failed, aborted", extra={
-                "topic": part.tp.topic, "partition": part.tp.partition, "error": repr(exc)})
-            with contextlib.suppress(Exception):
-                await part.producer.abort_transaction()
-            await asyncio.sleep(0.5)
-            return
-        finally:
-            part.busy = False
-        part.store.commit()
 
     def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
         return _BatchWriter(producer, self._partitions, self._key_partition)
@@ -454,8 +428,9 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await part.worker
         if flush_ms is not None:
+            part.queue.clear()  # only the timers: records left are read again by the next owner
             part.stream_time += flush_ms
-            await self._fire_timers(part)
+            await self._process(part)
         with contextlib.suppress(Exception):
             await part.producer.stop()
         for gauge in (self.metrics.lag, self.metrics.state_entries):

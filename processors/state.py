@@ -108,7 +108,3 @@ class Store:
     def size_bytes(self) -> int:
         """Bytes of keys and values held (an estimate of the state's size)."""
         return sum(len(k) + len(v) for k, v in self._data.items())
-
-    def items(self) -> Iterator[tuple[str, bytes]]:
-        """Committed entries."""
-        return iter(self._data.items())
