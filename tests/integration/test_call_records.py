@@ -56,6 +56,18 @@ async def wait_for_records(bootstrap: str, prefix: str, expected: dict[Any, Any]
     await wait_for(complete, within_s, interval=0.5, what="every expected record")
 
 
+def assert_exactly_the_truth(written: list[dict[str, Any]], written_updates: list[dict[str, Any]],
+                             expected: dict[Any, dict[str, Any]], sends: list[Any]) -> None:
+    """Every expected record (highest revision), none twice; one call update per notification."""
+    got = final_records(written)
+    assert got.keys() == expected.keys()
+    for match, record in expected.items():
+        assert got[match] == record
+    assert Counter((r["record_id"], r["revision"]) for r in written).most_common(1)[0][1] == 1
+    counts = Counter(u["event_id"] for u in written_updates)
+    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
+
+
 def event_ids(sends: list) -> set[str]:  # type: ignore[type-arg]
     ids = set()
     for s in sends:
@@ -85,14 +97,8 @@ async def test_records_equal_the_ground_truth_with_duplicates_and_reordering_the
         await wait_for_records(broker.bootstrap, prefix, expected, 60)
         live = await records(broker.bootstrap, prefix)
         live_updates = await updates(broker.bootstrap, prefix)
-    got = final_records(live)
     assert len(calls) >= 40
-    assert got.keys() == expected.keys()
-    for match, record in expected.items():
-        assert got[match] == record
-    assert Counter((r["record_id"], r["revision"]) for r in live).most_common(1)[0][1] == 1
-    counts = Counter(u["event_id"] for u in live_updates)
-    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
+    assert_exactly_the_truth(live, live_updates, expected, sends)
 
     # Replay: a fresh group over the same notifications, event time only, rebuilds the records.
     out = prefix + "replay."
@@ -121,7 +127,15 @@ async def test_a_processor_killed_mid_run_loses_and_duplicates_nothing(
         await sender.producer.start()
         try:
             player = asyncio.create_task(play(sends, sender, wall_ms))
-            await asyncio.sleep(8)  # both run, partitions shared, calls in progress
+
+            async def both_working() -> bool:
+                # Both processes own partitions and a third of the traffic is through.
+                owners = [(tmp_path / f"{n}.log").read_text().count('"partition restored"')
+                          for n in ("first", "second")]
+                return min(owners) > 0 and len(await updates(broker.bootstrap, prefix)) >= len(sends) // 3
+
+            await wait_for(both_working, 60, interval=0.5, what="both processes at work")
+            assert not player.done(), "the traffic ended before the kill"
             first.send_signal(signal.SIGKILL)
             first.wait()
             assert await player == {"200": len(sends)}
@@ -139,13 +153,7 @@ async def test_a_processor_killed_mid_run_loses_and_duplicates_nothing(
                 if '"partition restored"' in line]
     # The survivor took over the killed process's partitions, state restored from the changelog.
     assert any(r["changelog_records"] > 0 for r in restores), restores
-    got = final_records(written)
-    assert got.keys() == expected.keys()
-    for match, record in expected.items():
-        assert got[match] == record
-    assert Counter((r["record_id"], r["revision"]) for r in written).most_common(1)[0][1] == 1
-    counts = Counter(u["event_id"] for u in written_updates)
-    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
+    assert_exactly_the_truth(written, written_updates, expected, sends)
 
 
 async def test_undecodable_input_goes_to_dead_letters_and_the_rest_flows(
@@ -222,6 +230,5 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
     assert ready == (200, {"ready": True, "checks": {"joined": True, "restored": True}})
     aborts = [line for line in metrics.splitlines() if line.startswith("keyyo_processor_aborts_total")]
     assert aborts and float(aborts[0].split()[-1]) == 1.0
-    assert final_records(await records(broker.bootstrap, prefix)) == expected
-    counts = Counter(u["event_id"] for u in await updates(broker.bootstrap, prefix))
-    assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
+    assert_exactly_the_truth(await records(broker.bootstrap, prefix),
+                             await updates(broker.bootstrap, prefix), expected, sends)
