@@ -17,11 +17,15 @@ from typing import Any
 
 import orjson
 
-from processors.output import Output
-from processors.state import Store
+from processors.contract import Invalid, Output, Refused, Store
 from schemas.call_record import CALL_RECORD_SCHEMA, CALL_UPDATE_SCHEMA
-from schemas.notification import NOTIFICATION_TYPES, Notification, parse_rfc3339_ms, rfc3339_ms
-from schemas.notification import SCHEMA as NOTIFICATION_SCHEMA
+from schemas.notification import (
+    ContractViolation,
+    Notification,
+    notification_from_wire,
+    parse_rfc3339_ms,
+    rfc3339_ms,
+)
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 
 Call = dict[str, Any]
@@ -40,6 +44,11 @@ class CallRecordsConfig:
     """A connected leg without RELEASE after this long is given up."""
     retention_ms: int = 600_000
     """A closed call stays this long so late events restate it (revision + 1)."""
+    max_legs: int = 64
+    """A call holds at most this many legs: an event that would add (or merge in) more is refused
+    and dead-lettered, and the call stops growing."""
+    max_events: int = 256
+    """A call folds at most this many distinct notifications; later ones are refused likewise."""
 
 
 def _call_id(tenant: str, dref: str) -> str:
@@ -65,21 +74,30 @@ class CallRecords:
     # -- input --------------------------------------------------------------------------
 
     @staticmethod
-    def decode(raw: bytes) -> Notification:
-        """A notification from its wire form; ValueError/KeyError/TypeError when it is not one."""
-        data = orjson.loads(raw)
-        if not isinstance(data, dict) or data.get("schema") != NOTIFICATION_SCHEMA:
-            raise ValueError(f"not a {NOTIFICATION_SCHEMA} value")
-        n = Notification.from_dict(data)
-        if n.type not in NOTIFICATION_TYPES or not n.dref or not n.tenant:
-            raise ValueError("type, dref and tenant are required")
-        parse_rfc3339_ms(n.event_time)
+    def decode(key: bytes | None, value: bytes | None) -> Notification:
+        """A notification from its record, checked against the contract; :class:`Invalid` if not."""
+        if value is None:
+            raise Invalid("value: missing (a tombstone)")
+        try:
+            n = notification_from_wire(orjson.loads(value))
+        except orjson.JSONDecodeError as exc:
+            raise Invalid(f"value: not JSON ({exc})") from None
+        except ContractViolation as exc:
+            raise Invalid(str(exc)) from None
+        if key is None or key != n.tenant.encode():
+            # Key = tenant keeps a tenant's calls on one partition; another key would split them.
+            raise Invalid(f"key: the record key must be the tenant {n.tenant!r}")
         return n
 
     @staticmethod
     def event_time_ms(n: Notification) -> int:
         """Event time of a notification."""
         return parse_rfc3339_ms(n.event_time)
+
+    @staticmethod
+    def time_domain(n: Notification) -> str:
+        """Each tenant has its own clock: its early or late traffic only moves its own calls."""
+        return n.tenant
 
     # -- events -------------------------------------------------------------------------
 
@@ -99,6 +117,7 @@ class CallRecords:
             if raw is not None and raw.decode() not in ids:
                 ids.append(raw.decode())
         calls = [c for c in (self._load(store, t, i) for i in ids) if c is not None]
+        self._check_bounds(calls, n)
         if not calls:
             call = self._new_call(t, n.dref)
         else:
@@ -106,6 +125,9 @@ class CallRecords:
         short_id = n.event_id[:12]
         if short_id in call["events"]:
             return []  # an exact duplicate
+        if len(call["events"]) >= self.config.max_events:
+            raise Refused(f"the call already holds {len(call['events'])} events, max_events is "
+                          f"{self.config.max_events}")
         call["events"].append(short_id)
         event_ms = parse_rfc3339_ms(n.event_time)
         self._fold(call, n, event_ms)
@@ -121,6 +143,13 @@ class CallRecords:
         self._save(store, call)
         self._arm(store, call)
         return outputs
+
+    def _check_bounds(self, calls: list[Call], n: Notification) -> None:
+        legs = {dref for c in calls for dref in c["legs"]}
+        legs.add(n.dref)
+        if len(legs) > self.config.max_legs:
+            raise Refused(f"the call would hold {len(legs)} legs, more than max_legs "
+                          f"{self.config.max_legs}")
 
     def _new_call(self, tenant: str, dref: str) -> Call:
         return {"id": _call_id(tenant, dref), "tenant": tenant, "legs": {}, "events": [],

@@ -41,17 +41,25 @@ class ProcessorMetrics:
                          ["processor", "partition"], registry=self.registry)
         self.state_entries = Gauge("keyyo_processor_state_entries", "State entries, by partition.",
                                    ["processor", "partition"], registry=self.registry)
+        self.failures = Counter(
+            "keyyo_processor_failed_transactions", "Transactions that failed, by kind: kafka_away "
+            "(retried without end) or refused (the record is set aside after max attempts).",
+            ["processor", "kind"], registry=self.registry)
+        self.stuck = Gauge("keyyo_processor_partition_stuck",
+                           "1 while a partition's transactions keep failing (see /readyz).",
+                           ["processor", "partition"], registry=self.registry)
         self.assigned = Gauge("keyyo_processor_assigned_partitions", "Input partitions owned.",
                               ["processor"], registry=self.registry).labels(**labels)
         self.processor = processor
 
 
 HealthCheck = Callable[[], dict[str, bool]]
+Detail = Callable[[], dict[str, Any]]
 
 
 @asynccontextmanager
 async def health_server(host: str, port: int, metrics: ProcessorMetrics,
-                        readiness: HealthCheck) -> AsyncIterator[int]:
+                        readiness: HealthCheck, detail: Detail | None = None) -> AsyncIterator[int]:
     """Serve ``/healthz``, ``/readyz`` and ``/metrics``; yield the bound port."""
 
     async def healthz(_: web.Request) -> web.Response:
@@ -60,7 +68,10 @@ async def health_server(host: str, port: int, metrics: ProcessorMetrics,
     async def readyz(_: web.Request) -> web.Response:
         checks = readiness()
         ok = all(checks.values())
-        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok, "checks": checks}
+        if detail is not None and (extra := detail()):
+            body["stuck"] = extra
+        return web.json_response(body, status=200 if ok else 503)
 
     async def prometheus(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(metrics.registry),

@@ -20,38 +20,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.partitioner import DefaultPartitioner
 
+from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.output import Output
 from processors.state import Store
-from schemas.notification import rfc3339_ms
+from processors.step import Limits, Record, Step
 
 log = logging.getLogger("keyyo.processor")
-
-STREAM_TIME_KEY = "\x00stream-time"
-"""State entry holding the partition's stream time, so a restart resumes it."""
-
-
-class Logic(Protocol):
-    """What a processor supplies: decoding, event time, and the pure per-event/timer logic."""
-
-    def decode(self, raw: bytes) -> Any:
-        """The event in a record value; raises ValueError (or KeyError/TypeError) when invalid."""
-
-    def event_time_ms(self, event: Any) -> int:
-        """Event time of an event."""
-
-    def on_event(self, store: Store, event: Any, now_ms: int) -> list[Output]:
-        """Fold one event into state; return outputs."""
-
-    def on_timer(self, store: Store, key: str, now_ms: int) -> list[Output]:
-        """A timer of ``key`` is due; return outputs."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +63,12 @@ class RuntimeSettings:
     """Burst mode: exit once every owned partition is at its end for this long."""
     flush_at_end_ms: int | None = None
     """Burst mode: before exiting, advance stream time by this much so every timer fires."""
-    dead_letter_topic: str = "keyyo.dead-letters.v1"
+    limits: Limits = field(default_factory=Limits)
+    """Bounds on what one record may do (time ahead, output and state sizes)."""
+    max_attempts: int = 3
+    """A record whose transaction Kafka refuses this many times (not for being away) is set aside."""
+    stuck_after_failures: int = 3
+    """Consecutive failed transactions after which a partition is reported stuck (``/readyz``)."""
 
     @property
     def changelog_topic(self) -> str:
@@ -97,9 +83,17 @@ class _Partition:
     tp: TopicPartition
     producer: AIOKafkaProducer
     store: Store
-    stream_time: int = 0
+    step: Step
     position: int = -1
-    """Next input offset to process."""
+    """Next input offset to process (known once the first records are fetched)."""
+    failures: int = 0
+    """Consecutive failed transactions."""
+    last_error: str | None = None
+    attempts: dict[int, int] = field(default_factory=dict)
+    """Offset -> failed transactions it was the first record of, since the partition went careful."""
+    careful: bool = False
+    """After a refused transaction: one record per transaction, so the faulty one is found."""
+    stuck_since: float | None = None
     queue: deque[Any] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
@@ -157,7 +151,7 @@ _PARTITIONER = DefaultPartitioner()
 class Runtime:
     """Runs a :class:`Logic` over the input topic with exactly-once outputs and state."""
 
-    def __init__(self, settings: RuntimeSettings, logic: Logic, metrics: ProcessorMetrics,
+    def __init__(self, settings: RuntimeSettings, logic: Logic[Any], metrics: ProcessorMetrics,
                  clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.settings = settings
         self.logic = logic
@@ -174,8 +168,18 @@ class Runtime:
         self._key_partition: dict[tuple[str, bytes], int] = {}
 
     def readiness(self) -> dict[str, bool]:
-        """For ``/readyz``: joined the group and every owned partition restored."""
-        return {"joined": self.joined, "restored": not self.restoring}
+        """For ``/readyz``: joined the group, every owned partition restored, none stuck."""
+        return {"joined": self.joined, "restored": not self.restoring,
+                "progressing": not any(p.stuck_since is not None for p in self.parts.values())}
+
+    def stuck(self) -> dict[str, dict[str, Any]]:
+        """Partitions that cannot make progress, and why (``/readyz``'s detail)."""
+        now = time.monotonic()
+        return {
+            f"{p.tp.topic}:{p.tp.partition}": {
+                "failures": p.failures, "stuck_for_s": round(now - p.stuck_since, 1),
+                "offset": p.position, "error": p.last_error}
+            for p in self.parts.values() if p.stuck_since is not None}
 
     def stop(self) -> None:
         """Finish the batch in progress, commit it, leave the group."""
@@ -204,6 +208,8 @@ class Runtime:
                     part = self.parts.get(tp)
                     if part is None or part.closing or not records:
                         continue
+                    if part.position < 0:
+                        part.position = records[0].offset
                     part.queue.extend(records)
                     part.wakeup.set()
                     if len(part.queue) >= s.queue_high and not part.paused:
@@ -233,11 +239,6 @@ class Runtime:
                 return False
         return True
 
-    def _now(self, part: _Partition) -> int:
-        if self.settings.mode == "live":
-            return max(part.stream_time, self.clock() - self.settings.allowed_lateness_ms)
-        return part.stream_time
-
     # -- processing ----------------------------------------------------------------------
 
     async def _work(self, part: _Partition) -> None:
@@ -250,41 +251,37 @@ class Runtime:
                 part.wakeup.clear()
                 if part.closing:
                     break
-            if part.queue or ((wake := part.store.next_wake()) is not None and wake <= self._now(part)):
+            if part.queue or part.step.has_due(self.clock()):
                 await self._process(part)
             if part.paused and len(part.queue) < s.queue_high // 2 and self._consumer is not None:
                 self._consumer.resume(part.tp)
                 part.paused = False
 
-    async def _process(self, part: _Partition) -> None:
+    async def _process(self, part: _Partition, flush_ms: int | None = None) -> None:
         """One transaction: outputs and changelog entries of the records it takes from the queue
         (and their offsets) and of the timers that are due."""
         s = self.settings
-        store, producer = part.store, part.producer
-        stream_time_before = part.stream_time
+        store, producer, step = part.store, part.producer, part.step
         records: list[Any] = []
         part.busy = True
         try:
             await producer.begin_transaction()
             writer = self._writer(producer)
             until = time.perf_counter() + s.slice_ms / 1000
-            while part.queue and (not records or time.perf_counter() < until):
+            while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
                 rec = part.queue.popleft()
                 records.append(rec)
-                try:
-                    event = self.logic.decode(rec.value)
-                except (ValueError, KeyError, TypeError) as exc:
-                    await self._dead_letter(writer, rec, exc)
-                    continue
-                event_ms = self.logic.event_time_ms(event)
-                if event_ms > part.stream_time:
-                    part.stream_time = event_ms
-                now = self._now(part)
-                await self._write(writer, self._due(part, now))
-                await self._write(writer, self.logic.on_event(store, event, now))
-            await self._write(writer, self._due(part, self._now(part)))
-            if part.stream_time != stream_time_before:
-                store.put(STREAM_TIME_KEY, str(part.stream_time).encode())
+                record = Record(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp)
+                tries = part.attempts.get(rec.offset, 0)
+                if tries >= s.max_attempts:
+                    out = [step.dead_letter(record, f"not accepted by Kafka after {tries} attempts: "
+                                                    f"{part.last_error}", attempts=tries)]
+                else:
+                    out = step.record(record, self.clock())
+                await self._write(writer, out)
+            if flush_ms is not None:
+                await self._write(writer, step.flush(flush_ms, part.tp.partition))
+            await self._write(writer, step.timers(self.clock(), part.tp.partition))
             await self._write_changelog(writer, part)
             await writer.flush()
             if records:
@@ -299,31 +296,54 @@ class Runtime:
             part.closing = True
             return
         except Exception as exc:
-            store.abort()
-            part.stream_time = stream_time_before
-            self.metrics.aborts.inc()
-            log.error("batch failed, aborted; it will be processed again",
-                      extra={"topic": part.tp.topic, "partition": part.tp.partition,
-                             "offset": records[0].offset if records else None, "error": repr(exc)})
-            with contextlib.suppress(Exception):
-                await producer.abort_transaction()
-            if records and self._consumer is not None:
-                part.queue.clear()  # read again from the first record of the aborted batch
-                self._consumer.seek(part.tp, records[0].offset)
-            await asyncio.sleep(0.5)
+            await self._failed(part, records, exc)
             return
         finally:
             part.busy = False
         store.commit()
+        self.metrics.dead_letters.inc(step.dead_letters)
+        step.dead_letters = 0
         if records:
             part.position = records[-1].offset + 1
             self.metrics.records_in.inc(len(records))
+            if part.careful and all(offset < part.position for offset in part.attempts):
+                part.careful = False
+                part.attempts.clear()
+        if part.stuck_since is not None:
+            log.info("partition progressing again", extra={
+                "topic": part.tp.topic, "partition": part.tp.partition, "offset": part.position})
+            self.metrics.stuck.labels(self.metrics.processor, str(part.tp.partition)).set(0)
+        part.failures, part.stuck_since = 0, None
 
-    def _due(self, part: _Partition, now: int) -> list[Output]:
-        outputs: list[Output] = []
-        for key in list(part.store.due(now)):
-            outputs.extend(self.logic.on_timer(part.store, key, now))
-        return outputs
+    async def _failed(self, part: _Partition, records: list[Any], exc: Exception) -> None:
+        """Abort; when Kafka refused the transaction (not when it is away), go one record at a
+        time and count the attempts of the first record, so a faulty one is set aside."""
+        part.store.abort()
+        part.step.dead_letters = 0
+        self.metrics.aborts.inc()
+        away = _kafka_away(exc)
+        part.failures += 1
+        part.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        first = records[0].offset if records else None
+        log.error("transaction failed, aborted; it will be tried again", extra={
+            "topic": part.tp.topic, "partition": part.tp.partition, "offset": first,
+            "records": len(records), "kafka_away": away, "error": part.last_error})
+        self.metrics.failures.labels(self.metrics.processor, "kafka_away" if away else "refused").inc()
+        with contextlib.suppress(Exception):
+            await part.producer.abort_transaction()
+        if first is not None and not away:
+            part.careful = True
+            part.attempts[first] = part.attempts.get(first, 0) + 1
+        if part.failures >= self.settings.stuck_after_failures and part.stuck_since is None:
+            part.stuck_since = time.monotonic()
+            self.metrics.stuck.labels(self.metrics.processor, str(part.tp.partition)).set(1)
+            log.error("partition stuck: transactions keep failing", extra={
+                "topic": part.tp.topic, "partition": part.tp.partition, "offset": first,
+                "failures": part.failures, "error": part.last_error})
+        if records and self._consumer is not None:
+            part.queue.clear()  # read again from the first record of the aborted batch
+            self._consumer.seek(part.tp, records[0].offset)
+        await asyncio.sleep(min(0.25 * 2 ** min(part.failures, 5), 5.0))
 
     def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
         return _BatchWriter(producer, self._partitions, self._key_partition)
@@ -338,19 +358,6 @@ class Runtime:
         topic = self.settings.changelog_topic
         for key, value in part.store.staged().items():
             await writer.add(topic, key.encode(), value, partition=part.tp.partition)
-
-    async def _dead_letter(self, writer: _BatchWriter, rec: Any, exc: Exception) -> None:
-        self.metrics.dead_letters.inc()
-        value = {
-            "schema": "keyyo.dead-letter.v1", "processor": self.settings.group, "topic": rec.topic,
-            "partition": rec.partition, "offset": rec.offset,
-            "key": rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-            "value": rec.value.decode("utf-8", "replace") if rec.value is not None else None,
-            "reason": f"{type(exc).__name__}: {exc}", "at": rfc3339_ms(self.clock()),
-        }
-        key = f"{rec.topic}:{rec.partition}:{rec.offset}".encode()
-        await writer.add(self.settings.output_prefix + self.settings.dead_letter_topic, key,
-                         orjson.dumps(value))
 
     # -- partitions ----------------------------------------------------------------------
 
@@ -383,13 +390,15 @@ class Runtime:
             bootstrap_servers=s.bootstrap, transactional_id=f"{s.group}.{tp.topic}.{tp.partition}",
             client_id=f"{s.group}-p{tp.partition}", linger_ms=5, max_batch_size=512 * 1024,
         )
-        return _Partition(tp, producer, Store())
+        store = Store()
+        step = Step(self.logic, store, s.group, mode=s.mode, allowed_lateness_ms=s.allowed_lateness_ms,
+                    limits=s.limits, clock=self.clock)
+        return _Partition(tp, producer, store, step)
 
     async def _open(self, part: _Partition) -> None:
         """Fence the previous owner (its open transaction is aborted), then restore the state."""
         await part.producer.start()
         restored = await self._restore(part.store, part.tp.partition)
-        part.stream_time = int(part.store.get(STREAM_TIME_KEY) or 0)
         log.info("partition restored", extra={"topic": part.tp.topic, "partition": part.tp.partition,
                                               "entries": len(part.store), "changelog_records": restored})
 
@@ -429,11 +438,10 @@ class Runtime:
                 await part.worker
         if flush_ms is not None:
             part.queue.clear()  # only the timers: records left are read again by the next owner
-            part.stream_time += flush_ms
-            await self._process(part)
+            await self._process(part, flush_ms=flush_ms)
         with contextlib.suppress(Exception):
             await part.producer.stop()
-        for gauge in (self.metrics.lag, self.metrics.state_entries):
+        for gauge in (self.metrics.lag, self.metrics.state_entries, self.metrics.stuck):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.metrics.processor, str(part.tp.partition))
 
@@ -445,6 +453,14 @@ class Runtime:
                     max(0, high - part.position))
             self.metrics.state_entries.labels(self.metrics.processor, str(tp.partition)).set(
                 len(part.store))
+
+
+def _kafka_away(exc: BaseException) -> bool:
+    """True when the failure is Kafka being unreachable or slow, not a refusal of what was sent:
+    such failures are retried for as long as it takes and never set a record aside."""
+    if isinstance(exc, KafkaConnectionError | KafkaTimeoutError | TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, KafkaError) and bool(exc.retriable)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

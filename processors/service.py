@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
+from processors.contract import Logic
 from processors.observability import ProcessorMetrics, health_server
-from processors.runtime import Logic, Runtime, RuntimeSettings
+from processors.runtime import Runtime, RuntimeSettings
 
 log = logging.getLogger("keyyo.processor")
 
 
-async def serve(settings: RuntimeSettings, logic: Logic, health_host: str, health_port: int) -> bool:
+async def serve(settings: RuntimeSettings, logic: Logic[Any], health_host: str, health_port: int) -> bool:
     """Run until SIGTERM/SIGINT (finish the batch, commit, leave the group) or the input drains.
 
     Returns False when a partition worker failed (the caller exits non-zero).
@@ -22,7 +24,8 @@ async def serve(settings: RuntimeSettings, logic: Logic, health_host: str, healt
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.stop)
-    async with health_server(health_host, health_port, metrics, runtime.readiness) as port:
+    async with health_server(health_host, health_port, metrics, runtime.readiness,
+                             runtime.stuck) as port:
         log.info("processor running", extra={
             "group": settings.group, "input": settings.input_topic, "mode": settings.mode,
             "health": f"http://{health_host}:{port}/readyz"})

@@ -1,9 +1,17 @@
-"""A partition's key/value state with staged writes and event-time timers (no I/O).
+"""A partition's key/value state with staged writes, per-domain clocks and timers (no I/O).
 
 Writes are staged until :meth:`Store.commit`; :meth:`Store.abort` drops them. The runtime writes
 the staged changes to the changelog in the same transaction as the outputs and offsets, and
 restores a store by replaying its changelog partition into :meth:`Store.restore`.
-Timers are state too (key ``TIMER_PREFIX + key``), so they survive a restart.
+
+Two keyspaces share the changelog. The processor's keys are any string that does not start with
+``\\x00``; the runtime's own entries start with ``\\x00rt/`` and hold the stream time of each *time
+domain* (``\\x00rt/time/<domain>``) and the timers (``\\x00rt/wake/<domain>\\x1f<key>``). A time domain is
+whose clock an event moves (the tenant, for the processors here): a timer belongs to the domain in
+scope when it was set, and fires once that domain's time reaches it.
+
+Within a transaction, :meth:`Store.begin_step` marks the start of one record's work and
+:meth:`Store.rollback_step` undoes exactly that work, so one bad record never costs the others.
 """
 
 from __future__ import annotations
@@ -11,8 +19,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 
-TIMER_PREFIX = "\x00t:"
-_DELETED = None
+RUNTIME_PREFIX = "\x00rt/"
+_TIME = RUNTIME_PREFIX + "time/"
+_WAKE = RUNTIME_PREFIX + "wake/"
+_SEP = "\x1f"
+_MISSING = object()
 
 
 class Store:
@@ -21,55 +32,157 @@ class Store:
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
         self._staged: dict[str, bytes | None] = {}
-        self._heap: list[tuple[int, str]] = []
-        self._popped: list[tuple[int, str]] = []
+        self._heaps: dict[str, list[tuple[int, str]]] = {}
+        self._popped: list[tuple[str, int, str]] = []
+        self._times: dict[str, int] = {}
+        self._staged_times: dict[str, int] = {}
+        self._undo: list[tuple[str, object]] | None = None
+        self._undo_times: list[tuple[str, int | None]] = []
+        self.domain = ""
+        """The time domain timers set now belong to (the runtime sets it before calling the logic)."""
+
+    # -- the processor's keyspace -----------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
         """The value of ``key``, staged writes included."""
-        if key in self._staged:
-            return self._staged[key]
+        staged = self._staged.get(key, _MISSING)
+        if staged is not _MISSING:
+            return staged  # type: ignore[return-value]
         return self._data.get(key)
 
     def put(self, key: str, value: bytes) -> None:
         """Stage a write."""
-        self._staged[key] = value
+        if key[:1] == "\x00":
+            raise ValueError("keys starting with \\x00 belong to the runtime")
+        self._stage(key, value)
 
     def delete(self, key: str) -> None:
         """Stage a deletion (a tombstone in the changelog)."""
-        self._staged[key] = _DELETED
+        if key[:1] == "\x00":
+            raise ValueError("keys starting with \\x00 belong to the runtime")
+        self._stage(key, None)
+
+    def _stage(self, key: str, value: bytes | None) -> None:
+        if self._undo is not None:
+            self._undo.append((key, self._staged.get(key, _MISSING)))
+        self._staged[key] = value
+
+    # -- timers -------------------------------------------------------------------------------
 
     def wake(self, key: str, at_ms: int) -> None:
-        """Ask to be woken for ``key`` once stream time reaches ``at_ms`` (replaces any earlier)."""
-        self._staged[TIMER_PREFIX + key] = str(at_ms).encode()
+        """Ask to be woken for ``key`` once the current domain's time reaches ``at_ms`` (replaces
+        any earlier timer of ``key``)."""
+        self._stage(self._wake_key(key), str(int(at_ms)).encode())
 
     def unwake(self, key: str) -> None:
         """Cancel the timer of ``key``."""
-        if self.get(TIMER_PREFIX + key) is not None:
-            self.delete(TIMER_PREFIX + key)
+        if self.get(self._wake_key(key)) is not None:
+            self._stage(self._wake_key(key), None)
 
     def wake_time(self, key: str) -> int | None:
         """When ``key``'s timer fires, if it has one."""
-        raw = self.get(TIMER_PREFIX + key)
+        raw = self.get(self._wake_key(key))
         return int(raw) if raw is not None else None
 
+    def _wake_key(self, key: str) -> str:
+        return f"{_WAKE}{self.domain}{_SEP}{key}"
+
+    def due(self, domain: str, now_ms: int) -> Iterator[str]:
+        """Keys of ``domain`` whose committed timer is at or before ``now_ms``, earliest first.
+
+        Each is yielded once and its timer removed (staged); the logic re-arms it if it still
+        needs one. Sets :attr:`domain` to ``domain``.
+        """
+        heap = self._heaps.get(domain)
+        self.domain = domain
+        while heap and heap[0][0] <= now_ms:
+            at, key = heapq.heappop(heap)
+            self._popped.append((domain, at, key))
+            wake_key = f"{_WAKE}{domain}{_SEP}{key}"
+            current = self._data.get(wake_key)
+            if current is None or int(current) != at:
+                continue  # cancelled or moved
+            self._stage(wake_key, None)
+            yield key
+
+    def next_wake(self, domain: str) -> int | None:
+        """The earliest pending timer of ``domain`` (may be a stale one)."""
+        heap = self._heaps.get(domain)
+        return heap[0][0] if heap else None
+
+    def domains(self) -> list[str]:
+        """Domains with a clock or a timer."""
+        return list(self._times.keys() | self._heaps.keys())
+
+    # -- clocks -------------------------------------------------------------------------------
+
+    def time(self, domain: str) -> int:
+        """Stream time of ``domain`` (0 before its first event)."""
+        staged = self._staged_times.get(domain)
+        return staged if staged is not None else self._times.get(domain, 0)
+
+    def advance(self, domain: str, at_ms: int) -> None:
+        """Move ``domain``'s stream time forward to ``at_ms`` (never backwards)."""
+        if at_ms > self.time(domain):
+            if self._undo is not None:
+                self._undo_times.append((domain, self._staged_times.get(domain)))
+            self._staged_times[domain] = at_ms
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        """Start recording what the next piece of work stages, so it can be undone alone."""
+        self._undo = []
+        self._undo_times = []
+
+    def rollback_step(self) -> None:
+        """Undo what was staged since :meth:`begin_step`."""
+        if self._undo is None:
+            return
+        for key, previous in reversed(self._undo):
+            if previous is _MISSING:
+                self._staged.pop(key, None)
+            else:
+                self._staged[key] = previous  # type: ignore[assignment]
+        for domain, previous_time in reversed(self._undo_times):
+            if previous_time is None:
+                self._staged_times.pop(domain, None)
+            else:
+                self._staged_times[domain] = previous_time
+        self._undo = None
+        self._undo_times = []
+
+    def step_keys(self) -> list[str]:
+        """Keys staged since :meth:`begin_step`."""
+        return [key for key, _ in self._undo or ()]
+
     def staged(self) -> dict[str, bytes | None]:
-        """Writes since the last commit (value None = deletion), coalesced per key."""
+        """Writes since the last commit (value None = deletion), coalesced per key, clocks included."""
+        for domain, at in self._staged_times.items():
+            self._staged[_TIME + domain] = str(at).encode()
         return self._staged
 
     def commit(self) -> None:
         """Make staged writes durable in memory (the runtime calls it after Kafka's commit)."""
+        self.staged()
         for key, value in self._staged.items():
             # A copy sized to its content: orjson's bytes keep a far larger hidden capacity.
             self._apply(key, None if value is None else bytes(memoryview(value)))
         self._staged = {}
+        self._staged_times = {}
         self._popped = []
+        self._undo = None
+        self._undo_times = []
 
     def abort(self) -> None:
         """Drop staged writes; timers taken by :meth:`due` become due again."""
         self._staged = {}
-        for entry in self._popped:
-            heapq.heappush(self._heap, entry)
+        self._staged_times = {}
+        for domain, at, key in self._popped:
+            heapq.heappush(self._heaps.setdefault(domain, []), (at, key))
         self._popped = []
+        self._undo = None
+        self._undo_times = []
 
     def restore(self, key: str, value: bytes | None) -> None:
         """Apply one changelog entry (restoration, no staging)."""
@@ -78,29 +191,20 @@ class Store:
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
             self._data.pop(key, None)
-        else:
-            self._data[key] = value
-            if key.startswith(TIMER_PREFIX):
-                heapq.heappush(self._heap, (int(value), key[len(TIMER_PREFIX):]))
+            if key.startswith(_TIME):
+                self._times.pop(key[len(_TIME):], None)
+            return
+        self._data[key] = value
+        if key[:1] == "\x00":
+            if key.startswith(_WAKE):
+                domain, _, inner = key[len(_WAKE):].partition(_SEP)
+                heapq.heappush(self._heaps.setdefault(domain, []), (int(value), inner))
+            elif key.startswith(_TIME):
+                self._times[key[len(_TIME):]] = int(value)
 
-    def due(self, now_ms: int) -> Iterator[str]:
-        """Keys whose committed timer is at or before ``now_ms``, earliest first.
-
-        Each is yielded once; the logic re-arms the timer if it still needs one.
-        """
-        heap = self._heap
-        while heap and heap[0][0] <= now_ms:
-            at, key = heapq.heappop(heap)
-            self._popped.append((at, key))
-            current = self._data.get(TIMER_PREFIX + key)
-            if current is None or int(current) != at:
-                continue  # cancelled or moved
-            self.delete(TIMER_PREFIX + key)
-            yield key
-
-    def next_wake(self) -> int | None:
-        """The earliest pending timer (may be a stale one)."""
-        return self._heap[0][0] if self._heap else None
+    def keys(self) -> list[str]:
+        """The processor's committed keys (the runtime's own entries left out)."""
+        return [k for k in self._data if k[:1] != "\x00"]
 
     def __len__(self) -> int:
         return len(self._data)

@@ -6,6 +6,7 @@ Field names are a published contract: more may be added, none renamed.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -28,6 +29,84 @@ def rfc3339_ms(epoch_ms: int) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T03:47:13.123Z``."""
     seconds, millis = divmod(epoch_ms, 1000)
     return f"{_second_prefix(seconds)}{millis:03d}Z"
+
+
+class ContractViolation(ValueError):
+    """A value that breaks the ``keyyo.notification.v1`` contract; the message names the field."""
+
+
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_EVENT_ID = re.compile(r"[0-9a-f]{32}")
+_NUMBER = re.compile(r"\+?[0-9]{1,64}")
+_IDENT = re.compile(r"[\x21-\x7e]+")
+_TIMESTAMP = re.compile(
+    r"(19[7-9][0-9]|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+"""Years 1970-2199: a time outside them is a wrong clock, and would overflow once shifted."""
+_STRINGS: tuple[tuple[str, re.Pattern[str], int, bool, bool], ...] = (
+    # field, pattern, max length, may be empty, may be null
+    ("event_id", _EVENT_ID, 32, False, False),
+    ("tenant", _TENANT, 64, False, False),
+    ("account", _NUMBER, 64, False, False),
+    ("caller", _NUMBER, 64, True, False),
+    ("callee", _NUMBER, 64, True, False),
+    ("callref", _IDENT, 64, False, False),
+    ("dref", _IDENT, 32, False, False),
+    ("dref_replace", _IDENT, 32, False, True),
+    ("session_id", _IDENT, 40, False, True),
+    ("redirecting_number", _NUMBER, 64, False, True),
+    ("event_time", _TIMESTAMP, 24, False, False),
+    ("received_at", _TIMESTAMP, 24, False, False),
+)
+
+
+def _violation(field: str, detail: str) -> ContractViolation:
+    return ContractViolation(f"{field}: {detail}")
+
+
+def notification_from_wire(data: object) -> Notification:
+    """A :class:`Notification` from a decoded wire value, checked field by field against the
+    contract (types, sizes, patterns, time range); raises :class:`ContractViolation`."""
+    if not isinstance(data, dict):
+        raise ContractViolation("value is not a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise _violation("schema", f"expected {SCHEMA!r}")
+    for name, pattern, limit, empty_ok, null_ok in _STRINGS:
+        value = data.get(name, _ABSENT)
+        if value is _ABSENT:
+            raise _violation(name, "missing")
+        if value is None:
+            if null_ok:
+                continue
+            raise _violation(name, "must not be null")
+        if type(value) is not str:
+            raise _violation(name, f"expected a string, got {type(value).__name__}")
+        if len(value) > limit:
+            raise _violation(name, f"longer than {limit} characters ({len(value)})")
+        if not value:
+            if empty_ok:
+                continue
+            raise _violation(name, "must not be empty")
+        if not pattern.fullmatch(value) and not (value == "anonymous" and name in ("caller", "callee")):
+            raise _violation(name, "does not match the contract's pattern")
+    kind = data.get("type")
+    if kind not in NOTIFICATION_TYPES:
+        raise _violation("type", "expected SETUP, CONNECT or RELEASE")
+    if type(data.get("is_acd")) is not bool:
+        raise _violation("is_acd", "expected a boolean")
+    version = data.get("version")
+    if type(version) is not int or not 0 <= version <= 9999:
+        raise _violation("version", "expected an integer from 0 to 9999")
+    source_ip = data.get("source_ip")
+    if type(source_ip) is not str or not 0 < len(source_ip) <= 64:
+        raise _violation("source_ip", "expected a string of 1 to 64 characters")
+    try:
+        parse_rfc3339_ms(data["event_time"])
+    except ValueError as exc:
+        raise _violation("event_time", f"not a valid time: {exc}") from None
+    return Notification.from_dict(data)
+
+
+_ABSENT = object()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -13,13 +13,12 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from ingest.parsing import event_id
 from processors.call_records import CallRecords, CallRecordsConfig
-from processors.output import Output
+from processors.driver import Driver
 from processors.state import Store
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
+from schemas.topics import CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS
 
 T0 = 1_795_000_000_000
 EXTERNAL = "33612345678"
@@ -111,33 +110,22 @@ class Result:
 
     records: list[dict[str, Any]]
     updates: list[dict[str, Any]]
+    dead_letters: list[dict[str, Any]]
     store: Store
 
 
 def run(events: list[Notification], config: CallRecordsConfig | None = None,
         settle_ms: int = 10 * 3600_000) -> Result:
-    """Fold ``events`` in order (stream time = highest event time), then let every call close."""
-    logic = CallRecords(config)
-    store = Store()
-    outputs: list[Output] = []
-    now = 0
+    """Fold ``events`` in order through the runtime's step (replay mode: stream time = highest
+    event time of the tenant), then let every call close."""
+    driver = Driver(CallRecords(config))
     for n in events:
-        now = max(now, parse_rfc3339_ms(n.event_time))
-        outputs.extend(_fire(logic, store, now))
-        outputs.extend(logic.on_event(store, n, now))
-        store.commit()
-    for step in range(now, now + settle_ms, 1000):
-        outputs.extend(_fire(logic, store, step))
+        driver.send(n.tenant.encode(), n.to_json(), parse_rfc3339_ms(n.event_time))
+    driver.flush(settle_ms)  # every call closes
+    driver.flush(settle_ms)  # and is forgotten after its retention
     return Result(
-        records=[orjson.loads(o.value) for o in outputs if o.topic == "keyyo.call-records.v1"],
-        updates=[orjson.loads(o.value) for o in outputs if o.topic == "keyyo.call-updates.v1"],
-        store=store,
+        records=driver.values(CALL_RECORDS.name),
+        updates=driver.values(CALL_UPDATES.name),
+        dead_letters=driver.values(DEAD_LETTERS.name),
+        store=driver.store,
     )
-
-
-def _fire(logic: CallRecords, store: Store, now: int) -> list[Output]:
-    out: list[Output] = []
-    for key in list(store.due(now)):
-        out.extend(logic.on_timer(store, key, now))
-    store.commit()
-    return out

@@ -40,13 +40,14 @@ async def provision(bootstrap: str, prefix: str, out_prefix: str | None = None,
 
 
 @asynccontextmanager
-async def running_processor(bootstrap: str, prefix: str, **overrides: Any) -> AsyncIterator[Runtime]:
+async def running_processor(bootstrap: str, prefix: str, logic: CallRecords | None = None,
+                            **overrides: Any) -> AsyncIterator[Runtime]:
     """A call-records runtime in this process (live mode, fast clocks)."""
     settings = RuntimeSettings(**{
         "bootstrap": bootstrap, "group": group_of(prefix),
         "input_topic": NOTIFICATIONS.full_name(prefix), "output_prefix": prefix,
         "allowed_lateness_ms": 300, **overrides})
-    runtime = Runtime(settings, CallRecords(FAST), ProcessorMetrics(settings.group))
+    runtime = Runtime(settings, logic or CallRecords(FAST), ProcessorMetrics(settings.group))
     task = asyncio.create_task(runtime.run())
     try:
         yield runtime

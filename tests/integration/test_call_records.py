@@ -41,6 +41,7 @@ from tests.kafka import Broker, read_values, wait_for
 from tests.truth import comparable, expected_records, final_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+READY = {"joined": True, "restored": True, "progressing": True}
 
 
 def wall_ms() -> int:
@@ -86,7 +87,7 @@ async def test_records_equal_the_ground_truth_with_duplicates_and_reordering_the
     expected = expected_records(calls)
     async with running_edge(broker.bootstrap, prefix, create=False) as edge, \
             running_processor(broker.bootstrap, prefix) as runtime:
-        await wait_for(lambda: runtime.readiness() == {"joined": True, "restored": True}, 30,
+        await wait_for(lambda: runtime.readiness() == READY, 30,
                        what="processor joined and restored")
         sender = HttpSender(str(edge.client.make_url("")), dict.fromkeys(TENANTS, SECRET))
         async with aiohttp.ClientSession() as session:
@@ -183,7 +184,7 @@ async def test_undecodable_input_goes_to_dead_letters_and_the_rest_flows(
     dead = await read_values(broker.bootstrap, DEAD_LETTERS.full_name(prefix))
     assert sorted(d["value"] for d in dead) == sorted(['{"schema":"other"}', "not json"])
     assert all(d["topic"] == topic and d["reason"] for d in dead)
-    assert status == {"joined": True, "restored": True}
+    assert status == READY
 
 
 async def _all(coro, n: int) -> bool:  # type: ignore[no-untyped-def]
@@ -199,7 +200,7 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
     failures: list[str] = []
     async with running_processor(broker.bootstrap, prefix) as runtime, \
             health_server("127.0.0.1", 0, runtime.metrics, runtime.readiness) as port:
-        await wait_for(lambda: runtime.readiness() == {"joined": True, "restored": True}, 30,
+        await wait_for(lambda: runtime.readiness() == READY, 30,
                        what="processor ready")
         # The first transaction to reach its offsets fails after its outputs and changelog
         # entries were written (and acknowledged) inside it: the abort must hide them.
@@ -227,7 +228,7 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
             async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
                 metrics = await resp.text()
     assert failures, "the failure was never injected"
-    assert ready == (200, {"ready": True, "checks": {"joined": True, "restored": True}})
+    assert ready == (200, {"ready": True, "checks": READY})
     aborts = [line for line in metrics.splitlines() if line.startswith("keyyo_processor_aborts_total")]
     assert aborts and float(aborts[0].split()[-1]) == 1.0
     assert_exactly_the_truth(await records(broker.bootstrap, prefix),

@@ -1,0 +1,112 @@
+"""The state store: staged writes, abort, per-record rollback, timers, clocks, restore."""
+
+from __future__ import annotations
+
+import pytest
+
+from processors.state import Store
+
+
+def changelog(store: Store) -> list[tuple[str, bytes | None]]:
+    """What the runtime would write to the changelog for the staged changes."""
+    return list(store.staged().items())
+
+
+def test_writes_are_staged_until_commit_and_dropped_by_abort() -> None:
+    store = Store()
+    store.put("a", b"1")
+    assert store.get("a") == b"1" and len(store) == 0
+    store.abort()
+    assert store.get("a") is None
+    store.put("a", b"1")
+    store.commit()
+    store.delete("a")
+    assert store.get("a") is None and store.keys() == ["a"]
+    store.commit()
+    assert store.keys() == []
+
+
+def test_the_runtime_keyspace_is_closed_to_the_processor() -> None:
+    store = Store()
+    with pytest.raises(ValueError, match="runtime"):
+        store.put("\x00rt/time/acme", b"0")
+    with pytest.raises(ValueError, match="runtime"):
+        store.delete("\x00anything")
+
+
+def test_rollback_step_undoes_one_records_work_only() -> None:
+    store = Store()
+    store.put("a", b"1")
+    store.begin_step()
+    store.put("b", b"2")
+    store.put("a", b"changed")
+    store.advance("acme", 500)
+    store.wake("call", 900)
+    store.rollback_step()
+    assert store.get("a") == b"1" and store.get("b") is None
+    assert store.time("acme") == 0 and store.wake_time("call") is None
+    store.commit()
+    assert store.keys() == ["a"]
+
+
+def test_timers_fire_once_in_their_domain_and_moves_or_cancels_are_respected() -> None:
+    store = Store()
+    store.domain = "acme"
+    store.wake("x", 100)
+    store.wake("y", 200)
+    store.wake("z", 300)
+    store.domain = "globex"
+    store.wake("g", 50)
+    store.commit()
+    store.domain = "acme"
+    store.wake("y", 400)  # moved
+    store.unwake("z")  # cancelled
+    store.commit()
+    assert list(store.due("acme", 350)) == ["x"]
+    store.commit()
+    assert list(store.due("acme", 350)) == []  # fired once
+    assert list(store.due("acme", 1000)) == ["y"]
+    assert list(store.due("globex", 49)) == [] and list(store.due("globex", 50)) == ["g"]
+
+
+def test_an_aborted_transaction_gives_its_due_timers_back() -> None:
+    store = Store()
+    store.wake("x", 100)
+    store.commit()
+    assert list(store.due("", 100)) == ["x"]
+    store.abort()
+    assert list(store.due("", 100)) == ["x"]
+
+
+def test_clocks_move_forward_only_and_are_committed_like_state() -> None:
+    store = Store()
+    store.advance("acme", 1000)
+    store.advance("acme", 500)
+    assert store.time("acme") == 1000 and store.time("globex") == 0
+    store.abort()
+    assert store.time("acme") == 0
+    store.advance("acme", 1000)
+    assert ("\x00rt/time/acme", b"1000") in changelog(store)
+    store.commit()
+    assert store.time("acme") == 1000
+
+
+def test_restore_then_commit_rebuilds_state_timers_and_clocks() -> None:
+    first = Store()
+    first.put("call", b"v1")
+    first.domain = "acme"
+    first.wake("call", 700)
+    first.advance("acme", 600)
+    entries = changelog(first)
+    first.commit()
+    first.delete("call")
+    entries += changelog(first)
+    first.commit()
+    second = Store()
+    for key, value in entries:  # the changelog replayed in order
+        second.restore(key, value)
+    assert second.keys() == [] and second.time("acme") == 600
+    assert second.next_wake("acme") == 700
+    second.put("other", b"x")
+    second.commit()
+    assert list(second.due("acme", 700)) == ["call"]
