@@ -99,33 +99,73 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    """Run a processor (one process of its consumer group)."""
+    """Run a declared processor (one process of its consumer group)."""
     from deploy.topics import provision_processor
-    from processors.call_records import CallRecords, CallRecordsConfig
+    from processors.registry import PROCESSORS
     from processors.runtime import RuntimeSettings
     from processors.service import serve
-    from schemas.topics import NOTIFICATIONS
+    from processors.step import Limits
 
+    spec = PROCESSORS[args.name]
     bootstrap = _bootstrap(args)
     prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
     out_prefix = args.output_prefix if args.output_prefix is not None else prefix
-    group = args.group or f"{out_prefix}keyyo.call-records"
     settings = RuntimeSettings(
-        bootstrap=bootstrap, group=group, input_topic=NOTIFICATIONS.full_name(prefix),
-        output_prefix=out_prefix, mode=args.mode, allowed_lateness_ms=args.lateness_ms,
-        until_idle_s=args.until_idle, slice_ms=args.slice_ms,
+        bootstrap=bootstrap, group=args.group or spec.group(out_prefix),
+        input_topic=spec.input.full_name(prefix), output_prefix=out_prefix, store=spec.store,
+        mode=args.mode, allowed_lateness_ms=args.lateness_ms, until_idle_s=args.until_idle,
+        slice_ms=args.slice_ms,
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
+        limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
+        max_attempts=args.max_attempts,
     )
-    logic = CallRecords(CallRecordsConfig(
-        linger_ms=int(args.linger * 1000), ring_timeout_ms=int(args.ring_timeout * 1000),
-        max_duration_ms=int(args.max_duration * 1000), retention_ms=int(args.retention * 1000)))
+    logic = spec.build({o.name.replace("-", "_"): getattr(args, o.name.replace("-", "_"))
+                        for o in spec.options})
 
     async def main() -> bool:
-        await provision_processor(bootstrap, NOTIFICATIONS, prefix, out_prefix, group, settings.store)
-        return await serve(settings, logic, args.health_host, args.health_port)
+        await provision_processor(bootstrap, spec.input, prefix, out_prefix, settings.group, spec.store)
+        return await serve(settings, logic, args.health_host,
+                           args.health_port if args.health_port is not None else spec.health_port,
+                           next_free=0 if args.health_port is not None else 100)
 
     _use_uvloop(args.uvloop)
-    return 0 if asyncio.run(main()) else 1
+    try:
+        return 0 if asyncio.run(main()) else 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_runtime_options(p: argparse.ArgumentParser, default_port: int) -> None:
+    """The options every processor takes."""
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--prefix", help="input topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
+    p.add_argument("--output-prefix", help="output topic prefix (default: the input prefix)")
+    p.add_argument("--group", help="consumer group (default OUTPUT_PREFIX + keyyo.NAME)")
+    p.add_argument("--mode", choices=["live", "replay"], default="live",
+                   help="live: quiet tenants' time follows the wall clock; replay: event time only")
+    p.add_argument("--lateness-ms", type=int, default=5000,
+                   help="live mode: stream time is at least wall clock minus this")
+    p.add_argument("--slice-ms", type=int, default=8,
+                   help="processing time per transaction and partition: lower commits more often, "
+                        "higher gives more throughput")
+    p.add_argument("--until-idle", type=float, default=None,
+                   help="burst mode: exit after the input has been drained for N seconds")
+    p.add_argument("--flush-at-end", type=float, default=None, metavar="SECONDS",
+                   help="burst mode: advance stream time by N seconds before exiting")
+    p.add_argument("--max-ahead", type=float, default=600.0, metavar="SECONDS",
+                   help="an event time further ahead of its record's timestamp (or, live, of the "
+                        "wall clock) is dead-lettered")
+    p.add_argument("--max-value-bytes", type=int, default=256 * 1024,
+                   help="largest output or state value one record may write; larger: dead-lettered")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="transactions Kafka may refuse with a record before it is dead-lettered")
+    p.add_argument("--health-host", default="127.0.0.1")
+    p.add_argument("--health-port", type=int, default=None,
+                   help=f"side port for /healthz /readyz /metrics (default {default_port}, or the "
+                        "next free one when it is busy; 0: any free port)")
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="as the global --log-level")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -191,34 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false",
                    help="use the standard asyncio loop")
 
-    p = add("process", cmd_process, "Run a processor: one process of its consumer group.")
-    p.add_argument("name", choices=["call-records"])
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
-    p.add_argument("--prefix", help="input topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
-    p.add_argument("--output-prefix", help="output topic prefix (default: the input prefix)")
-    p.add_argument("--group", help="consumer group (default OUTPUT_PREFIX + keyyo.call-records)")
-    p.add_argument("--mode", choices=["live", "replay"], default="live",
-                   help="live: idle partitions follow the wall clock; replay: event time only")
-    p.add_argument("--lateness-ms", type=int, default=5000,
-                   help="live mode: stream time is at least wall clock minus this")
-    p.add_argument("--linger", type=float, default=10.0,
-                   help="seconds after the last RELEASE before a call closes")
-    p.add_argument("--ring-timeout", type=float, default=300.0,
-                   help="seconds a leg may ring without CONNECT/RELEASE")
-    p.add_argument("--max-duration", type=float, default=4 * 3600.0,
-                   help="seconds a connected leg may go without RELEASE")
-    p.add_argument("--retention", type=float, default=600.0,
-                   help="seconds a closed call is kept for late events")
-    p.add_argument("--slice-ms", type=int, default=8,
-                   help="processing time per transaction and partition: lower commits more often, "
-                        "higher gives more throughput")
-    p.add_argument("--until-idle", type=float, default=None,
-                   help="burst mode: exit after the input has been drained for N seconds")
-    p.add_argument("--flush-at-end", type=float, default=None, metavar="SECONDS",
-                   help="burst mode: advance stream time by N seconds before exiting")
-    p.add_argument("--health-host", default="127.0.0.1")
-    p.add_argument("--health-port", type=int, default=9101, help="side port (0: any free port)")
-    p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    from processors.registry import PROCESSORS
+
+    p = add("process", cmd_process, "Run a processor: one process of its consumer group "
+            "(run more for more throughput).")
+    kinds = p.add_subparsers(dest="name", required=True, metavar="NAME")
+    for spec in PROCESSORS.values():
+        kp = kinds.add_parser(spec.name, help=spec.description, description=spec.description)
+        add_runtime_options(kp, spec.health_port)
+        for option in spec.options:
+            kp.add_argument(f"--{option.name}", type=option.type, default=option.default,
+                            help=f"{option.help} (default {option.default})")
 
     p = add("simulate", cmd_simulate, "Send realistic Keyyo notification traffic (and expected records).")
     from devtools.simulate import add_arguments

@@ -24,17 +24,17 @@ from deploy.kafka_local import LocalKafka
 from deploy.topics import create_topics, provision_processor
 from devtools.simulate import HttpSender
 from devtools.simulator import Chaos, Planner, plan_traffic, play, schedule
-from ingest.app import build_app
+from ingest.app import EdgeRunner, build_app
 from ingest.config import hash_secret, load_settings
-from processors.call_records import CallRecords
 from processors.observability import ProcessorMetrics, health_server
+from processors.registry import CALL_RECORDS_SPEC
 from processors.runtime import Runtime, RuntimeSettings
-from schemas.topics import NOTIFICATIONS
 
 log = logging.getLogger("keyyo.run")
 
 DEMO_TENANT = "demo"
-GROUP = "keyyo.call-records"
+SPEC = CALL_RECORDS_SPEC
+GROUP = SPEC.group()
 
 
 def _ms() -> int:
@@ -82,15 +82,15 @@ async def _simulate(base: str, secret: str, rate: float, time_scale: float, stat
 
 async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret: str) -> None:
     settings = load_settings(config, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
-    runner = web.AppRunner(build_app(settings), access_log=None)
+    runner = EdgeRunner(build_app(settings))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
     base = f"http://127.0.0.1:{args.port}"
-    await provision_processor(bootstrap, NOTIFICATIONS, "", "", GROUP, "state")
-    processor_settings = RuntimeSettings(bootstrap=bootstrap, group=GROUP,
-                                         input_topic=NOTIFICATIONS.name)
+    await provision_processor(bootstrap, SPEC.input, "", "", GROUP, SPEC.store)
+    processor_settings = RuntimeSettings(bootstrap=bootstrap, group=GROUP, store=SPEC.store,
+                                         input_topic=SPEC.input.name)
     metrics = ProcessorMetrics(GROUP)
-    processor = Runtime(processor_settings, CallRecords(), metrics)
+    processor = Runtime(processor_settings, SPEC.logic(), metrics)
     print(f"ingest listening on {base} (tenant {DEMO_TENANT!r}, key in {config.parent}/demo.secret)",
           flush=True)
     print(f"try: curl '{base}/v1/keyyo/{DEMO_TENANT}/notifications?key={secret}&account=33123456789"
@@ -102,7 +102,9 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stats: dict[str, int] = {}
-    async with health_server("127.0.0.1", args.processor_port, metrics, processor.readiness):
+    async with health_server("127.0.0.1", args.processor_port, metrics, processor.readiness,
+                             processor.stuck, next_free=100) as health_port:
+        print(f"call-records processor health on http://127.0.0.1:{health_port}/readyz", flush=True)
         tasks = [asyncio.create_task(processor.run(), name="call-records")]
         if args.demo_rate > 0:
             tasks.append(asyncio.create_task(

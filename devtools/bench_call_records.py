@@ -43,6 +43,7 @@ from ingest.config import hash_secret
 from ingest.parsing import Refusal, parse_notification
 from processors.call_records import CallRecords, CallRecordsConfig
 from processors.observability import ProcessorMetrics
+from processors.registry import CALL_RECORDS_SPEC as SPEC
 from processors.runtime import Runtime, RuntimeSettings
 from processors.state import Store
 from schemas.notification import Notification
@@ -102,12 +103,12 @@ async def raw_consume(bootstrap: str, topic: str, expected: int) -> float:
 async def processor_throughput(bootstrap: str, prefix: str, expected: int) -> dict[str, Any]:
     """Drain the topic with one call-records runtime (replay mode, EOS); records/s."""
     group = f"{prefix}bench.call-records"
-    await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix, group, "state")
-    settings = RuntimeSettings(bootstrap=bootstrap, group=group,
-                               input_topic=NOTIFICATIONS.full_name(prefix), output_prefix=prefix,
+    await provision_processor(bootstrap, SPEC.input, prefix, prefix, group, SPEC.store)
+    settings = RuntimeSettings(bootstrap=bootstrap, group=group, store=SPEC.store,
+                               input_topic=SPEC.input.full_name(prefix), output_prefix=prefix,
                                mode="replay", until_idle_s=2.0)
     metrics = ProcessorMetrics(group)
-    runtime = Runtime(settings, CallRecords(), metrics)
+    runtime = Runtime(settings, SPEC.logic(), metrics)
     task = asyncio.create_task(runtime.run())
     started = None
     done_at = None
@@ -139,7 +140,8 @@ def memory_per_open_call(calls: int = 50_000) -> dict[str, float]:
         params = {"account": "33100000001", "caller": f"336{i:08d}", "callee": "33100000001",
                   "callref": str(10**11 + i), "type": "SETUP", "dref": f"{i:032x}",
                   "tsms": str(1_795_000_000_000 + i)}
-        note = parse_notification(TENANTS[i % len(TENANTS)], list(params.items()), "127.0.0.1", 0)
+        note = parse_notification(TENANTS[i % len(TENANTS)], list(params.items()), "127.0.0.1",
+                                  1_795_000_000_000)
         assert isinstance(note, Notification)
         notes.append(note)
     tracemalloc.start()
@@ -168,12 +170,12 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
     config.write_text("".join(f'[tenants.{t}]\ntoken_sha256 = "{hash_secret(SECRET)}"\n' for t in TENANTS))
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KEYYO_TOPIC_PREFIX": prefix}
     port = free_port()
-    group = f"{prefix}keyyo.call-records"
-    await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix, group, "state")
+    group = SPEC.group(prefix)
+    await provision_processor(bootstrap, SPEC.input, prefix, prefix, group, SPEC.store)
     cli = [sys.executable, "-m", "deploy.cli", "--log-level", "warning"]
     edge_cmd = [*cli, "ingest", "--config", str(config), "--port", str(port)]
     health = free_port()
-    proc_cmd = [*cli, "process", "call-records", "--health-port", str(health)]
+    proc_cmd = [*cli, "process", SPEC.name, "--health-port", str(health)]
     edge = subprocess.Popen(edge_cmd, env=env)  # noqa: ASYNC220 - started once, before measuring
     proc = subprocess.Popen(proc_cmd, env=env)  # noqa: ASYNC220 - as above
     acked: dict[str, float] = {}
@@ -288,8 +290,8 @@ def main() -> int:
         print(f"filling {prefix}keyyo.notifications.v1 with {len(notes)} notifications ...", flush=True)
 
         async def throughput() -> None:
-            await provision_processor(bootstrap, NOTIFICATIONS, prefix, prefix,
-                                      f"{prefix}bench.call-records", "state")
+            await provision_processor(bootstrap, SPEC.input, prefix, prefix,
+                                      f"{prefix}bench.call-records", SPEC.store)
             await fill(bootstrap, NOTIFICATIONS.full_name(prefix), notes)
             print("raw consumer baseline ...", flush=True)
             raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))

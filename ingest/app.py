@@ -5,15 +5,21 @@ Routes: ``GET|POST /v1/keyyo/{tenant}/notifications``, ``/healthz``, ``/readyz``
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingest.config import IngestSettings
+from ingest.config import IngestSettings, Tenant
 from ingest.metrics import IngestMetrics
 from ingest.parsing import SECRET_PARAM, Refusal, parse_notification, query_pairs
 from ingest.publisher import Outcome, Publisher
@@ -31,7 +37,14 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 MAX_BODY = 64 * 1024
+MAX_QUERY = 8 * 1024
+"""A longer query string is refused (414) and kept, clipped; Keyyo's longest is ~700 bytes."""
+MAX_REQUEST_LINE = 64 * 1024
+"""Past this, aiohttp cannot read the request: a JSON 414 answer, counted, not kept."""
 _JSON = "application/json"
+_REDACTED = "REDACTED"
+_UNKNOWN_TENANT = Tenant("", bytes(32))
+"""Stands in for an unknown tenant, so its refusal costs and says the same as a wrong key."""
 
 
 def wall_clock_ms() -> int:
@@ -43,79 +56,143 @@ def _json(status: int, body: object, headers: dict[str, str] | None = None) -> w
     return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers)
 
 
-def _redact(query: str) -> str:
-    """The raw query string with the tenant secret blanked out."""
-    if SECRET_PARAM + "=" not in query:
-        return query
-    parts = [
-        f"{SECRET_PARAM}=REDACTED" if p.split("=", 1)[0] == SECRET_PARAM else p
-        for p in query.split("&")
-    ]
+def _redact_pairs(text: str) -> str:
+    """A query string or form body with the value of every ``key`` parameter blanked out,
+    however its name was encoded (``key``, ``k%65y``, ``ke+y``...)."""
+    parts = text.split("&")
+    for i, part in enumerate(parts):
+        name, sep, _ = part.partition("=")
+        if sep and unquote_plus(name) == SECRET_PARAM:
+            parts[i] = f"{name}={_REDACTED}"
     return "&".join(parts)
 
 
-async def _body_params(request: web.Request) -> tuple[list[tuple[str, str]] | Refusal, str | None]:
-    """Parameters from a POST body (form or JSON object), and the raw body text."""
-    raw = await request.content.read(MAX_BODY + 1)
-    if not raw:
-        return [], None
-    text = raw[:MAX_BODY].decode("utf-8", "replace")
-    if len(raw) > MAX_BODY:
-        return Refusal("invalid_body", None, f"body larger than {MAX_BODY} bytes", status=413), text
-    if request.content_type != _JSON:
-        return query_pairs(text), text
+_UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 16))
+
+
+_JSON_KEY = re.compile(r'"key"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+def redact(text: str | None, secrets: Iterable[str], *, form: bool) -> str | None:
+    """``text`` (a query string or a body) without the tenant's secret: ``key`` parameters
+    blanked, then every spelling of each secret the request carried replaced, wherever it is."""
+    if text is None:
+        return None
+    if form:
+        text = _redact_pairs(text)
+    else:  # JSON that did not parse: decode its escapes so none hides the key, then blank it
+        text = _JSON_KEY.sub(f'"key":"{_REDACTED}"', _UNICODE_ESCAPE.sub(_unescape, text))
+    for secret in secrets:
+        if not secret:
+            continue
+        for spelling in {secret, quote_plus(secret), quote(secret, safe=""), json.dumps(secret)[1:-1]}:
+            text = text.replace(spelling, _REDACTED)
+    return text
+
+
+def _json_pairs(raw: bytes) -> list[tuple[str, Any]]:
+    """The members of a JSON object body, in order, duplicates kept (so they can be refused)."""
+    data = json.loads(raw, object_pairs_hook=lambda pairs: pairs)
+    if not isinstance(data, list) or (data and not isinstance(data[0], tuple)):
+        raise TypeError("not an object")
+    return data
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> bytes | Refusal:
+    """The whole body, up to :data:`MAX_BODY` bytes, however slowly its pieces arrive."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return Refusal("invalid_body", None, f"body is not valid JSON: {exc}"), text
-    if not isinstance(data, dict):
-        return Refusal("invalid_body", None, "JSON body must be an object of parameters"), text
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.read(MAX_BODY + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY:
+                    return Refusal("invalid_body", None, f"body larger than {MAX_BODY} bytes", status=413)
+    except TimeoutError:
+        return Refusal("invalid_body", None, f"body not complete within {timeout_s:g} s", status=408)
+    return b"".join(chunks)
+
+
+async def _body_params(
+    request: web.Request, timeout_s: float,
+) -> tuple[list[tuple[str, str]] | Refusal, str | None, bool]:
+    """Parameters from a POST body (form or JSON object), its text, and whether it is a form."""
+    raw = await _read_body(request, timeout_s)
+    form = request.content_type != _JSON
+    if isinstance(raw, Refusal):
+        return raw, None, form
+    if not raw:
+        return [], None, form
+    text = raw.decode("utf-8", "replace")
+    if form:
+        return query_pairs(text), text, form
+    try:
+        members = _json_pairs(raw)
+    except (ValueError, TypeError, RecursionError) as exc:
+        detail = f"body is not valid JSON: {exc}" if isinstance(exc, ValueError) else \
+            "JSON body must be an object of parameters"
+        return Refusal("invalid_body", None, detail[:300]), text, form
+    # Kept re-serialised, so no escape sequence can hide the key from the redaction.
+    text = "{" + ", ".join(
+        f"{json.dumps(name)}: {json.dumps(_REDACTED if name == SECRET_PARAM else value)}"
+        for name, value in members) + "}"
     params: list[tuple[str, str]] = []
-    for name, value in data.items():
+    for name, value in members:
         if value is None:
             value = ""
         elif isinstance(value, bool) or not isinstance(value, str | int):
-            return Refusal("invalid_body", name, "JSON values must be strings or integers"), text
+            return Refusal("invalid_body", name[:64], "JSON values must be strings or integers"), text, form
         params.append((name, str(value)))
-    return params, text
+    return params, text, form
 
 
 async def handle_notification(request: web.Request) -> web.Response:
     """Validate one Keyyo notification and answer 200 only once it is durable."""
     app = request.app
+    settings = app[SETTINGS]
     metrics = app[METRICS]
     received_ms = app[CLOCK]()
     tenant_id = request.match_info["tenant"]
-    tenant = app[SETTINGS].tenants.get(tenant_id)
     source_ip = request.remote or ""
-    if tenant is None:
-        metrics.requests["unauthorized"].inc()
-        return _json(401, {"error": "unauthorized", "field": "tenant", "detail": "unknown tenant"})
-    if not tenant.source_allowed(source_ip):
-        metrics.requests["forbidden"].inc()
-        return _json(403, {"error": "forbidden", "field": None,
-                           "detail": f"source address {source_ip} is not allowed for this tenant"})
-
-    params = query_pairs(request.raw_path.partition("?")[2])
+    raw_query = request.raw_path.partition("?")[2]
+    params = query_pairs(raw_query)
     body_text: str | None = None
+    form = True
     refusal: Refusal | None = None
     if request.method == "POST":
-        parsed, body_text = await _body_params(request)
+        parsed, body_text, form = await _body_params(request, settings.body_timeout_seconds)
         if isinstance(parsed, Refusal):
             refusal = parsed  # the key can then only come from the query string
         else:
             params.extend(parsed)
+    # The key first, the same answer for an unknown tenant and a wrong key: no enumeration.
+    tenant = settings.tenants.get(tenant_id)
     secrets = [v for k, v in params if k == SECRET_PARAM]
-    if len(secrets) != 1 or not tenant.key_matches(secrets[0]):
+    key_ok = (tenant or _UNKNOWN_TENANT).key_matches(secrets[0] if len(secrets) == 1 else "")
+    if tenant is None or len(secrets) != 1 or not key_ok:
         metrics.requests["unauthorized"].inc()
         return _json(401, {"error": "unauthorized", "field": SECRET_PARAM,
-                           "detail": "missing or wrong key"})
+                           "detail": "unknown tenant, or missing or wrong key"})
+    if not tenant.source_allowed(source_ip):
+        metrics.requests["forbidden"].inc()
+        return _json(403, {"error": "forbidden", "field": None,
+                           "detail": f"source address {source_ip} is not allowed for this tenant"})
+    if refusal is None and len(raw_query) > MAX_QUERY:
+        refusal = Refusal("uri_too_long", None, f"query string longer than {MAX_QUERY} bytes", status=414)
     if refusal is None:
-        result = parse_notification(tenant_id, params, source_ip, received_ms)
+        result = parse_notification(
+            tenant_id, params, source_ip, received_ms,
+            max_ahead_ms=int(settings.max_event_ahead_seconds * 1000),
+            max_behind_ms=int(settings.max_event_behind_seconds * 1000))
         if isinstance(result, Refusal):
             refusal = result
         else:
-            topic = app[SETTINGS].topic_prefix + NOTIFICATIONS.name
+            topic = settings.topic_prefix + NOTIFICATIONS.name
             outcome = await app[PUBLISHER].publish(topic, tenant_id.encode(), result.to_json())
             if outcome is Outcome.UNAVAILABLE:
                 metrics.requests["unavailable"].inc()
@@ -124,19 +201,21 @@ async def handle_notification(request: web.Request) -> web.Response:
                              headers={"Retry-After": "1"})
             metrics.requests["accepted" if outcome is Outcome.KAFKA else "spooled"].inc()
             return _json(200, {"event_id": result.event_id, "stored": outcome.value})
-    return await _refuse(request, tenant_id, source_ip, received_ms, refusal, body_text)
+    query = redact(raw_query[:MAX_QUERY], secrets, form=True) or ""
+    body = redact(body_text, secrets, form=form)
+    return await _refuse(request, tenant_id, source_ip, received_ms, refusal, query, body)
 
 
 async def _refuse(
     request: web.Request, tenant_id: str, source_ip: str, received_ms: int,
-    refusal: Refusal, body_text: str | None,
+    refusal: Refusal, query: str, body_text: str | None,
 ) -> web.Response:
-    """Keep the raw request in the rejected topic, then answer the refusal."""
+    """Keep the raw request (secret redacted) in the rejected topic, then answer the refusal."""
     app = request.app
     app[METRICS].requests["rejected"].inc()
     rejected = RejectedNotification(
-        tenant=tenant_id, method=request.method, path=request.path,
-        query=_redact(request.raw_path.partition("?")[2]), body=body_text, source_ip=source_ip,
+        tenant=tenant_id, method=request.method, path=request.path[:512],
+        query=query, body=body_text, source_ip=source_ip,
         received_at=rfc3339_ms(received_ms), status=refusal.status, error=refusal.error,
         field=refusal.field, detail=refusal.detail,
     )
@@ -199,9 +278,73 @@ def build_app(settings: IngestSettings, clock: Clock = wall_clock_ms) -> web.App
     return app
 
 
+class _JsonErrorsHandler(RequestHandler):
+    """A request aiohttp cannot parse (request line over the limit, malformed HTTP) is answered
+    in the documented JSON, logged in one line without the request (it may hold the key), and
+    counted; it cannot be kept in the rejected topic since it was never read."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        metrics: IngestMetrics | None = getattr(self._manager, "edge_metrics", None)
+        if metrics is not None:
+            metrics.requests["malformed"].inc()
+        if status >= 500:
+            log.error("request failed", extra={"status": status, "error": type(exc).__name__})
+        else:
+            log.warning("unreadable request refused", extra={
+                "status": status, "error": type(exc).__name__, "source_ip": request.remote})
+        detail = "request line or headers too long, or not valid HTTP" if status < 500 else "internal error"
+        resp = web.Response(status=status, body=orjson.dumps(
+            {"error": "bad_request" if status < 500 else "internal_error", "field": None, "detail": detail}),
+            content_type=_JSON)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """The edge's runner: aiohttp's own refusals answered in JSON, longer request lines read."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("access_log", None)
+        kwargs.setdefault("max_line_size", MAX_REQUEST_LINE)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorsServer  # same object, one method more
+        server.edge_metrics = self.app[METRICS]  # type: ignore[attr-defined]
+        return server
+
+
+async def run_edge(settings: IngestSettings, host: str, port: int, stop: asyncio.Event,
+                   reuse_port: bool = False) -> None:
+    """Serve until ``stop`` is set; then stop taking requests, finish those in flight, flush."""
+    runner = EdgeRunner(build_app(settings), shutdown_timeout=10.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        log.info("ingest listening", extra={"url": f"http://{host}:{port}"})
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def serve(settings: IngestSettings, host: str, port: int) -> None:
     """Run the edge until SIGINT/SIGTERM; then stop taking requests and flush the producer."""
-    web.run_app(
-        build_app(settings), host=host, port=port, access_log=None,
-        shutdown_timeout=10.0, print=lambda msg: log.info(msg.strip()),
-    )
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_edge(settings, host, port, stop)
+
+    asyncio.run(main())

@@ -70,6 +70,12 @@ class IngestSettings:
     """Spool size at which requests are refused with 503."""
     spool_ready_fraction: float = 0.8
     """``/readyz`` turns not-ready once the spool holds this fraction of its limit."""
+    max_event_ahead_seconds: float = 300.0
+    """A ``tsms`` more than this ahead of the receive time is refused (400)."""
+    max_event_behind_seconds: float = 86_400.0
+    """A ``tsms`` more than this behind the receive time is refused (400)."""
+    body_timeout_seconds: float = 10.0
+    """A POST body not complete within this is refused (408)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Unused sections, kept for other deployables sharing the file."""
 
@@ -122,6 +128,9 @@ def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettin
             spool_dir=(path.parent / spool) if spool else None,
             spool_max_bytes=int(ingest.get("spool_max_bytes", 256 * 1024 * 1024)),
             spool_ready_fraction=float(ingest.get("spool_ready_fraction", 0.8)),
+            max_event_ahead_seconds=float(ingest.get("max_event_ahead_seconds", 300.0)),
+            max_event_behind_seconds=float(ingest.get("max_event_behind_seconds", 86_400.0)),
+            body_timeout_seconds=float(ingest.get("body_timeout_seconds", 10.0)),
             extra={k: v for k, v in data.items() if k not in ("tenants", "kafka", "ingest")},
         )
     except (TypeError, ValueError) as exc:

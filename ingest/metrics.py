@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("accepted", "spooled", "rejected", "unauthorized", "forbidden", "unavailable")
+OUTCOMES = ("accepted", "spooled", "rejected", "unauthorized", "forbidden", "unavailable", "malformed")
 
 
 class IngestMetrics:

@@ -115,10 +115,10 @@ def event_id(tenant: str, account: str, dref: str, kind: str, callref: str) -> s
 
 
 def _check_number(field: str, value: str, *, allow_anonymous: bool) -> Refusal | None:
+    if len(value) > FIELDS[field][1]:
+        return _invalid(field, f"longer than {FIELDS[field][1]} characters")
     if _NUMBER.fullmatch(value) or (allow_anonymous and value == "anonymous"):
         return None
-    if len(value) > FIELDS[field][1] + 1:
-        return _invalid(field, f"longer than {FIELDS[field][1]} digits")
     return _invalid(field, "expected digits, optionally prefixed by '+'"
                     + (", or 'anonymous'" if allow_anonymous else ""))
 
@@ -142,13 +142,26 @@ def parse_tsms(value: str) -> int | Refusal:
     return _invalid("tsms", "expected 13 digits (milliseconds since the epoch) or 10 (seconds)")
 
 
+MAX_AHEAD_MS: Final = 300_000
+"""Default: an event time more than 5 minutes ahead of the receive time is refused."""
+MAX_BEHIND_MS: Final = 86_400_000
+"""Default: an event time more than a day behind the receive time is refused."""
+
+
 def parse_notification(
     tenant: str,
     params: Iterable[tuple[str, str]],
     source_ip: str,
     received_ms: int,
+    max_ahead_ms: int = MAX_AHEAD_MS,
+    max_behind_ms: int = MAX_BEHIND_MS,
 ) -> Notification | Refusal:
-    """Validate and normalise one notification's parameters (never raises)."""
+    """Validate and normalise one notification's parameters (never raises).
+
+    ``tsms`` must lie within ``max_ahead_ms`` after and ``max_behind_ms`` before ``received_ms``:
+    Keyyo's clock and ours agree within minutes, and one wrong clock must not move the processors'
+    time for every other tenant.
+    """
     fields = collect_fields(params)
     if isinstance(fields, Refusal):
         return fields
@@ -163,7 +176,8 @@ def parse_notification(
         if name not in fields:
             return Refusal("missing_field", name, f"required parameter {name!r} is missing")
 
-    kind = _TYPES.get(fields["type"].upper())
+    type_text = fields["type"]
+    kind = _TYPES.get(type_text.upper()) if type_text.isascii() else None  # no Unicode case folding
     if kind is None:
         return _invalid("type", "expected SETUP, CONNECT or RELEASE")
     account = fields["account"]
@@ -208,6 +222,13 @@ def parse_notification(
         parsed = parse_tsms(tsms_text)
         if isinstance(parsed, Refusal):
             return parsed
+        if parsed > received_ms + max_ahead_ms or parsed < received_ms - max_behind_ms:
+            return Refusal(
+                "event_time_out_of_range", "tsms",
+                f"event time {rfc3339_ms(parsed)} is more than "
+                + (f"{max_ahead_ms // 1000} s ahead of" if parsed > received_ms
+                   else f"{max_behind_ms // 1000} s behind")
+                + f" the receive time {rfc3339_ms(received_ms)}: check the sender's clock")
         event_ms = parsed
     received_at = rfc3339_ms(received_ms)
     return Notification(

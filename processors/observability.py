@@ -59,8 +59,13 @@ Detail = Callable[[], dict[str, Any]]
 
 @asynccontextmanager
 async def health_server(host: str, port: int, metrics: ProcessorMetrics,
-                        readiness: HealthCheck, detail: Detail | None = None) -> AsyncIterator[int]:
-    """Serve ``/healthz``, ``/readyz`` and ``/metrics``; yield the bound port."""
+                        readiness: HealthCheck, detail: Detail | None = None,
+                        next_free: int = 0) -> AsyncIterator[int]:
+    """Serve ``/healthz``, ``/readyz`` and ``/metrics``; yield the bound port.
+
+    With ``next_free`` > 0, a busy ``port`` is not an error: the next free one of the following
+    ``next_free`` ports is taken (so several processes on one host run with default options).
+    """
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -83,8 +88,17 @@ async def health_server(host: str, port: int, metrics: ProcessorMetrics,
     app.router.add_get("/metrics", prometheus)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    candidates = [port, *range(port + 1, port + 1 + next_free)] if port and next_free else [port]
+    for i, candidate in enumerate(candidates):
+        site = web.TCPSite(runner, host, candidate)
+        try:
+            await site.start()
+            break
+        except OSError:
+            if i == len(candidates) - 1:
+                await runner.cleanup()
+                raise
+    port = candidate
     bound = port
     server: Any = site._server  # private: the only way to learn the port bound for port 0
     if server is not None and server.sockets:

@@ -14,7 +14,8 @@ from processors.runtime import Runtime, RuntimeSettings
 log = logging.getLogger("keyyo.processor")
 
 
-async def serve(settings: RuntimeSettings, logic: Logic[Any], health_host: str, health_port: int) -> bool:
+async def serve(settings: RuntimeSettings, logic: Logic[Any], health_host: str, health_port: int,
+                next_free: int = 100) -> bool:
     """Run until SIGTERM/SIGINT (finish the batch, commit, leave the group) or the input drains.
 
     Returns False when a partition worker failed (the caller exits non-zero).
@@ -25,7 +26,7 @@ async def serve(settings: RuntimeSettings, logic: Logic[Any], health_host: str, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.stop)
     async with health_server(health_host, health_port, metrics, runtime.readiness,
-                             runtime.stuck) as port:
+                             runtime.stuck, next_free=next_free) as port:
         log.info("processor running", extra={
             "group": settings.group, "input": settings.input_topic, "mode": settings.mode,
             "health": f"http://{health_host}:{port}/readyz"})

@@ -202,7 +202,7 @@ class Store:
             elif key.startswith(_TIME):
                 self._times[key[len(_TIME):]] = int(value)
 
-    def keys(self) -> list[str]:
+    def processor_keys(self) -> list[str]:
         """The processor's committed keys (the runtime's own entries left out)."""
         return [k for k in self._data if k[:1] != "\x00"]
 

@@ -12,7 +12,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from deploy.topics import create_topics
-from ingest.app import PUBLISHER, build_app
+from ingest.app import PUBLISHER, EdgeRunner, build_app
 from ingest.config import IngestSettings, Tenant, hash_secret
 from ingest.publisher import Publisher
 from schemas.topics import NOTIFICATIONS, NOTIFICATIONS_REJECTED
@@ -58,6 +58,13 @@ class Edge:
 TENANTS = ("acme", "globex", "initech", "umbrella")
 
 
+class EdgeTestServer(TestServer):
+    """The test server, with the edge's own runner (its JSON answers to unreadable requests)."""
+
+    async def _make_runner(self, **kwargs: Any) -> EdgeRunner:
+        return EdgeRunner(self.app, **kwargs)
+
+
 def tenants() -> dict[str, Tenant]:
     """Test tenants, all with secret SECRET: TENANTS, and ``locked`` (only from 10.0.0.0/8)."""
     digest = bytes.fromhex(hash_secret(SECRET))
@@ -70,7 +77,7 @@ def tenants() -> dict[str, Tenant]:
 @asynccontextmanager
 async def running_edge(
     bootstrap: str, prefix: str, *, budget_s: float = 2.0, spool_dir: Path | None = None,
-    spool_max_bytes: int = 256 * 1024 * 1024, create: bool = True,
+    spool_max_bytes: int = 256 * 1024 * 1024, create: bool = True, **overrides: Any,
 ) -> AsyncIterator[Edge]:
     """Create the prefix's topics, start the edge, yield it, then shut it down gracefully."""
     if create:
@@ -78,8 +85,9 @@ async def running_edge(
     settings = IngestSettings(
         tenants=tenants(), bootstrap_servers=bootstrap, topic_prefix=prefix,
         produce_budget_seconds=budget_s, spool_dir=spool_dir, spool_max_bytes=spool_max_bytes,
+        **overrides,
     )
-    client = TestClient(TestServer(build_app(settings)))
+    client = TestClient(EdgeTestServer(build_app(settings)))
     await client.start_server()
     try:
         yield Edge(client, settings)

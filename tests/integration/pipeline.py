@@ -15,39 +15,40 @@ from typing import Any
 
 from deploy.topics import provision_processor
 from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, schedule
-from processors.call_records import CallRecords, CallRecordsConfig
+from processors.contract import Logic
 from processors.observability import ProcessorMetrics
+from processors.registry import CALL_RECORDS_SPEC as SPEC
 from processors.runtime import Runtime, RuntimeSettings
-from schemas.topics import CALL_RECORDS, CALL_UPDATES, NOTIFICATIONS
+from schemas.topics import CALL_RECORDS, CALL_UPDATES
 from tests.integration.edge import TENANTS
 from tests.kafka import read_values
 
 # Short clocks so a test's calls close within seconds of their last event.
-FAST = CallRecordsConfig(linger_ms=1000, ring_timeout_ms=4000, max_duration_ms=6000, retention_ms=60_000)
-FAST_ARGS = ["--linger", "1", "--ring-timeout", "4", "--max-duration", "6", "--retention", "60",
+FAST = {"linger": 1, "ring_timeout": 4, "max_duration": 6, "retention": 60}
+FAST_ARGS = [*(arg for name, value in FAST.items() for arg in (f"--{name.replace('_', '-')}", str(value))),
              "--lateness-ms", "300"]
 
 
 def group_of(prefix: str) -> str:
-    return f"{prefix}keyyo.call-records"
+    return SPEC.group(prefix)
 
 
 async def provision(bootstrap: str, prefix: str, out_prefix: str | None = None,
                     group: str | None = None) -> None:
     out = prefix if out_prefix is None else out_prefix
-    await provision_processor(bootstrap, NOTIFICATIONS, prefix, out, group or group_of(out), "state",
+    await provision_processor(bootstrap, SPEC.input, prefix, out, group or group_of(out), SPEC.store,
                               partitions=3)
 
 
 @asynccontextmanager
-async def running_processor(bootstrap: str, prefix: str, logic: CallRecords | None = None,
+async def running_processor(bootstrap: str, prefix: str, logic: Logic[Any] | None = None,
                             **overrides: Any) -> AsyncIterator[Runtime]:
     """A call-records runtime in this process (live mode, fast clocks)."""
     settings = RuntimeSettings(**{
         "bootstrap": bootstrap, "group": group_of(prefix),
-        "input_topic": NOTIFICATIONS.full_name(prefix), "output_prefix": prefix,
+        "input_topic": SPEC.input.full_name(prefix), "output_prefix": prefix, "store": SPEC.store,
         "allowed_lateness_ms": 300, **overrides})
-    runtime = Runtime(settings, logic or CallRecords(FAST), ProcessorMetrics(settings.group))
+    runtime = Runtime(settings, logic or SPEC.logic(**FAST), ProcessorMetrics(settings.group))
     task = asyncio.create_task(runtime.run())
     try:
         yield runtime
@@ -60,15 +61,19 @@ async def run_to_end(bootstrap: str, prefix: str, **overrides: Any) -> None:
     """A call-records runtime in burst mode, until it drains its input and exits."""
     settings = RuntimeSettings(**{
         "bootstrap": bootstrap, "group": group_of(prefix),
-        "input_topic": NOTIFICATIONS.full_name(prefix), "output_prefix": prefix, **overrides})
-    runtime = Runtime(settings, CallRecords(FAST), ProcessorMetrics(settings.group))
+        "input_topic": SPEC.input.full_name(prefix), "output_prefix": prefix, "store": SPEC.store,
+        **overrides})
+    runtime = Runtime(settings, SPEC.logic(**FAST), ProcessorMetrics(settings.group))
     await asyncio.wait_for(runtime.run(), 120)
 
 
-def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """``keyyo-stream process call-records`` as a child process."""
-    cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", "call-records",
-           "--bootstrap", bootstrap, "--prefix", prefix, "--health-port", "0", *FAST_ARGS, *extra]
+def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str,
+                      any_port: bool = True) -> subprocess.Popen[bytes]:
+    """``keyyo-stream process call-records`` as a child process (side port: any free one, or the
+    default with ``any_port=False``)."""
+    cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", SPEC.name,
+           "--bootstrap", bootstrap, "--prefix", prefix, *(["--health-port", "0"] if any_port else []),
+           *FAST_ARGS, *extra]
     with log.open("ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -81,7 +81,8 @@ async def test_bad_records_are_dead_lettered_and_the_other_tenant_gets_its_recor
     dead = await read_values(broker.bootstrap, DEAD_LETTERS.full_name(prefix))
     reasons = [d["reason"] for d in sorted(dead, key=lambda d: d["offset"])]
     assert [r.split(":")[0][:15] for r in reasons] == [
-        "event_time", "event_time", "event_id", "tenant", "callee", "key", "event time " + rfc3339_ms(start + 3 * 24 * 3600_000)[:4]]
+        "event_time", "event_time", "event_id", "tenant", "callee", "key",
+        "event time " + rfc3339_ms(start + 3 * 24 * 3600_000)[:4]]
     assert "more than 600 s ahead" in reasons[-1]
     assert all(d["partition"] == 0 and d["topic"] == topic for d in dead)
     assert ready == {"joined": True, "restored": True, "progressing": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from importlib import resources
 from urllib.parse import urlencode
 
@@ -14,10 +15,13 @@ from hypothesis import strategies as st
 
 from devtools.traffic import answered_incoming, intercepted_incoming
 from ingest.parsing import ALIASES
+from schemas.notification import rfc3339_ms
 from tests.integration.edge import SECRET, TENANT, running_edge
 from tests.kafka import Broker, read_topic, read_values
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+T = (time.time_ns() // 1_000_000 - 3600_000) // 1000 * 1000
+"""An hour ago, whole seconds: within the edge's event-time bounds."""
 
 
 def validator(name: str) -> jsonschema.Draft202012Validator:
@@ -30,7 +34,7 @@ REJECTED = validator("keyyo.notification-rejected.v1.schema.json")
 
 
 async def test_answered_incoming_call_arrives_keyed_by_tenant(broker: Broker, prefix: str) -> None:
-    call = answered_incoming("33123456789", "33612345678", 1_795_000_000_000)
+    call = answered_incoming("33123456789", "33612345678", T)
     async with running_edge(broker.bootstrap, prefix) as edge:
         for params in call:
             resp = await edge.notify(params)
@@ -46,13 +50,13 @@ async def test_answered_incoming_call_arrives_keyed_by_tenant(broker: Broker, pr
             for v in values} == {(TENANT, "33123456789", "33612345678", "33123456789",
                                   call[0]["dref"], call[0]["callref"])}
     assert [v["event_time"] for v in values] == [
-        "2026-11-18T11:06:40.000Z", "2026-11-18T11:06:44.000Z", "2026-11-18T11:07:14.000Z"]
+        rfc3339_ms(T), rfc3339_ms(T + 4000), rfc3339_ms(T + 34000)]
     assert all(v["source_ip"] == "127.0.0.1" and v["dref_replace"] is None for v in values)
     assert len({v["event_id"] for v in values}) == 3
 
 
 async def test_interception_carries_dref_replace(broker: Broker, prefix: str) -> None:
-    call = intercepted_incoming("33123456789", "33123456790", "33612345678", 1_795_000_000_000)
+    call = intercepted_incoming("33123456789", "33123456790", "33612345678", T)
     async with running_edge(broker.bootstrap, prefix) as edge:
         for params in call:
             assert (await edge.notify(params)).status == 200
@@ -68,7 +72,7 @@ async def test_interception_carries_dref_replace(broker: Broker, prefix: str) ->
 
 
 async def test_post_form_and_json_and_keyword_spellings(broker: Broker, prefix: str) -> None:
-    call = answered_incoming("33123456789", "33612345678", 1_795_000_000_000)
+    call = answered_incoming("33123456789", "33612345678", T)
     keyword_spelled = {("N_TYPE" if k == "type" else k.upper()): v for k, v in call[2].items()}
     async with running_edge(broker.bootstrap, prefix) as edge:
         url = f"/v1/keyyo/{TENANT}/notifications"
@@ -81,7 +85,7 @@ async def test_post_form_and_json_and_keyword_spellings(broker: Broker, prefix: 
     assert [v["type"] for v in values] == ["SETUP", "CONNECT", "RELEASE"]
 
 
-BAD = answered_incoming("33123456789", "33612345678", 1_795_000_000_000)[0]
+BAD = answered_incoming("33123456789", "33612345678", T)[0]
 REFUSALS = [
     ({**BAD, "type": "RING"}, "invalid_field", "type"),
     ({**BAD, "caller": "_CALLER_"}, "unsubstituted_keyword", "caller"),
@@ -124,7 +128,7 @@ async def test_every_refusal_is_answered_and_kept_in_the_rejected_topic(
 
 
 async def test_unauthorised_and_forbidden_requests_go_nowhere(broker: Broker, prefix: str) -> None:
-    params = answered_incoming("33123456789", "33612345678", 1_795_000_000_000)[0]
+    params = answered_incoming("33123456789", "33612345678", T)[0]
     async with running_edge(broker.bootstrap, prefix) as edge:
         assert (await edge.notify(params, tenant="nobody")).status == 401
         assert (await edge.notify(params, key="wrong")).status == 401

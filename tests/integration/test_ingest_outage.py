@@ -7,6 +7,7 @@ Maven even when the session broker comes from elsewhere.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,10 +42,10 @@ def broker_up(own_broker: LocalKafka) -> LocalKafka:
 def calls(n: int, line: str = "33123456789") -> list[dict[str, str]]:
     """``n`` notifications, from answered incoming calls."""
     out: list[dict[str, str]] = []
-    t = 1_795_000_000_000
+    t = time.time_ns() // 1_000_000 - 3600_000  # within the edge's event-time bounds
     while len(out) < n:
         out.extend(answered_incoming(line, f"3361234{len(out):04d}", t))
-        t += 60_000
+        t += 1000
     return out[:n]
 
 

@@ -161,7 +161,7 @@ def test_a_new_leg_within_the_linger_period_joins_the_call() -> None:
 def test_closed_calls_are_forgotten_after_retention() -> None:
     result = run(incoming_call().rings(A).hangs_up(A).events)
     assert len(result.records) == 1
-    assert result.store.keys() == []
+    assert result.store.processor_keys() == []
 
 
 @pytest.mark.parametrize("tenant", ["acme", "globex"])

@@ -127,6 +127,15 @@ def test_accepted_values(overrides: dict[str, str | None], field: str, expected:
         ({"tsms": "179500000000"}, "invalid_field", "tsms"),
         ({"tsms": "17950000000000"}, "invalid_field", "tsms"),
         ({"tsms": "179500000000x"}, "invalid_field", "tsms"),
+        ({"account": "+" + "3" * 64}, "invalid_field", "account"),
+        ({"caller": "+" + "3" * 64}, "invalid_field", "caller"),
+        ({"redirecting_number": "+" + "3" * 64}, "invalid_field", "redirecting_number"),
+        ({"type": "\u017fetup"}, "invalid_field", "type"),  # a Unicode long s upper-cases to S
+        ({"type": "\uff33\uff25\uff34\uff35\uff30"}, "invalid_field", "type"),  # full-width
+        ({"tsms": "9999999999999"}, "event_time_out_of_range", "tsms"),
+        ({"tsms": str(RECEIVED_MS + 300_001)}, "event_time_out_of_range", "tsms"),
+        ({"tsms": str(RECEIVED_MS - 86_400_001)}, "event_time_out_of_range", "tsms"),
+        ({"tsms": "0000000000000"}, "event_time_out_of_range", "tsms"),
         ({"caller": "_CALLER_"}, "unsubstituted_keyword", "caller"),
         ({"dref_replace": "_DREF_REPLACE_"}, "unsubstituted_keyword", "dref_replace"),
         ({"tsms": "_TSMS_"}, "unsubstituted_keyword", "tsms"),
@@ -189,7 +198,7 @@ def test_event_id_is_deterministic_and_tells_events_apart() -> None:
     assert a.event_id == b.event_id
     assert accepted({"type": "CONNECT"}).event_id != a.event_id
     assert accepted({"account": "33123456790"}).event_id != a.event_id
-    assert parse_notification("other", list(BASE.items()), "x", 0).event_id != a.event_id  # type: ignore[union-attr]
+    assert parse_notification("other", list(BASE.items()), "x", RECEIVED_MS).event_id != a.event_id  # type: ignore[union-attr]
 
 
 def test_url_template_names_every_keyword_and_uses_none_as_a_name() -> None:
@@ -226,3 +235,15 @@ def test_no_input_crashes_the_parser(params: list[tuple[str, str]], base: bool) 
         assert result.field is None or result.field in FIELDS
     else:
         VALIDATOR.validate(result.to_dict())
+
+
+def test_event_time_bounds_are_inclusive_and_configurable() -> None:
+    assert isinstance(parse({"tsms": str(RECEIVED_MS + 300_000)}), Notification)
+    assert isinstance(parse({"tsms": str(RECEIVED_MS - 86_400_000)}), Notification)
+    late = parse_notification("acme", [*{**BASE, "tsms": str(RECEIVED_MS - 7 * 86_400_000)}.items()],
+                              "x", RECEIVED_MS, max_behind_ms=8 * 86_400_000)
+    assert isinstance(late, Notification)
+    refused = parse({"tsms": "9999999999999"})
+    assert isinstance(refused, Refusal)
+    assert refused.detail == ("event time 2286-11-20T17:46:39.999Z is more than 300 s ahead of the "
+                              "receive time 2026-11-18T11:06:40.123Z: check the sender's clock")

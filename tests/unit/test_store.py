@@ -21,9 +21,9 @@ def test_writes_are_staged_until_commit_and_dropped_by_abort() -> None:
     store.put("a", b"1")
     store.commit()
     store.delete("a")
-    assert store.get("a") is None and store.keys() == ["a"]
+    assert store.get("a") is None and store.processor_keys() == ["a"]
     store.commit()
-    assert store.keys() == []
+    assert store.processor_keys() == []
 
 
 def test_the_runtime_keyspace_is_closed_to_the_processor() -> None:
@@ -46,7 +46,7 @@ def test_rollback_step_undoes_one_records_work_only() -> None:
     assert store.get("a") == b"1" and store.get("b") is None
     assert store.time("acme") == 0 and store.wake_time("call") is None
     store.commit()
-    assert store.keys() == ["a"]
+    assert store.processor_keys() == ["a"]
 
 
 def test_timers_fire_once_in_their_domain_and_moves_or_cancels_are_respected() -> None:
@@ -105,7 +105,7 @@ def test_restore_then_commit_rebuilds_state_timers_and_clocks() -> None:
     second = Store()
     for key, value in entries:  # the changelog replayed in order
         second.restore(key, value)
-    assert second.keys() == [] and second.time("acme") == 600
+    assert second.processor_keys() == [] and second.time("acme") == 600
     assert second.next_wake("acme") == 700
     second.put("other", b"x")
     second.commit()

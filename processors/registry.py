@@ -1,0 +1,86 @@
+"""Every processor, declared once: its name, topics, store, own options and how its logic is built.
+
+The CLI (``keyyo-stream process NAME``), the local stack, the tests and the benchmarks look
+processors up here; adding one is one :class:`ProcessorSpec` plus its pure logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from processors.call_records import CallRecords, CallRecordsConfig
+from processors.contract import Logic
+from schemas.topics import CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS, Topic
+
+
+@dataclass(frozen=True)
+class Option:
+    """One processor-specific command-line option (``--name``), with its default and help."""
+
+    name: str
+    """Option name without dashes, e.g. ``linger``; the value arrives under ``name`` with
+    dashes turned into underscores."""
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """A processor's declaration."""
+
+    name: str
+    """``keyyo-stream process NAME``; the default group is ``<output prefix>keyyo.<name>``."""
+    input: Topic
+    outputs: tuple[Topic, ...]
+    store: str
+    """Names the changelog: ``<group>.<store>.changelog``."""
+    health_port: int
+    """Preferred side port; the next free one is taken when it is busy."""
+    options: tuple[Option, ...]
+    build: Callable[[Mapping[str, Any]], Logic[Any]]
+    """The logic, from the option values (keyed by :attr:`Option.name`, underscores)."""
+    description: str
+
+    def group(self, output_prefix: str = "") -> str:
+        """The default consumer group."""
+        return f"{output_prefix}keyyo.{self.name}"
+
+    def defaults(self) -> dict[str, Any]:
+        """Every option at its default."""
+        return {o.name.replace("-", "_"): o.default for o in self.options}
+
+    def logic(self, **values: Any) -> Logic[Any]:
+        """The logic with these option values (the others at their defaults)."""
+        return self.build({**self.defaults(), **values})
+
+
+def _call_records(v: Mapping[str, Any]) -> Logic[Any]:
+    return CallRecords(CallRecordsConfig(
+        linger_ms=int(v["linger"] * 1000), ring_timeout_ms=int(v["ring_timeout"] * 1000),
+        max_duration_ms=int(v["max_duration"] * 1000), retention_ms=int(v["retention"] * 1000),
+        max_legs=int(v["max_legs"]), max_events=int(v["max_events"])))
+
+
+CALL_RECORDS_SPEC = ProcessorSpec(
+    name="call-records",
+    input=NOTIFICATIONS,
+    outputs=(CALL_UPDATES, CALL_RECORDS, DEAD_LETTERS),
+    store="state",
+    health_port=9101,
+    options=(
+        Option("linger", float, 10.0, "seconds after the last RELEASE before a call closes"),
+        Option("ring-timeout", float, 300.0, "seconds a leg may ring without CONNECT/RELEASE"),
+        Option("max-duration", float, 4 * 3600.0, "seconds a connected leg may go without RELEASE"),
+        Option("retention", float, 600.0, "seconds a closed call is kept for late events"),
+        Option("max-legs", int, 64, "legs one call may hold; an event past it is dead-lettered"),
+        Option("max-events", int, 256, "notifications one call may fold; later ones are dead-lettered"),
+    ),
+    build=_call_records,
+    description="Correlate notifications into call records and live call updates.",
+)
+
+PROCESSORS: dict[str, ProcessorSpec] = {spec.name: spec for spec in (CALL_RECORDS_SPEC,)}
+"""Every declared processor, by name."""
