@@ -69,6 +69,8 @@ class RuntimeSettings:
     """A record whose transaction Kafka refuses this many times (not for being away) is set aside."""
     stuck_after_failures: int = 3
     """Consecutive failed transactions after which a partition is reported stuck (``/readyz``)."""
+    stuck_after_s: float = 10.0
+    """A transaction open this long (Kafka not answering) also reports its partition stuck."""
 
     @property
     def changelog_topic(self) -> str:
@@ -94,6 +96,8 @@ class _Partition:
     careful: bool = False
     """After a refused transaction: one record per transaction, so the faulty one is found."""
     stuck_since: float | None = None
+    txn_started: float | None = None
+    """When the open transaction began (monotonic), while one is open."""
     queue: deque[Any] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
@@ -169,17 +173,23 @@ class Runtime:
 
     def readiness(self) -> dict[str, bool]:
         """For ``/readyz``: joined the group, every owned partition restored, none stuck."""
-        return {"joined": self.joined, "restored": not self.restoring,
-                "progressing": not any(p.stuck_since is not None for p in self.parts.values())}
+        return {"joined": self.joined, "restored": not self.restoring, "progressing": not self.stuck()}
 
     def stuck(self) -> dict[str, dict[str, Any]]:
-        """Partitions that cannot make progress, and why (``/readyz``'s detail)."""
+        """Partitions that cannot make progress, and why (``/readyz``'s detail): transactions
+        failing in a row, or one open for longer than ``stuck_after_s``."""
         now = time.monotonic()
-        return {
-            f"{p.tp.topic}:{p.tp.partition}": {
-                "failures": p.failures, "stuck_for_s": round(now - p.stuck_since, 1),
-                "offset": p.position, "error": p.last_error}
-            for p in self.parts.values() if p.stuck_since is not None}
+        out: dict[str, dict[str, Any]] = {}
+        for p in self.parts.values():
+            hanging = p.txn_started is not None and now - p.txn_started > self.settings.stuck_after_s
+            if p.stuck_since is None and not hanging:
+                continue
+            since = p.stuck_since if p.stuck_since is not None else p.txn_started
+            error = p.last_error if p.stuck_since is not None else "transaction not answered by Kafka"
+            out[f"{p.tp.topic}:{p.tp.partition}"] = {
+                "failures": p.failures, "stuck_for_s": round(now - (since or now), 1),
+                "offset": p.position, "error": error}
+        return out
 
     def stop(self) -> None:
         """Finish the batch in progress, commit it, leave the group."""
@@ -264,6 +274,7 @@ class Runtime:
         store, producer, step = part.store, part.producer, part.step
         records: list[Any] = []
         part.busy = True
+        part.txn_started = time.monotonic()
         try:
             await producer.begin_transaction()
             writer = self._writer(producer)
@@ -300,6 +311,7 @@ class Runtime:
             return
         finally:
             part.busy = False
+            part.txn_started = None
         store.commit()
         self.metrics.dead_letters.inc(step.dead_letters)
         step.dead_letters = 0

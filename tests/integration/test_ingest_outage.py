@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,58 @@ async def test_readiness_turns_off_before_the_spool_is_full(
                        what="spool drained")
     assert 200 in statuses and statuses[-1] == 503
     assert spool_ready_when_full is False
+
+
+async def test_a_processor_rides_out_a_broker_outage_without_setting_anything_aside(
+    broker_up: LocalKafka, prefix: str,
+) -> None:
+    """Kafka away is not the records' fault: the partition waits (and says it is stuck), then
+    goes on; every call gets its record, nothing reaches the dead-letter topic."""
+    from devtools.simulate import KafkaSender
+    from devtools.simulator import Chaos, play
+    from processors.registry import CALL_RECORDS_SPEC
+    from schemas.topics import DEAD_LETTERS, NOTIFICATIONS
+    from tests.integration.pipeline import FAST, provision, records, running_processor, traffic
+    from tests.truth import expected_records, final_records
+
+    bootstrap = broker_up.bootstrap
+    await provision(bootstrap, prefix)
+    now = time.time_ns() // 1_000_000
+    calls_before, sends_before = traffic(seed=41, rate=8, duration=2, start_ms=now, chaos=Chaos())
+    calls_after, sends_after = traffic(seed=42, rate=8, duration=2, start_ms=now + 1000, chaos=Chaos())
+    topic = NOTIFICATIONS.full_name(prefix)
+    async def produce(sends: list[Any]) -> None:
+        sender = KafkaSender(bootstrap, topic)
+        await sender.producer.start()
+        try:
+            await play(sends, sender, lambda: time.time_ns() // 1_000_000)
+        finally:
+            await sender.producer.stop()
+
+    # Calls close 6 s after their last RELEASE: during the outage, so their transactions wait.
+    logic = CALL_RECORDS_SPEC.logic(**{**FAST, "linger": 6})
+    async with running_processor(bootstrap, prefix, logic=logic, stuck_after_s=2.0) as runtime:
+        await wait_for(lambda: runtime.joined and not runtime.restoring, 30, what="processor ready")
+        await produce(sends_before)
+        played = time.monotonic()
+        await asyncio.to_thread(broker_up.stop)
+        await asyncio.sleep(max(0.0, 9 - (time.monotonic() - played)))  # the closes wait meanwhile
+        stuck_while_away = runtime.stuck()
+        await asyncio.to_thread(lambda: broker_up.start(progress=False))
+        await produce(sends_after)
+        expected = expected_records(calls_before + calls_after)
+
+        async def complete() -> bool:
+            return final_records(await records(bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 90, interval=0.5, what="every call's record")
+        ready = runtime.readiness()
+        failed = {s.labels["kind"]: s.value for m in runtime.metrics.registry.collect()
+                  if m.name == "keyyo_processor_failed_transactions" for s in m.samples
+                  if s.name.endswith("_total")}
+    assert stuck_while_away, "the outage was not visible"
+    assert failed.get("refused", 0) == 0, failed  # never taken for the records' fault
+    assert await read_values(bootstrap, DEAD_LETTERS.full_name(prefix)) == []
+    got = final_records(await records(bootstrap, prefix))
+    assert {k: got[k] for k in expected} == expected
+    assert ready["progressing"]
