@@ -102,7 +102,6 @@ def cmd_process(args: argparse.Namespace) -> int:
     """Run a declared processor (one process of its consumer group)."""
     from deploy.topics import provision_processor
     from processors.registry import PROCESSORS
-    from processors.runtime import RuntimeSettings
     from processors.service import serve
     from processors.step import Limits
 
@@ -110,20 +109,18 @@ def cmd_process(args: argparse.Namespace) -> int:
     bootstrap = _bootstrap(args)
     prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
     out_prefix = args.output_prefix if args.output_prefix is not None else prefix
-    settings = RuntimeSettings(
-        bootstrap=bootstrap, group=args.group or spec.group(out_prefix),
-        input_topic=spec.input.full_name(prefix), output_prefix=out_prefix, store=spec.store,
+    settings = spec.settings(
+        bootstrap, prefix, out_prefix, group=args.group or spec.group(out_prefix),
         mode=args.mode, allowed_lateness_ms=args.lateness_ms, until_idle_s=args.until_idle,
         slice_ms=args.slice_ms,
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
         limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
         max_attempts=args.max_attempts,
     )
-    logic = spec.build({o.name.replace("-", "_"): getattr(args, o.name.replace("-", "_"))
-                        for o in spec.options})
+    logic = spec.logic(**{o.dest: getattr(args, o.dest) for o in spec.options})
 
     async def main() -> bool:
-        await provision_processor(bootstrap, spec.input, prefix, out_prefix, settings.group, spec.store)
+        await provision_processor(bootstrap, spec, prefix, out_prefix, settings.group)
         return await serve(settings, logic, args.health_host,
                            args.health_port if args.health_port is not None else spec.health_port,
                            next_free=0 if args.health_port is not None else 100)

@@ -28,7 +28,7 @@ from ingest.app import EdgeRunner, build_app
 from ingest.config import hash_secret, load_settings
 from processors.observability import ProcessorMetrics, health_server
 from processors.registry import CALL_RECORDS_SPEC
-from processors.runtime import Runtime, RuntimeSettings
+from processors.runtime import Runtime
 
 log = logging.getLogger("keyyo.run")
 
@@ -86,9 +86,8 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
     base = f"http://127.0.0.1:{args.port}"
-    await provision_processor(bootstrap, SPEC.input, "", "", GROUP, SPEC.store)
-    processor_settings = RuntimeSettings(bootstrap=bootstrap, group=GROUP, store=SPEC.store,
-                                         input_topic=SPEC.input.name)
+    await provision_processor(bootstrap, SPEC, "", "", GROUP)
+    processor_settings = SPEC.settings(bootstrap)
     metrics = ProcessorMetrics(GROUP)
     processor = Runtime(processor_settings, SPEC.logic(), metrics)
     print(f"ingest listening on {base} (tenant {DEMO_TENANT!r}, key in {config.parent}/demo.secret)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from processors.registry import ProcessorSpec
 from schemas.topics import ALL_TOPICS, Topic, changelog
 
 __all__ = ["ALL_TOPICS", "create_topics", "partition_count", "provision_processor"]
@@ -71,11 +72,12 @@ async def partition_count(bootstrap: str, topic: str) -> int:
 
 
 async def provision_processor(
-    bootstrap: str, input_topic: Topic, prefix: str, out_prefix: str, group: str, store: str,
+    bootstrap: str, spec: ProcessorSpec, prefix: str, out_prefix: str, group: str,
     partitions: int | None = None,
 ) -> None:
-    """Topics a processor needs: its input, every output, and its changelog (input's partitions)."""
-    await create_topics(bootstrap, prefix, topics=(input_topic,), partitions=partitions)
-    await create_topics(bootstrap, out_prefix, topics=ALL_TOPICS, partitions=partitions)
-    count = await partition_count(bootstrap, input_topic.full_name(prefix))
-    await create_topics(bootstrap, "", topics=(changelog(group, store, count),))
+    """Topics a processor needs: its input, its declared outputs, and its changelog (as many
+    partitions as the input)."""
+    await create_topics(bootstrap, prefix, topics=(spec.input,), partitions=partitions)
+    await create_topics(bootstrap, out_prefix, topics=spec.outputs, partitions=partitions)
+    count = await partition_count(bootstrap, spec.input.full_name(prefix))
+    await create_topics(bootstrap, "", topics=(changelog(group, spec.store, count),))

@@ -44,7 +44,7 @@ from ingest.parsing import Refusal, parse_notification
 from processors.call_records import CallRecords, CallRecordsConfig
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
-from processors.runtime import Runtime, RuntimeSettings
+from processors.runtime import Runtime
 from processors.state import Store
 from schemas.notification import Notification
 from schemas.topics import CALL_UPDATES, NOTIFICATIONS
@@ -103,10 +103,8 @@ async def raw_consume(bootstrap: str, topic: str, expected: int) -> float:
 async def processor_throughput(bootstrap: str, prefix: str, expected: int) -> dict[str, Any]:
     """Drain the topic with one call-records runtime (replay mode, EOS); records/s."""
     group = f"{prefix}bench.call-records"
-    await provision_processor(bootstrap, SPEC.input, prefix, prefix, group, SPEC.store)
-    settings = RuntimeSettings(bootstrap=bootstrap, group=group, store=SPEC.store,
-                               input_topic=SPEC.input.full_name(prefix), output_prefix=prefix,
-                               mode="replay", until_idle_s=2.0)
+    await provision_processor(bootstrap, SPEC, prefix, prefix, group)
+    settings = SPEC.settings(bootstrap, prefix, group=group, mode="replay", until_idle_s=2.0)
     metrics = ProcessorMetrics(group)
     runtime = Runtime(settings, SPEC.logic(), metrics)
     task = asyncio.create_task(runtime.run())
@@ -171,7 +169,7 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KEYYO_TOPIC_PREFIX": prefix}
     port = free_port()
     group = SPEC.group(prefix)
-    await provision_processor(bootstrap, SPEC.input, prefix, prefix, group, SPEC.store)
+    await provision_processor(bootstrap, SPEC, prefix, prefix, group)
     cli = [sys.executable, "-m", "deploy.cli", "--log-level", "warning"]
     edge_cmd = [*cli, "ingest", "--config", str(config), "--port", str(port)]
     health = free_port()
@@ -290,8 +288,7 @@ def main() -> int:
         print(f"filling {prefix}keyyo.notifications.v1 with {len(notes)} notifications ...", flush=True)
 
         async def throughput() -> None:
-            await provision_processor(bootstrap, SPEC.input, prefix, prefix,
-                                      f"{prefix}bench.call-records", SPEC.store)
+            await provision_processor(bootstrap, SPEC, prefix, prefix, f"{prefix}bench.call-records")
             await fill(bootstrap, NOTIFICATIONS.full_name(prefix), notes)
             print("raw consumer baseline ...", flush=True)
             raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -40,7 +41,7 @@ MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 """A longer query string is refused (414) and kept, clipped; Keyyo's longest is ~700 bytes."""
 MAX_REQUEST_LINE = 64 * 1024
-"""Past this, aiohttp cannot read the request: a JSON 414 answer, counted, not kept."""
+"""Past this, aiohttp cannot read the request: a JSON 400 answer, counted, not kept."""
 _JSON = "application/json"
 _REDACTED = "REDACTED"
 _UNKNOWN_TENANT = Tenant("", bytes(32))
@@ -338,7 +339,6 @@ async def run_edge(settings: IngestSettings, host: str, port: int, stop: asyncio
 
 def serve(settings: IngestSettings, host: str, port: int) -> None:
     """Run the edge until SIGINT/SIGTERM; then stop taking requests and flush the producer."""
-    import signal
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -7,7 +7,6 @@ make it (the record's due timers, the record, then every due timer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import orjson
@@ -41,13 +40,6 @@ class Driver:
         out = self.step.record(rec, self.wall_ms)
         out.extend(self.step.timers(self.wall_ms, self.partition))
         return self._commit(out)
-
-    def send_all(self, records: Iterable[tuple[bytes | None, bytes | None, int | None]]) -> list[Output]:
-        """Several records, each its own transaction."""
-        out: list[Output] = []
-        for key, value, ts in records:
-            out.extend(self.send(key, value, ts))
-        return out
 
     def tick(self, wall_ms: int | None = None) -> list[Output]:
         """Move the wall clock (live mode) and fire what is due, as an idle partition does."""

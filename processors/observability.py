@@ -88,18 +88,17 @@ async def health_server(host: str, port: int, metrics: ProcessorMetrics,
     app.router.add_get("/metrics", prometheus)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    candidates = [port, *range(port + 1, port + 1 + next_free)] if port and next_free else [port]
-    for i, candidate in enumerate(candidates):
+    last = port + next_free if port else port
+    for candidate in range(port, last + 1):
         site = web.TCPSite(runner, host, candidate)
         try:
             await site.start()
             break
         except OSError:
-            if i == len(candidates) - 1:
+            if candidate == last:
                 await runner.cleanup()
                 raise
-    port = candidate
-    bound = port
+    bound = candidate
     server: Any = site._server  # private: the only way to learn the port bound for port 0
     if server is not None and server.sockets:
         bound = server.sockets[0].getsockname()[1]

@@ -12,6 +12,7 @@ from typing import Any
 
 from processors.call_records import CallRecords, CallRecordsConfig
 from processors.contract import Logic
+from processors.runtime import RuntimeSettings
 from schemas.topics import CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS, Topic
 
 
@@ -20,11 +21,15 @@ class Option:
     """One processor-specific command-line option (``--name``), with its default and help."""
 
     name: str
-    """Option name without dashes, e.g. ``linger``; the value arrives under ``name`` with
-    dashes turned into underscores."""
+    """Option name without the leading dashes, e.g. ``ring-timeout``."""
     type: Callable[[str], Any]
     default: Any
     help: str
+
+    @property
+    def dest(self) -> str:
+        """Where the value arrives: the name with dashes turned into underscores."""
+        return self.name.replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -41,20 +46,26 @@ class ProcessorSpec:
     """Preferred side port; the next free one is taken when it is busy."""
     options: tuple[Option, ...]
     build: Callable[[Mapping[str, Any]], Logic[Any]]
-    """The logic, from the option values (keyed by :attr:`Option.name`, underscores)."""
+    """The logic, from the option values (keyed by :attr:`Option.dest`)."""
     description: str
 
     def group(self, output_prefix: str = "") -> str:
         """The default consumer group."""
         return f"{output_prefix}keyyo.{self.name}"
 
-    def defaults(self) -> dict[str, Any]:
-        """Every option at its default."""
-        return {o.name.replace("-", "_"): o.default for o in self.options}
-
     def logic(self, **values: Any) -> Logic[Any]:
-        """The logic with these option values (the others at their defaults)."""
-        return self.build({**self.defaults(), **values})
+        """The logic with these option values (keyed by :attr:`Option.dest`; the others at their
+        defaults)."""
+        return self.build({**{o.dest: o.default for o in self.options}, **values})
+
+    def settings(self, bootstrap: str, prefix: str = "", output_prefix: str | None = None,
+                 **overrides: Any) -> RuntimeSettings:
+        """Runtime settings of one process: input under ``prefix``, outputs (and the default group)
+        under ``output_prefix`` (default: ``prefix``), any other setting overridden."""
+        out = prefix if output_prefix is None else output_prefix
+        return RuntimeSettings(**{
+            "bootstrap": bootstrap, "group": self.group(out), "input_topic": self.input.full_name(prefix),
+            "output_prefix": out, "store": self.store, **overrides})
 
 
 def _call_records(v: Mapping[str, Any]) -> Logic[Any]:

@@ -30,7 +30,7 @@ from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.output import Output
 from processors.state import Store
-from processors.step import Limits, Record, Step
+from processors.step import Limits, Step
 
 log = logging.getLogger("keyyo.processor")
 
@@ -181,14 +181,15 @@ class Runtime:
         now = time.monotonic()
         out: dict[str, dict[str, Any]] = {}
         for p in self.parts.values():
-            hanging = p.txn_started is not None and now - p.txn_started > self.settings.stuck_after_s
-            if p.stuck_since is None and not hanging:
+            if p.stuck_since is not None:
+                since, error = p.stuck_since, p.last_error
+            elif p.txn_started is not None and now - p.txn_started > self.settings.stuck_after_s:
+                since, error = p.txn_started, "transaction not answered by Kafka"
+            else:
                 continue
-            since = p.stuck_since if p.stuck_since is not None else p.txn_started
-            error = p.last_error if p.stuck_since is not None else "transaction not answered by Kafka"
             out[f"{p.tp.topic}:{p.tp.partition}"] = {
-                "failures": p.failures, "stuck_for_s": round(now - (since or now), 1),
-                "offset": p.position, "error": error}
+                "failures": p.failures, "stuck_for_s": round(now - since, 1), "offset": p.position,
+                "error": error}
         return out
 
     def stop(self) -> None:
@@ -282,13 +283,12 @@ class Runtime:
             while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
                 rec = part.queue.popleft()
                 records.append(rec)
-                record = Record(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp)
-                tries = part.attempts.get(rec.offset, 0)
+                tries = part.attempts.get(rec.offset, 0) if part.careful else 0
                 if tries >= s.max_attempts:
-                    out = [step.dead_letter(record, f"not accepted by Kafka after {tries} attempts: "
-                                                    f"{part.last_error}", attempts=tries)]
+                    out = [step.dead_letter(rec, f"not accepted by Kafka after {tries} attempts: "
+                                                 f"{part.last_error}", attempts=tries)]
                 else:
-                    out = step.record(record, self.clock())
+                    out = step.record(rec, self.clock())
                 await self._write(writer, out)
             if flush_ms is not None:
                 await self._write(writer, step.flush(flush_ms, part.tp.partition))

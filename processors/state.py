@@ -35,9 +35,7 @@ class Store:
         self._heaps: dict[str, list[tuple[int, str]]] = {}
         self._popped: list[tuple[str, int, str]] = []
         self._times: dict[str, int] = {}
-        self._staged_times: dict[str, int] = {}
         self._undo: list[tuple[str, object]] | None = None
-        self._undo_times: list[tuple[str, int | None]] = []
         self.domain = ""
         """The time domain timers set now belong to (the runtime sets it before calling the logic)."""
 
@@ -118,39 +116,33 @@ class Store:
 
     def time(self, domain: str) -> int:
         """Stream time of ``domain`` (0 before its first event)."""
-        staged = self._staged_times.get(domain)
-        return staged if staged is not None else self._times.get(domain, 0)
+        staged = self._staged.get(_TIME + domain)
+        return int(staged) if staged is not None else self._times.get(domain, 0)
 
     def advance(self, domain: str, at_ms: int) -> None:
-        """Move ``domain``'s stream time forward to ``at_ms`` (never backwards)."""
+        """Move ``domain``'s stream time forward to ``at_ms`` (never backwards); staged like any
+        other entry, so an abort or a rolled-back step takes it back."""
         if at_ms > self.time(domain):
-            if self._undo is not None:
-                self._undo_times.append((domain, self._staged_times.get(domain)))
-            self._staged_times[domain] = at_ms
+            self._stage(_TIME + domain, str(at_ms).encode())
 
     # -- transactions ---------------------------------------------------------------------------
 
     def begin_step(self) -> None:
         """Start recording what the next piece of work stages, so it can be undone alone."""
         self._undo = []
-        self._undo_times = []
+
+    def end_step(self) -> None:
+        """Keep the step's work; stop recording."""
+        self._undo = None
 
     def rollback_step(self) -> None:
-        """Undo what was staged since :meth:`begin_step`."""
-        if self._undo is None:
-            return
-        for key, previous in reversed(self._undo):
+        """Undo what was staged since :meth:`begin_step`; stop recording."""
+        for key, previous in reversed(self._undo or ()):
             if previous is _MISSING:
                 self._staged.pop(key, None)
             else:
                 self._staged[key] = previous  # type: ignore[assignment]
-        for domain, previous_time in reversed(self._undo_times):
-            if previous_time is None:
-                self._staged_times.pop(domain, None)
-            else:
-                self._staged_times[domain] = previous_time
         self._undo = None
-        self._undo_times = []
 
     def step_keys(self) -> list[str]:
         """Keys staged since :meth:`begin_step`."""
@@ -158,31 +150,24 @@ class Store:
 
     def staged(self) -> dict[str, bytes | None]:
         """Writes since the last commit (value None = deletion), coalesced per key, clocks included."""
-        for domain, at in self._staged_times.items():
-            self._staged[_TIME + domain] = str(at).encode()
         return self._staged
 
     def commit(self) -> None:
         """Make staged writes durable in memory (the runtime calls it after Kafka's commit)."""
-        self.staged()
         for key, value in self._staged.items():
             # A copy sized to its content: orjson's bytes keep a far larger hidden capacity.
             self._apply(key, None if value is None else bytes(memoryview(value)))
         self._staged = {}
-        self._staged_times = {}
         self._popped = []
         self._undo = None
-        self._undo_times = []
 
     def abort(self) -> None:
         """Drop staged writes; timers taken by :meth:`due` become due again."""
         self._staged = {}
-        self._staged_times = {}
         for domain, at, key in self._popped:
             heapq.heappush(self._heaps.setdefault(domain, []), (at, key))
         self._popped = []
         self._undo = None
-        self._undo_times = []
 
     def restore(self, key: str, value: bytes | None) -> None:
         """Apply one changelog entry (restoration, no staging)."""

@@ -8,11 +8,12 @@ fires due timers (the runtime calls it after each transaction's records and when
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -40,17 +41,35 @@ class Limits:
     """Largest output or state value one record may produce (the broker refuses ~1 MB)."""
 
 
+class InputRecord(Protocol):
+    """What the step reads of an input record (aiokafka's ``ConsumerRecord`` is one)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int | None:
+        """The record's Kafka timestamp in ms (the producer's clock)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One input record as the step needs it."""
+    """An input record built by hand (the in-memory driver's)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int | None = None
-    """The record's Kafka timestamp (the producer's clock)."""
+    timestamp: int | None = None
 
 
 def _clip(raw: bytes | None, limit: int) -> str | None:
@@ -62,7 +81,7 @@ class Step:
 
     def __init__(self, logic: Logic[Any], store: Store, processor: str, *,
                  mode: Literal["live", "replay"] = "live", allowed_lateness_ms: int = 5000,
-                 limits: Limits | None = None, output_prefix: str = "",
+                 limits: Limits | None = None,
                  clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.logic = logic
         self.store = store
@@ -84,42 +103,47 @@ class Step:
 
     # -- records ----------------------------------------------------------------------------
 
-    def record(self, rec: Record, wall_ms: int) -> list[Output]:
+    def record(self, rec: InputRecord, wall_ms: int) -> list[Output]:
         """Outputs of one record: its domain's due timers, then the logic's (or a dead letter)."""
         try:
             event = self.logic.decode(rec.key, rec.value)
             event_ms = self.logic.event_time_ms(event)
             domain = self.logic.time_domain(event)
-        except Exception as exc:
+        except Exception as exc:  # whatever a record holds, it is set aside
             reason = str(exc) if isinstance(exc, Invalid) else f"undecodable: {type(exc).__name__}: {exc}"
             return [self.dead_letter(rec, reason)]
-        refusal = self._time_refusal(event_ms, rec.timestamp_ms, wall_ms)
+        refusal = self._time_refusal(event_ms, rec.timestamp, wall_ms)
         if refusal is not None:
             return [self.dead_letter(rec, refusal)]
-        store = self.store
-        store.advance(domain, event_ms)
+        self.store.advance(domain, event_ms)
         now = self.now(domain, wall_ms)
         outputs = self._due(domain, now, rec.partition)
+        produced, problem = self._isolated(
+            domain, functools.partial(self.logic.on_event, self.store, event, now), "processing failed",
+            (rec.topic, rec.partition, rec.offset))
+        outputs.extend(produced if problem is None else [self.dead_letter(rec, problem)])
+        return outputs
+
+    def _isolated(self, domain: str, work: Callable[[], list[Output]], failed: str,
+                  where: tuple[str, int, int | None]) -> tuple[list[Output], str | None]:
+        """Run one piece of the logic so that, if it fails or outgrows a bound, its work is undone
+        and the reason returned instead of its outputs."""
+        store = self.store
         store.domain = domain
         store.begin_step()
         try:
-            produced = self.logic.on_event(store, event, now)
-            oversized = self._oversized(produced)
+            produced = work()
+            problem = self._oversized(produced)
         except Refused as exc:
+            problem = f"refused: {exc}"
+        except Exception as exc:  # a bug, or an input the logic did not foresee
+            self._log_bug(exc, *where)
+            problem = f"{failed}: {type(exc).__name__}: {exc}"
+        if problem is not None:
             store.rollback_step()
-            outputs.append(self.dead_letter(rec, f"refused: {exc}"))
-            return outputs
-        except Exception as exc:
-            store.rollback_step()
-            self._log_bug(exc, rec.topic, rec.partition, rec.offset)
-            outputs.append(self.dead_letter(rec, f"processing failed: {type(exc).__name__}: {exc}"))
-            return outputs
-        if oversized is not None:
-            store.rollback_step()
-            outputs.append(self.dead_letter(rec, oversized))
-            return outputs
-        outputs.extend(produced)
-        return outputs
+            return [], problem
+        store.end_step()
+        return produced, None
 
     def _time_refusal(self, event_ms: int, record_ms: int | None, wall_ms: int) -> str | None:
         ahead = self.limits.max_ahead_ms
@@ -175,24 +199,16 @@ class Step:
             return []
         outputs: list[Output] = []
         for key in list(store.due(domain, now)):
-            store.domain = domain
-            store.begin_step()
-            try:
-                produced = self.logic.on_timer(store, key, now)
-                problem = self._oversized(produced)
-            except Exception as exc:
-                self._log_bug(exc, "timer", partition, None)
-                problem = f"timer failed: {type(exc).__name__}: {exc}"
-            if problem is not None:
-                store.rollback_step()
-                outputs.append(self._timer_dead_letter(partition, domain, key, problem))
-                continue
-            outputs.extend(produced)
+            produced, problem = self._isolated(
+                domain, functools.partial(self.logic.on_timer, store, key, now), "timer failed",
+                ("timer", partition, None))
+            outputs.extend(produced if problem is None
+                           else [self._timer_dead_letter(partition, domain, key, problem)])
         return outputs
 
     # -- dead letters -----------------------------------------------------------------------
 
-    def dead_letter(self, rec: Record, reason: str, attempts: int = 1) -> Output:
+    def dead_letter(self, rec: InputRecord, reason: str, attempts: int = 1) -> Output:
         """The dead-letter record of ``rec`` (its value clipped to :data:`KEPT_VALUE_BYTES`)."""
         self.dead_letters += 1
         value = {

@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from deploy.topics import provision_processor
+from deploy.topics import create_topics, provision_processor
 from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, schedule
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
-from processors.runtime import Runtime, RuntimeSettings
+from processors.runtime import Runtime
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 from tests.integration.edge import TENANTS
 from tests.kafka import read_values
@@ -36,18 +36,15 @@ def group_of(prefix: str) -> str:
 async def provision(bootstrap: str, prefix: str, out_prefix: str | None = None,
                     group: str | None = None) -> None:
     out = prefix if out_prefix is None else out_prefix
-    await provision_processor(bootstrap, SPEC.input, prefix, out, group or group_of(out), SPEC.store,
-                              partitions=3)
+    await create_topics(bootstrap, prefix, partitions=3)
+    await provision_processor(bootstrap, SPEC, prefix, out, group or group_of(out), partitions=3)
 
 
 @asynccontextmanager
 async def running_processor(bootstrap: str, prefix: str, logic: Logic[Any] | None = None,
                             **overrides: Any) -> AsyncIterator[Runtime]:
     """A call-records runtime in this process (live mode, fast clocks)."""
-    settings = RuntimeSettings(**{
-        "bootstrap": bootstrap, "group": group_of(prefix),
-        "input_topic": SPEC.input.full_name(prefix), "output_prefix": prefix, "store": SPEC.store,
-        "allowed_lateness_ms": 300, **overrides})
+    settings = SPEC.settings(bootstrap, prefix, **{"allowed_lateness_ms": 300, **overrides})
     runtime = Runtime(settings, logic or SPEC.logic(**FAST), ProcessorMetrics(settings.group))
     task = asyncio.create_task(runtime.run())
     try:
@@ -59,10 +56,7 @@ async def running_processor(bootstrap: str, prefix: str, logic: Logic[Any] | Non
 
 async def run_to_end(bootstrap: str, prefix: str, **overrides: Any) -> None:
     """A call-records runtime in burst mode, until it drains its input and exits."""
-    settings = RuntimeSettings(**{
-        "bootstrap": bootstrap, "group": group_of(prefix),
-        "input_topic": SPEC.input.full_name(prefix), "output_prefix": prefix, "store": SPEC.store,
-        **overrides})
+    settings = SPEC.settings(bootstrap, prefix, **overrides)
     runtime = Runtime(settings, SPEC.logic(**FAST), ProcessorMetrics(settings.group))
     await asyncio.wait_for(runtime.run(), 120)
 
