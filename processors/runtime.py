@@ -170,6 +170,7 @@ class Runtime:
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: dict[str, list[int]] = {}
         self._key_partition: dict[tuple[str, bytes], int] = {}
+        self._targets: dict[str, tuple[str, Any]] = {}
 
     def readiness(self) -> dict[str, bool]:
         """For ``/readyz``: joined the group, every owned partition restored, none stuck."""
@@ -361,10 +362,14 @@ class Runtime:
         return _BatchWriter(producer, self._partitions, self._key_partition)
 
     async def _write(self, writer: _BatchWriter, outputs: Iterable[Output]) -> None:
-        prefix = self.settings.output_prefix
         for out in outputs:
-            await writer.add(prefix + out.topic, out.key, out.value)
-            self.metrics.records_out.labels(self.metrics.processor, out.topic).inc()
+            target = self._targets.get(out.topic)
+            if target is None:  # once per topic: its full name and its counter
+                target = self._targets[out.topic] = (
+                    self.settings.output_prefix + out.topic,
+                    self.metrics.records_out.labels(self.metrics.processor, out.topic))
+            await writer.add(target[0], out.key, out.value)
+            target[1].inc()
 
     async def _write_changelog(self, writer: _BatchWriter, part: _Partition) -> None:
         topic = self.settings.changelog_topic

@@ -144,9 +144,10 @@ class Store:
                 self._staged[key] = previous  # type: ignore[assignment]
         self._undo = None
 
-    def step_keys(self) -> list[str]:
-        """Keys staged since :meth:`begin_step`."""
-        return [key for key, _ in self._undo or ()]
+    def step_largest(self) -> int:
+        """Size of the largest value staged since :meth:`begin_step` (0 if none)."""
+        staged = self._staged
+        return max((len(v) for key, _ in self._undo or () if (v := staged[key]) is not None), default=0)
 
     def staged(self) -> dict[str, bytes | None]:
         """Writes since the last commit (value None = deletion), coalesced per key, clocks included."""

@@ -160,10 +160,8 @@ class Step:
         for out in produced:
             if len(out.value) > limit:
                 return f"an output to {out.topic} of {len(out.value)} bytes exceeds {limit} bytes"
-        for key in self.store.step_keys():
-            value = self.store.get(key)
-            if value is not None and len(value) > limit:
-                return f"state entry of {len(value)} bytes exceeds {limit} bytes"
+        if (largest := self.store.step_largest()) > limit:
+            return f"state entry of {largest} bytes exceeds {limit} bytes"
         return None
 
     # -- timers -----------------------------------------------------------------------------

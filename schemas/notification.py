@@ -6,6 +6,7 @@ Field names are a published contract: more may be added, none renamed.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -70,26 +71,20 @@ def notification_from_wire(data: object) -> Notification:
         raise ContractViolation("value is not a JSON object")
     if data.get("schema") != SCHEMA:
         raise _violation("schema", f"expected {SCHEMA!r}")
-    for name, pattern, limit, empty_ok, null_ok in _STRINGS:
-        value = data.get(name, _ABSENT)
-        if value is _ABSENT:
-            raise _violation(name, "missing")
-        if value is None:
-            if null_ok:
-                continue
-            raise _violation(name, "must not be null")
-        if type(value) is not str:
-            raise _violation(name, f"expected a string, got {type(value).__name__}")
-        if len(value) > limit:
-            raise _violation(name, f"longer than {limit} characters ({len(value)})")
-        if not value:
-            if empty_ok:
-                continue
-            raise _violation(name, "must not be empty")
-        if not pattern.fullmatch(value) and not (value == "anonymous" and name in ("caller", "callee")):
-            raise _violation(name, "does not match the contract's pattern")
-    kind = data.get("type")
-    if kind not in NOTIFICATION_TYPES:
+    try:
+        values = _STRING_VALUES(data)
+    except KeyError as exc:
+        raise _violation(str(exc.args[0]), "missing") from None
+    for (name, pattern, limit, empty_ok, null_ok), value in zip(_STRINGS, values, strict=True):
+        # The common case costs a type check, a length and one match; the rest says why not.
+        if type(value) is str and 0 < len(value) <= limit and pattern.fullmatch(value):
+            continue
+        if (value is None and null_ok) or (value == "" and empty_ok):
+            continue
+        if value == "anonymous" and name in ("caller", "callee"):
+            continue
+        raise _string_violation(name, value, limit)
+    if data.get("type") not in NOTIFICATION_TYPES:
         raise _violation("type", "expected SETUP, CONNECT or RELEASE")
     if type(data.get("is_acd")) is not bool:
         raise _violation("is_acd", "expected a boolean")
@@ -103,10 +98,22 @@ def notification_from_wire(data: object) -> Notification:
         parse_rfc3339_ms(data["event_time"])
     except ValueError as exc:
         raise _violation("event_time", f"not a valid time: {exc}") from None
-    return Notification.from_dict(data)
+    return Notification(*_FIELD_VALUES(data))
 
 
-_ABSENT = object()
+def _string_violation(name: str, value: object, limit: int) -> ContractViolation:
+    if value is None:
+        return _violation(name, "must not be null")
+    if type(value) is not str:
+        return _violation(name, f"expected a string, got {type(value).__name__}")
+    if len(value) > limit:
+        return _violation(name, f"longer than {limit} characters ({len(value)})")
+    if not value:
+        return _violation(name, "must not be empty")
+    return _violation(name, "does not match the contract's pattern")
+
+
+_STRING_VALUES = operator.itemgetter(*(entry[0] for entry in _STRINGS))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -171,6 +178,10 @@ class Notification:
     def from_json(cls, raw: bytes) -> Notification:
         """Parse the wire form."""
         return cls.from_dict(orjson.loads(raw))
+
+
+_FIELD_VALUES = operator.itemgetter(*Notification.__dataclass_fields__)
+"""Every field of a wire value, in the dataclass's order (all present once validated)."""
 
 
 @dataclass(frozen=True, slots=True)
