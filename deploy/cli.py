@@ -111,13 +111,17 @@ def cmd_process(args: argparse.Namespace) -> int:
     out_prefix = args.output_prefix if args.output_prefix is not None else prefix
     settings = spec.settings(
         bootstrap, prefix, out_prefix, group=args.group or spec.group(out_prefix),
-        mode=args.mode, allowed_lateness_ms=args.lateness_ms, until_idle_s=args.until_idle,
-        slice_ms=args.slice_ms,
+        mode=args.mode or spec.default_mode, allowed_lateness_ms=args.lateness_ms,
+        until_idle_s=args.until_idle, slice_ms=args.slice_ms,
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
         limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
         max_attempts=args.max_attempts,
     )
-    logic = spec.logic(**{o.dest: getattr(args, o.dest) for o in spec.options})
+    try:
+        logic = spec.logic(**{o.dest: getattr(args, o.dest) for o in spec.options})
+    except ValueError as exc:  # a configuration mistake: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> bool:
         await provision_processor(bootstrap, spec, prefix, out_prefix, settings.group)
@@ -133,14 +137,15 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 1
 
 
-def add_runtime_options(p: argparse.ArgumentParser, default_port: int) -> None:
+def add_runtime_options(p: argparse.ArgumentParser, default_port: int, default_mode: str) -> None:
     """The options every processor takes."""
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
     p.add_argument("--prefix", help="input topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
     p.add_argument("--output-prefix", help="output topic prefix (default: the input prefix)")
     p.add_argument("--group", help="consumer group (default OUTPUT_PREFIX + keyyo.NAME)")
-    p.add_argument("--mode", choices=["live", "replay"], default="live",
-                   help="live: quiet tenants' time follows the wall clock; replay: event time only")
+    p.add_argument("--mode", choices=["live", "replay"], default=None,
+                   help="live: quiet tenants' time follows the wall clock; replay: event time only "
+                        f"(default {default_mode})")
     p.add_argument("--lateness-ms", type=int, default=5000,
                    help="live mode: stream time is at least wall clock minus this")
     p.add_argument("--slice-ms", type=int, default=8,
@@ -235,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="name", required=True, metavar="NAME")
     for spec in PROCESSORS.values():
         kp = kinds.add_parser(spec.name, help=spec.description, description=spec.description)
-        add_runtime_options(kp, spec.health_port)
+        add_runtime_options(kp, spec.health_port, spec.default_mode)
         for option in spec.options:
             kp.add_argument(f"--{option.name}", type=option.type, default=option.default,
                             help=f"{option.help} (default {option.default})")
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tail", cmd_tail, "Print a topic's records readably (notifications, rejected, ...).")
     p.add_argument("topic", help="topic base name or short name: notifications, rejected, "
-                   "call-updates, call-records")
+                   "call-updates, call-records, acd-stats, dead-letters")
     p.add_argument("--bootstrap")
     p.add_argument("--prefix")
     p.add_argument("--from-beginning", action="store_true")

@@ -13,6 +13,8 @@ SHORT_NAMES = {
     "rejected": "keyyo.notifications.rejected.v1",
     "call-updates": "keyyo.call-updates.v1",
     "call-records": "keyyo.call-records.v1",
+    "acd-stats": "keyyo.acd-stats.v1",
+    "dead-letters": "keyyo.dead-letters.v1",
 }
 
 
@@ -39,6 +41,14 @@ def render(value: dict[str, Any]) -> str:
     if schema == "keyyo.call-update.v1":
         return (f"{value.get('updated_at')} {value.get('tenant'):<10} {value.get('state'):<8} "
                 f"{value.get('caller')} -> {value.get('callee')} legs={len(value.get('legs', []))}")
+    if schema == "keyyo.acd-stats.v1":
+        sl = value.get("service_level")
+        return (f"{value.get('local_start')} {value.get('tenant'):<10} {value.get('queue')} "
+                f"{value.get('interval_minutes')}min offered={value.get('offered')} "
+                f"answered={value.get('answered')} abandoned={value.get('abandoned')} "
+                f"voicemail={value.get('voicemail')} sl={'-' if sl is None else f'{sl:.0%}'} "
+                f"asa={value.get('asa_seconds')}s rev={value.get('revision')}"
+                f"{' final' if value.get('final') else ''}")
     return orjson.dumps(value).decode()
 
 

@@ -10,10 +10,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from processors.acd_config import load_acd_config
+from processors.acd_stats import AcdStatsLogic
 from processors.call_records import CallRecords, CallRecordsConfig
 from processors.contract import Logic
 from processors.runtime import RuntimeSettings
-from schemas.topics import CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS, Topic
+from schemas.topics import ACD_STATS, CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS, Topic
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ProcessorSpec:
     build: Callable[[Mapping[str, Any]], Logic[Any]]
     """The logic, from the option values (keyed by :attr:`Option.dest`)."""
     description: str
+    default_mode: str = "live"
+    """``live`` (quiet tenants' time follows the wall clock) or ``replay`` (event time only)."""
 
     def group(self, output_prefix: str = "") -> str:
         """The default consumer group."""
@@ -65,7 +69,7 @@ class ProcessorSpec:
         out = prefix if output_prefix is None else output_prefix
         return RuntimeSettings(**{
             "bootstrap": bootstrap, "group": self.group(out), "input_topic": self.input.full_name(prefix),
-            "output_prefix": out, "store": self.store, **overrides})
+            "output_prefix": out, "store": self.store, "mode": self.default_mode, **overrides})
 
 
 def _call_records(v: Mapping[str, Any]) -> Logic[Any]:
@@ -93,5 +97,22 @@ CALL_RECORDS_SPEC = ProcessorSpec(
     description="Correlate notifications into call records and live call updates.",
 )
 
-PROCESSORS: dict[str, ProcessorSpec] = {spec.name: spec for spec in (CALL_RECORDS_SPEC,)}
+ACD_STATS_SPEC = ProcessorSpec(
+    name="acd-stats",
+    input=CALL_RECORDS,
+    outputs=(ACD_STATS, DEAD_LETTERS),
+    store="state",
+    health_port=9111,
+    options=(
+        Option("config", str, None, "TOML file with [acd] defaults and [acd.tenants.<id>] overrides "
+               "and queues (without it: every default, one queue per tenant)"),
+    ),
+    build=lambda v: AcdStatsLogic(load_acd_config(v["config"])),
+    description="Contact-centre figures per tenant, queue and interval from the call records.",
+    # Event time only: backfilling old records after an outage must not find their intervals
+    # closed by the wall clock. Quiet tenants' last intervals turn final with their next record.
+    default_mode="replay",
+)
+
+PROCESSORS: dict[str, ProcessorSpec] = {spec.name: spec for spec in (CALL_RECORDS_SPEC, ACD_STATS_SPEC)}
 """Every declared processor, by name."""

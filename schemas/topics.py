@@ -70,8 +70,19 @@ DEAD_LETTERS = Topic(
     configs={"retention.ms": str(30 * DAY_MS)},
 )
 
+ACD_STATS = Topic(
+    name="keyyo.acd-stats.v1",
+    key="tenant|queue|interval_start",
+    partitions=12,
+    cleanup_policy="compact,delete",
+    schema="keyyo.acd-stats.v1.schema.json",
+    # Compaction keeps the latest figures of each interval; deletion forgets intervals after 2 years.
+    configs={"retention.ms": str(730 * DAY_MS), "min.compaction.lag.ms": str(3600 * 1000),
+             "segment.ms": str(DAY_MS)},
+)
+
 ALL_TOPICS: tuple[Topic, ...] = (
-    NOTIFICATIONS, NOTIFICATIONS_REJECTED, CALL_UPDATES, CALL_RECORDS, DEAD_LETTERS,
+    NOTIFICATIONS, NOTIFICATIONS_REJECTED, CALL_UPDATES, CALL_RECORDS, DEAD_LETTERS, ACD_STATS,
 )
 
 

@@ -93,10 +93,11 @@ class Flow:
 
 
 def incoming_call(tenant: str = "acme", acd_session: str | None = None,
-                  redirecting: str | None = None, caller: str = EXTERNAL) -> Flow:
-    """An inbound call from ``caller`` (an ACD call when ``acd_session`` is given)."""
+                  redirecting: str | None = None, caller: str = EXTERNAL, at: int = T0) -> Flow:
+    """An inbound call from ``caller`` (an ACD call when ``acd_session`` is given), its first
+    event at ``at`` (ms) plus the first step's ``after``."""
     return Flow(tenant=tenant, session_id=acd_session, is_acd=acd_session is not None,
-                redirecting=redirecting, caller=caller)
+                redirecting=redirecting, caller=caller, t=at)
 
 
 def outgoing_call(to: str = EXTERNAL, tenant: str = "acme") -> Flow:

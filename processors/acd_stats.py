@@ -1,0 +1,391 @@
+"""ACD statistics: fold call records into per (tenant, queue, interval) figures; pure, no I/O.
+
+Input: ``keyyo.call-records.v1`` (key = tenant). Only ACD calls (``is_acd``) count; every record
+moves its tenant's clock (event time = ``ended_at``, else ``started_at``). A call belongs to the
+interval holding its ``started_at``, aligned in the tenant's time zone.
+
+State keys (tenant ``t``, queue ``q``, interval start ``iv`` in ms):
+
+- ``a/t/q/iv``: the interval's counts and sums (milliseconds), its revision and ``final`` flag;
+  its timer makes it final at end + grace, then forgets it at end + restatement window;
+- ``k/t/<record_id>``: what a call contributed (queue, interval, slot, revision, outcome, wait,
+  talk, flags, agents), so a restated record replaces exactly its earlier contribution;
+- ``m/t/q/iv/<slot>``: the record ids of an interval, so its entries can be forgotten together and
+  its maximum wait recomputed when a restatement lowers it.
+
+Each change emits the interval's figures with revision + 1 (definitions in the README).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from processors.acd_config import AcdConfig, TenantAcd
+from processors.contract import Invalid, Output, Refused, Store
+from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, stats_key
+from schemas.call_record import CALL_RECORD_SCHEMA
+from schemas.notification import parse_rfc3339_ms, rfc3339_ms
+from schemas.topics import ACD_STATS
+
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_NUMBER = re.compile(r"\+?[0-9]{0,64}")
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
+_OUTCOMES = {"answered": "a", "voicemail": "v", "abandoned": "b", "missed": "b", "no_answer": "b"}
+"""An ACD call not answered (abandoned; missed or no_answer from another producer) is abandoned."""
+WITHIN_SL, SHORT = 1, 2
+QUARTER_MS = 900_000
+_YEAR_2200_MS = 7_258_118_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class AcdCall:
+    """What the figures need of a call record."""
+
+    tenant: str
+    record_id: str
+    revision: int
+    is_acd: bool
+    outcome: str
+    """``a`` answered, ``b`` abandoned, ``v`` voicemail."""
+    started_ms: int
+    event_ms: int
+    answered_ms: int | None
+    wait_ms: int
+    talk_ms: int
+    callee: str
+    redirecting: str | None
+    legs: tuple[tuple[str, int | None, int | None], ...]
+    """(agent line, connect ms, release ms), in the record's order (rung first, first)."""
+
+
+def _str(rec: dict[str, Any], name: str, pattern: re.Pattern[str], nullable: bool = False) -> Any:
+    value = rec.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise Invalid(f"{name}: {'missing or ' if value is None else ''}not a valid value")
+    return value
+
+
+def _time(rec: dict[str, Any], name: str, nullable: bool = True) -> int | None:
+    value = rec.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or not _TIME.fullmatch(value):
+        raise Invalid(f"{name}: not an RFC 3339 UTC time")
+    try:
+        ms = parse_rfc3339_ms(value)
+    except ValueError:
+        raise Invalid(f"{name}: not a real date") from None
+    if not 0 <= ms < _YEAR_2200_MS:
+        raise Invalid(f"{name}: outside the years 1970-2199")
+    return ms
+
+
+def _seconds_ms(rec: dict[str, Any], name: str) -> int:
+    value = rec.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0 <= value <= 10 * 86400:
+        raise Invalid(f"{name}: not a number of seconds between 0 and 864000")
+    return round(value * 1000)
+
+
+def decode_record(key: bytes | None, value: bytes | None) -> AcdCall:
+    """The call of a ``keyyo.call-record.v1`` record; :class:`Invalid` says which field is wrong."""
+    if value is None:
+        raise Invalid("value: missing (a tombstone)")
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(f"value: not JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise Invalid("value: not a JSON object")
+    if rec.get("schema") != CALL_RECORD_SCHEMA:
+        raise Invalid(f"schema: expected {CALL_RECORD_SCHEMA!r}")
+    tenant = _str(rec, "tenant", _TENANT)
+    if key is None or key != tenant.encode():
+        raise Invalid(f"key: the record key must be the tenant {tenant!r}")
+    revision = rec.get("revision")
+    if isinstance(revision, bool) or not isinstance(revision, int) or not 1 <= revision <= 1_000_000:
+        raise Invalid("revision: not an integer from 1")
+    is_acd = rec.get("is_acd")
+    if not isinstance(is_acd, bool):
+        raise Invalid("is_acd: not a boolean")
+    started = _time(rec, "started_at", nullable=False)
+    assert started is not None
+    ended = _time(rec, "ended_at")
+    record_id = _str(rec, "record_id", _RECORD_ID)
+    if not is_acd:
+        return AcdCall(tenant, record_id, revision, False, "", started, ended or started, None, 0, 0,
+                       "", None, ())
+    outcome = _OUTCOMES.get(rec.get("outcome"))  # type: ignore[arg-type]
+    if outcome is None:
+        raise Invalid(f"outcome: expected one of {', '.join(_OUTCOMES)}")
+    legs_raw = rec.get("legs")
+    if not isinstance(legs_raw, list) or not legs_raw or len(legs_raw) > 1024:
+        raise Invalid("legs: expected a list of 1 to 1024 legs")
+    legs = []
+    for i, leg in enumerate(legs_raw):
+        if not isinstance(leg, dict):
+            raise Invalid(f"legs[{i}]: not an object")
+        try:
+            legs.append((_str(leg, "account", _NUMBER), _time(leg, "connect_at"), _time(leg, "release_at")))
+        except Invalid as exc:
+            raise Invalid(f"legs[{i}].{exc}") from None
+    return AcdCall(
+        tenant, record_id, revision, True, outcome, started, ended if ended is not None else started,
+        _time(rec, "answered_at"), _seconds_ms(rec, "wait_seconds"), _seconds_ms(rec, "talk_seconds"),
+        _str(rec, "callee", _NUMBER), _str(rec, "redirecting_number", _NUMBER, nullable=True),
+        tuple(legs))
+
+
+class AcdStatsLogic:
+    """The acd-stats logic (see the module docstring)."""
+
+    def __init__(self, config: AcdConfig | None = None) -> None:
+        self.config = config or AcdConfig()
+        self._intervals: dict[tuple[str, int, int], int] = {}
+
+    decode = staticmethod(decode_record)
+
+    @staticmethod
+    def event_time_ms(call: AcdCall) -> int:
+        """A record's time is when its call ended."""
+        return call.event_ms
+
+    @staticmethod
+    def time_domain(call: AcdCall) -> str:
+        """Each tenant has its own clock."""
+        return call.tenant
+
+    # -- intervals --------------------------------------------------------------------------
+
+    def interval_start(self, ms: int, tc: TenantAcd) -> int:
+        """Start (UTC ms) of the ``tc.interval_minutes`` interval holding ``ms``, aligned in the
+        tenant's time zone at the offset in force at ``ms`` (so a DST change never gives an
+        interval of another length; the hour repeated in autumn gives two distinct intervals)."""
+        key = (tc.timezone, tc.interval_minutes, ms // QUARTER_MS)
+        start = self._intervals.get(key)
+        if start is None:
+            offset = datetime.fromtimestamp(ms / 1000, tc.zone).utcoffset()
+            offset_ms = int(offset.total_seconds() * 1000) if offset is not None else 0
+            local = ms + offset_ms
+            start = local - local % (tc.interval_minutes * 60_000) - offset_ms
+            if offset_ms % QUARTER_MS == 0:  # then a UTC quarter-hour lies in one interval
+                if len(self._intervals) > 100_000:
+                    self._intervals.clear()
+                self._intervals[key] = start
+        return start
+
+    # -- events -----------------------------------------------------------------------------
+
+    def on_event(self, store: Store, call: AcdCall, now_ms: int) -> list[Output]:
+        """Count (or restate) one call in its interval; return the interval's new figures."""
+        if not call.is_acd:
+            return []
+        t = call.tenant
+        tc = self.config.tenant(t)
+        kkey = f"k/{t}/{call.record_id}"
+        raw = store.get(kkey)
+        old = orjson.loads(raw) if raw is not None else None
+        if old is not None and old[3] >= call.revision:
+            return []  # this revision (or a later one) is already counted
+        queue = tc.queue_of(call.callee, call.redirecting, [leg[0] for leg in call.legs])
+        iv = self.interval_start(call.started_ms, tc)
+        length = tc.interval_minutes * 60_000
+        closed_at = iv + length + int(tc.restate_hours * 3600_000)
+        if now_ms >= closed_at:
+            raise Refused(f"the call started in the interval of {rfc3339_ms(iv)}, closed to "
+                          f"restatement since {rfc3339_ms(closed_at)} (restate_hours "
+                          f"{tc.restate_hours:g}); stream time is {rfc3339_ms(now_ms)}")
+        contribution = self._contribution(call, tc, queue, iv)
+        outputs: list[Output] = []
+        akey = f"a/{t}/{queue}/{iv}"
+        agg = self._load(store, akey)
+        if old is not None and old[0] == queue and old[1] == iv and agg is not None:
+            contribution[2] = old[2]
+            self._apply(agg, old, -1)
+        else:
+            if old is not None:
+                outputs.extend(self._withdraw(store, t, old, tc, now_ms))
+            if agg is None:
+                agg = self._new_interval(store, akey, t, queue, iv, tc, now_ms)
+            contribution[2] = agg["n"]
+            store.put(f"m/{t}/{queue}/{iv}/{agg['n']}", call.record_id.encode())
+            agg["n"] += 1
+        store.put(kkey, orjson.dumps(contribution))
+        self._apply(agg, contribution, +1)
+        outputs.append(self._emit(store, akey, agg, tc, now_ms))
+        return outputs
+
+    @staticmethod
+    def _contribution(call: AcdCall, tc: TenantAcd, queue: str, iv: int) -> list[Any]:
+        o, w = call.outcome, call.wait_ms
+        flags = 0
+        if o != "v" and w <= tc.service_level_seconds * 1000:
+            flags |= WITHIN_SL
+        if o == "b" and w < tc.short_abandon_seconds * 1000:
+            flags |= SHORT
+        agents: dict[str, list[int]] = {}
+        voicemail_at = call.answered_ms if o == "v" else None
+        for line, connect, release in call.legs:
+            a = agents.setdefault(line, [0, 0, 0])
+            a[0] += 1
+            if connect is not None and connect != voicemail_at:
+                a[1] += 1
+                if release is not None:
+                    a[2] += max(0, release - connect)
+        return [queue, iv, 0, call.revision, o, w, call.talk_ms if o == "a" else 0, flags,
+                [[line, *a] for line, a in agents.items()]]
+
+    @staticmethod
+    def _apply(agg: dict[str, Any], c: list[Any], sign: int) -> None:
+        """Add (sign 1) or take away (sign -1) one call's contribution."""
+        counts, sums = agg["c"], agg["s"]
+        _, _, _, _, o, w, talk, flags, agents = c
+        counts[0] += sign
+        sums[0] += sign * w
+        if o == "a":
+            counts[1] += sign
+            sums[1] += sign * w
+            sums[3] += sign * talk
+            if flags & WITHIN_SL:
+                counts[5] += sign
+        elif o == "b":
+            counts[2] += sign
+            sums[2] += sign * w
+            if flags & SHORT:
+                counts[4] += sign
+            if flags & WITHIN_SL:
+                counts[6] += sign
+        else:
+            counts[3] += sign
+        if sign > 0:
+            if agg["mx"] is not None:
+                agg["mx"] = max(agg["mx"], w)
+        elif w >= agg["mx"]:
+            agg["mx"] = None  # recomputed from the members before the figures are written
+        ag = agg["ag"]
+        for line, offered, answered, talk_ms in agents:
+            a = ag.setdefault(line, [0, 0, 0])
+            a[0] += sign * offered
+            a[1] += sign * answered
+            a[2] += sign * talk_ms
+            if a[0] <= 0:
+                del ag[line]
+
+    def _withdraw(self, store: Store, t: str, old: list[Any], tc: TenantAcd, now_ms: int) -> list[Output]:
+        """Take a restated call out of the interval (or queue) it was counted in."""
+        okey = f"a/{t}/{old[0]}/{old[1]}"
+        oagg = self._load(store, okey)
+        if oagg is None:
+            return []  # that interval was forgotten already
+        self._apply(oagg, old, -1)
+        store.delete(f"m/{t}/{old[0]}/{old[1]}/{old[2]}")
+        return [self._emit(store, okey, oagg, tc, now_ms)]
+
+    def _new_interval(self, store: Store, akey: str, t: str, queue: str, iv: int, tc: TenantAcd,
+                      now_ms: int) -> dict[str, Any]:
+        end = iv + tc.interval_minutes * 60_000
+        final = now_ms >= end + tc.grace_seconds * 1000
+        store.wake(akey, end + int(tc.restate_hours * 3600_000 if final else tc.grace_seconds * 1000))
+        return {"t": t, "q": queue, "iv": iv, "m": tc.interval_minutes, "rev": 0, "final": final,
+                "n": 0, "c": [0] * len(COUNTS), "s": [0] * len(SUMS), "mx": -1, "ag": {}}
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def on_timer(self, store: Store, key: str, now_ms: int) -> list[Output]:
+        """An interval's end + grace (it becomes final) or end + restatement window (forgotten)."""
+        agg = self._load(store, key)
+        if agg is None:
+            return []
+        tc = self.config.tenant(agg["t"])
+        end = agg["iv"] + agg["m"] * 60_000
+        if not agg["final"]:
+            final_at = end + int(tc.grace_seconds * 1000)
+            if now_ms < final_at:
+                store.wake(key, final_at)
+                return []
+            agg["final"] = True
+            store.wake(key, end + int(tc.restate_hours * 3600_000))
+            return [self._emit(store, key, agg, tc, now_ms)]
+        forget_at = end + int(tc.restate_hours * 3600_000)
+        if now_ms < forget_at:
+            store.wake(key, forget_at)
+            return []
+        self._forget(store, agg)
+        store.delete(key)
+        return []
+
+    @staticmethod
+    def _forget(store: Store, agg: dict[str, Any]) -> None:
+        t, q, iv = agg["t"], agg["q"], agg["iv"]
+        for slot in range(agg["n"]):
+            mkey = f"m/{t}/{q}/{iv}/{slot}"
+            rid = store.get(mkey)
+            if rid is None:
+                continue
+            kkey = f"k/{t}/{rid.decode()}"
+            raw = store.get(kkey)
+            if raw is not None:
+                c = orjson.loads(raw)
+                if c[0] == q and c[1] == iv:
+                    store.delete(kkey)
+            store.delete(mkey)
+
+    # -- state and output -------------------------------------------------------------------
+
+    @staticmethod
+    def _load(store: Store, key: str) -> dict[str, Any] | None:
+        raw = store.get(key)
+        return orjson.loads(raw) if raw is not None else None
+
+    @staticmethod
+    def _max_wait(store: Store, agg: dict[str, Any]) -> int:
+        """The longest wait among the interval's calls, read from their contributions."""
+        t, q, iv = agg["t"], agg["q"], agg["iv"]
+        longest = -1
+        for slot in range(agg["n"]):
+            rid = store.get(f"m/{t}/{q}/{iv}/{slot}")
+            if rid is not None and (raw := store.get(f"k/{t}/{rid.decode()}")) is not None:
+                c = orjson.loads(raw)
+                if c[0] == q and c[1] == iv:
+                    longest = max(longest, c[5])
+        return longest
+
+    def _emit(self, store: Store, key: str, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> Output:
+        if agg["mx"] is None:
+            agg["mx"] = self._max_wait(store, agg)
+        agg["rev"] += 1
+        store.put(key, orjson.dumps(agg))
+        return Output(ACD_STATS.name, stats_key(agg["t"], agg["q"], rfc3339_ms(agg["iv"])),
+                      orjson.dumps(self.figures(agg, tc, now_ms)))
+
+    @staticmethod
+    def figures(agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> dict[str, Any]:
+        """The ``keyyo.acd-stats.v1`` value of an interval."""
+        iv, minutes = agg["iv"], agg["m"]
+        f: dict[str, Any] = dict(zip(COUNTS, agg["c"], strict=True))
+        f.update((name, ms / 1000) for name, ms in zip(SUMS, agg["s"], strict=True))
+        f["service_level_formula"] = tc.service_level_formula
+        f["short_abandons_excluded"] = tc.exclude_short_abandons
+        local = datetime.fromtimestamp(iv / 1000, UTC).astimezone(tc.zone)
+        return {
+            "schema": ACD_STATS_SCHEMA, "tenant": agg["t"], "queue": agg["q"],
+            "interval_start": rfc3339_ms(iv), "interval_end": rfc3339_ms(iv + minutes * 60_000),
+            "interval_minutes": minutes, "timezone": tc.timezone, "local_start": local.isoformat(),
+            "revision": agg["rev"], "final": agg["final"], "updated_at": rfc3339_ms(now_ms),
+            **f, **derived(f),
+            "service_level_seconds": tc.service_level_seconds,
+            "short_abandon_seconds": tc.short_abandon_seconds,
+            "max_wait_seconds": agg["mx"] / 1000 if agg["mx"] >= 0 else None,
+            "agents": [{"line": line, "offered": a[0], "answered": a[1], "missed": a[0] - a[1],
+                        "talk_seconds": a[2] / 1000} for line, a in sorted(agg["ag"].items())],
+        }
