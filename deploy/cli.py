@@ -170,6 +170,24 @@ def add_runtime_options(p: argparse.ArgumentParser, default_port: int, default_m
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="as the global --log-level")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a tenant's ACD figures per interval, with a total line (and a plot)."""
+    from deploy.report import ReportError, report
+
+    prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
+    try:
+        text, notes = asyncio.run(report(
+            _bootstrap(args), prefix, args.tenant, args.queue, args.start, args.end, args.interval,
+            args.format, args.timezone, args.plot, args.agents))
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Send realistic Keyyo traffic; optionally write the expected records."""
     from devtools.simulate import simulate
@@ -242,8 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
         kp = kinds.add_parser(spec.name, help=spec.description, description=spec.description)
         add_runtime_options(kp, spec.health_port, spec.default_mode)
         for option in spec.options:
+            default = f" (default {option.default})" if option.default is not None else ""
             kp.add_argument(f"--{option.name}", type=option.type, default=option.default,
-                            help=f"{option.help} (default {option.default})")
+                            help=f"{option.help}{default}")
+
+    p = add("report", cmd_report, "Read the figures the processors wrote: "
+            "`report acd` prints contact-centre figures per interval.")
+    p.add_argument("kind", choices=["acd"])
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--queue", help="one queue (default: every queue of the tenant, added together)")
+    p.add_argument("--from", dest="start", metavar="DATE",
+                   help="first local day YYYY-MM-DD, or a local time YYYY-MM-DDTHH:MM (default today)")
+    p.add_argument("--to", dest="end", metavar="DATE",
+                   help="last local day (included), or a local time (excluded) (default: --from's day)")
+    p.add_argument("--interval", type=int, choices=[15, 30, 60],
+                   help="add intervals up into longer ones (default: as stored)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--timezone", help="zone for dates and regrouping (default: the figures' own)")
+    p.add_argument("--agents", action="store_true", help="table: also the agent lines' totals")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the intervals into a PNG")
+    p.add_argument("--bootstrap")
+    p.add_argument("--prefix")
 
     p = add("simulate", cmd_simulate, "Send realistic Keyyo notification traffic (and expected records).")
     from devtools.simulate import add_arguments
@@ -267,10 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="exit after N idle seconds")
     p.add_argument("--raw", action="store_true", help="print the JSON values as they are")
 
-    p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest, call-records processor "
-            "and simulated traffic.")
+    p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest, every processor "
+            "(call-records, acd-stats) and simulated traffic.")
     p.add_argument("--port", type=int, default=8080, help="ingest port")
-    p.add_argument("--processor-port", type=int, default=9101, help="processor health/metrics port")
+    p.add_argument("--processor-port", type=int, default=9101,
+                   help="call-records health/metrics port (acd-stats: 9111, or the next free one)")
     p.add_argument("--kafka-port", type=int, default=9092)
     p.add_argument("--state-dir", default=".keyyo", help="local config, spool and broker home")
     p.add_argument("--demo-rate", type=float, default=0.3, help="simulated calls per second (0: none)")

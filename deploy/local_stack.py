@@ -1,7 +1,8 @@
 """``keyyo-stream run``: the whole pipeline on local defaults, with simulated traffic.
 
-Broker (unless ``KAFKA_BOOTSTRAP_SERVERS``), topics, the ingest edge on :8080, the call-records
-processor (health on :9101), and the simulator sending a gentle mix of Keyyo call flows.
+Broker (unless ``KAFKA_BOOTSTRAP_SERVERS``), topics, the ingest edge on :8080, every declared
+processor (call-records with health on :9101, acd-stats on :9111), and the simulator sending a
+gentle mix of Keyyo call flows.
 """
 
 from __future__ import annotations
@@ -27,14 +28,12 @@ from devtools.simulator import Chaos, Planner, plan_traffic, play, schedule
 from ingest.app import EdgeRunner, build_app
 from ingest.config import hash_secret, load_settings
 from processors.observability import ProcessorMetrics, health_server
-from processors.registry import CALL_RECORDS_SPEC
+from processors.registry import ACD_STATS_SPEC, CALL_RECORDS_SPEC, PROCESSORS
 from processors.runtime import Runtime
 
 log = logging.getLogger("keyyo.run")
 
 DEMO_TENANT = "demo"
-SPEC = CALL_RECORDS_SPEC
-GROUP = SPEC.group()
 
 
 def _ms() -> int:
@@ -57,6 +56,18 @@ def _ensure_config(state_dir: Path) -> tuple[Path, str]:
             "[ingest]\n"
             "produce_budget_seconds = 2.0\n"
             'spool_dir = "spool"\n'
+        )
+    acd = state_dir / "acd.toml"
+    if not acd.exists():
+        acd.write_text(
+            "# Written by `keyyo-stream run`: the acd-stats processor's settings (README, ACD statistics).\n"
+            "[acd]\n"
+            "interval_minutes = 15\n"
+            'timezone = "Europe/Paris"\n'
+            "service_level_seconds = 20\n\n"
+            f"[[acd.tenants.{DEMO_TENANT}.queues]]\n"
+            'name = "sales"\n'
+            'agents = ["33100000000", "33100000001"]   # calls that ring these lines first\n'
         )
     return config, secret
 
@@ -81,30 +92,38 @@ async def _simulate(base: str, secret: str, rate: float, time_scale: float, stat
 
 
 async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret: str) -> None:
+    acd_config = config.parent / "acd.toml"
     settings = load_settings(config, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
     runner = EdgeRunner(build_app(settings))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
     base = f"http://127.0.0.1:{args.port}"
-    await provision_processor(bootstrap, SPEC, "", "", GROUP)
-    processor_settings = SPEC.settings(bootstrap)
-    metrics = ProcessorMetrics(GROUP)
-    processor = Runtime(processor_settings, SPEC.logic(), metrics)
+    processors: list[tuple[str, int, ProcessorMetrics, Runtime]] = []
+    for spec in PROCESSORS.values():
+        await provision_processor(bootstrap, spec, "", "", spec.group())
+        metrics = ProcessorMetrics(spec.group())
+        port = args.processor_port if spec is CALL_RECORDS_SPEC else spec.health_port
+        logic = spec.logic(config=str(acd_config)) if spec is ACD_STATS_SPEC else spec.logic()
+        processors.append((spec.name, port, metrics, Runtime(spec.settings(bootstrap), logic, metrics)))
     print(f"ingest listening on {base} (tenant {DEMO_TENANT!r}, key in {config.parent}/demo.secret)",
           flush=True)
     print(f"try: curl '{base}/v1/keyyo/{DEMO_TENANT}/notifications?key={secret}&account=33123456789"
           "&caller=33612345678&callee=33123456789&callref=1&type=SETUP&dref=abc123'", flush=True)
-    print("follow: keyyo-stream tail notifications | tail call-updates | tail call-records",
-          flush=True)
+    print("follow: keyyo-stream tail notifications | tail call-updates | tail call-records | "
+          "tail acd-stats", flush=True)
+    print(f"report: keyyo-stream report acd --tenant {DEMO_TENANT}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stats: dict[str, int] = {}
-    async with health_server("127.0.0.1", args.processor_port, metrics, processor.readiness,
-                             processor.stuck, next_free=100) as health_port:
-        print(f"call-records processor health on http://127.0.0.1:{health_port}/readyz", flush=True)
-        tasks = [asyncio.create_task(processor.run(), name="call-records")]
+    async with contextlib.AsyncExitStack() as stack:
+        tasks = []
+        for name, port, metrics, runtime in processors:
+            health_port = await stack.enter_async_context(health_server(
+                "127.0.0.1", port, metrics, runtime.readiness, runtime.stuck, next_free=100))
+            print(f"{name} processor health on http://127.0.0.1:{health_port}/readyz", flush=True)
+            tasks.append(asyncio.create_task(runtime.run(), name=name))
         if args.demo_rate > 0:
             tasks.append(asyncio.create_task(
                 _simulate(base, secret, args.demo_rate, args.time_scale, stats), name="simulator"))
@@ -119,20 +138,24 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
                         log.error("%s stopped: %r", task.get_name(), task.exception())
                         stop.set()
                 elapsed = time.monotonic() - started
-                written = {s.labels["topic"]: s.value for m in metrics.registry.collect()
+                written = {s.labels["topic"]: s.value for _, _, metrics, _ in processors
+                           for m in metrics.registry.collect()
                            if m.name == "keyyo_processor_records_out" for s in m.samples
                            if s.name.endswith("_total")}
                 print(f"[{elapsed:6.0f}s] simulated calls={stats.get('calls', 0)} "
                       f"notifications 200={stats.get('200', 0)} "
                       f"other={sum(v for k, v in stats.items() if k not in ('calls', '200'))} "
                       f"call-updates={written.get('keyyo.call-updates.v1', 0):.0f} "
-                      f"call-records={written.get('keyyo.call-records.v1', 0):.0f}", flush=True)
+                      f"call-records={written.get('keyyo.call-records.v1', 0):.0f} "
+                      f"acd-stats={written.get('keyyo.acd-stats.v1', 0):.0f}", flush=True)
                 if args.duration is not None and elapsed >= args.duration:
                     break
         finally:
-            processor.stop()
-            for task in tasks[1:]:
-                task.cancel()
+            for _, _, _, runtime in processors:
+                runtime.stop()
+            for task in tasks:
+                if task.get_name() == "simulator":
+                    task.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
             await runner.cleanup()

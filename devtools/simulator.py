@@ -1,11 +1,12 @@
 """A simulator of Keyyo's notification traffic, with the records it expects (ground truth).
 
 Call flows follow ``../shared/docs/keyyo.md``: inbound answered and missed, outbound answered and
-unanswered, internal, ACD calls ringing several agents at once or one after another (answered or
-abandoned), interception and attended transfer (DREF_REPLACE), forwarding (REDIRECTING_NUMBER),
-voicemail. Event times (``tsms``) follow the wall clock, compressed by ``time_scale``. Chaos knobs
-duplicate, reorder, delay, or drop a RELEASE. The expected record of each call is computed from
-the flow's own description (not by the processor's code), with the README's definitions.
+unanswered, internal, ACD calls ringing several agents at once or one after another (answered,
+abandoned, or overflowing to voicemail), interception and attended transfer (DREF_REPLACE),
+forwarding (REDIRECTING_NUMBER), voicemail. Event times (``tsms``) follow the wall clock,
+compressed by ``time_scale``. Chaos knobs duplicate, reorder, delay, or drop a RELEASE. The
+expected record of each call is computed from the flow's own description (not by the
+processor's code), with the README's definitions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from schemas.notification import rfc3339_ms
 SCENARIOS = (
     "inbound_answered", "inbound_missed", "outbound_answered", "outbound_unanswered", "internal",
     "acd_simultaneous_answered", "acd_simultaneous_abandoned", "acd_sequential_answered",
-    "acd_sequential_abandoned", "interception", "attended_transfer", "forwarded", "voicemail",
+    "acd_sequential_abandoned", "acd_voicemail", "interception", "attended_transfer", "forwarded",
+    "voicemail",
 )
 
 
@@ -196,6 +198,15 @@ class Planner:
                 last.release_at = last.connect_at + talk
             return PlannedCall(tenant, kind, "inbound", "answered" if answered else "abandoned",
                                agents, session_id=session)
+        if kind == "acd_voicemail":
+            # every agent rings in turn, no one answers: the queue overflows to voicemail
+            agents = []
+            for i, x in enumerate((a, b)):
+                agents.append(Leg(x, ext, x, setup_at=t + i * ring, release_at=t + (i + 1) * ring - eps))
+            last = Leg(c, ext, c, setup_at=t + 2 * ring, connect_at=t + 2 * ring + ring // 2,
+                       answering_number="".join(rng.choice("0123456789") for _ in range(22)))
+            last.release_at = last.connect_at + talk  # type: ignore[operator]
+            return PlannedCall(tenant, kind, "inbound", "voicemail", [*agents, last], session_id=session)
         if kind == "interception":
             first = Leg(a, ext, a, setup_at=t, release_at=t + ring + eps)
             pick = Leg(b, b, ext, replaces=first.dref, setup_at=t + ring,

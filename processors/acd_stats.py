@@ -28,7 +28,7 @@ import orjson
 
 from processors.acd_config import AcdConfig, TenantAcd
 from processors.contract import Invalid, Output, Refused, Store
-from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, stats_key
+from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, interval_start, stats_key
 from schemas.call_record import CALL_RECORD_SCHEMA
 from schemas.notification import parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
@@ -168,17 +168,12 @@ class AcdStatsLogic:
     # -- intervals --------------------------------------------------------------------------
 
     def interval_start(self, ms: int, tc: TenantAcd) -> int:
-        """Start (UTC ms) of the ``tc.interval_minutes`` interval holding ``ms``, aligned in the
-        tenant's time zone at the offset in force at ``ms`` (so a DST change never gives an
-        interval of another length; the hour repeated in autumn gives two distinct intervals)."""
+        """:func:`~schemas.acd_stats.interval_start` in the tenant's zone, cached per UTC quarter."""
         key = (tc.timezone, tc.interval_minutes, ms // QUARTER_MS)
         start = self._intervals.get(key)
         if start is None:
-            offset = datetime.fromtimestamp(ms / 1000, tc.zone).utcoffset()
-            offset_ms = int(offset.total_seconds() * 1000) if offset is not None else 0
-            local = ms + offset_ms
-            start = local - local % (tc.interval_minutes * 60_000) - offset_ms
-            if offset_ms % QUARTER_MS == 0:  # then a UTC quarter-hour lies in one interval
+            start = interval_start(ms, tc.zone, tc.interval_minutes)
+            if start % QUARTER_MS == 0:  # the offset is whole quarters: a UTC quarter is in one interval
                 if len(self._intervals) > 100_000:
                     self._intervals.clear()
                 self._intervals[key] = start

@@ -8,7 +8,9 @@ JSON Schema: ``schemas/json/keyyo.acd-stats.v1.schema.json``; definitions in the
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal, TypedDict
+from zoneinfo import ZoneInfo
 
 ACD_STATS_SCHEMA = "keyyo.acd-stats.v1"
 
@@ -120,6 +122,16 @@ class AcdStats(TypedDict):
     answered_wait_seconds: float
     abandoned_wait_seconds: float
     agents: list[AgentFigures]
+
+
+def interval_start(ms: int, zone: ZoneInfo, minutes: int) -> int:
+    """Start (UTC ms) of the ``minutes`` interval holding ``ms``, aligned in ``zone`` at the UTC
+    offset in force at ``ms``: a DST change never gives an interval of another length, and the
+    hour repeated in autumn gives two distinct intervals."""
+    offset = datetime.fromtimestamp(ms / 1000, zone).utcoffset()
+    offset_ms = int(offset.total_seconds() * 1000) if offset is not None else 0
+    local = ms + offset_ms
+    return local - local % (minutes * 60_000) - offset_ms
 
 
 def stats_key(tenant: str, queue: str, interval_start: str) -> bytes:

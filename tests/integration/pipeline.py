@@ -18,6 +18,7 @@ from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, 
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
+from processors.registry import ProcessorSpec
 from processors.runtime import Runtime
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 from tests.integration.edge import TENANTS
@@ -34,10 +35,10 @@ def group_of(prefix: str) -> str:
 
 
 async def provision(bootstrap: str, prefix: str, out_prefix: str | None = None,
-                    group: str | None = None) -> None:
+                    group: str | None = None, spec: ProcessorSpec = SPEC) -> None:
     out = prefix if out_prefix is None else out_prefix
     await create_topics(bootstrap, prefix, partitions=3)
-    await provision_processor(bootstrap, SPEC, prefix, out, group or group_of(out), partitions=3)
+    await provision_processor(bootstrap, spec, prefix, out, group or spec.group(out), partitions=3)
 
 
 @asynccontextmanager
@@ -62,12 +63,12 @@ async def run_to_end(bootstrap: str, prefix: str, **overrides: Any) -> None:
 
 
 def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str,
-                      any_port: bool = True) -> subprocess.Popen[bytes]:
-    """``keyyo-stream process call-records`` as a child process (side port: any free one, or the
-    default with ``any_port=False``)."""
-    cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", SPEC.name,
+                      any_port: bool = True, name: str = SPEC.name) -> subprocess.Popen[bytes]:
+    """``keyyo-stream process NAME`` (call-records with fast clocks by default) as a child process
+    (side port: any free one, or the default with ``any_port=False``)."""
+    cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", name,
            "--bootstrap", bootstrap, "--prefix", prefix, *(["--health-port", "0"] if any_port else []),
-           *FAST_ARGS, *extra]
+           *(FAST_ARGS if name == SPEC.name else []), *extra]
     with log.open("ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
