@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars run test lint unit bench-ingest bench-call-records clean
+.PHONY: setup kafka-jars run test lint unit bench-ingest bench-call-records bench-acd-stats clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is needed"; exit 1; }
@@ -43,6 +43,9 @@ bench-ingest: kafka-jars
 
 bench-call-records: kafka-jars
 	$(BIN)/python -m devtools.bench_call_records
+
+bench-acd-stats: kafka-jars
+	$(BIN)/python -m devtools.bench_acd_stats
 
 clean:
 	rm -rf $(VENV) .keyyo bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -10,8 +10,12 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deploy import logs
+
+if TYPE_CHECKING:
+    from processors.registry import ProcessorSpec
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -112,7 +116,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     settings = spec.settings(
         bootstrap, prefix, out_prefix, group=args.group or spec.group(out_prefix),
         mode=args.mode or spec.default_mode, allowed_lateness_ms=args.lateness_ms,
-        until_idle_s=args.until_idle, slice_ms=args.slice_ms,
+        until_idle_s=args.until_idle, slice_ms=args.slice_ms or spec.default_slice_ms,
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
         limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
         max_attempts=args.max_attempts,
@@ -137,7 +141,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 1
 
 
-def add_runtime_options(p: argparse.ArgumentParser, default_port: int, default_mode: str) -> None:
+def add_runtime_options(p: argparse.ArgumentParser, spec: ProcessorSpec) -> None:
     """The options every processor takes."""
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
     p.add_argument("--prefix", help="input topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
@@ -145,12 +149,12 @@ def add_runtime_options(p: argparse.ArgumentParser, default_port: int, default_m
     p.add_argument("--group", help="consumer group (default OUTPUT_PREFIX + keyyo.NAME)")
     p.add_argument("--mode", choices=["live", "replay"], default=None,
                    help="live: quiet tenants' time follows the wall clock; replay: event time only "
-                        f"(default {default_mode})")
+                        f"(default {spec.default_mode})")
     p.add_argument("--lateness-ms", type=int, default=5000,
                    help="live mode: stream time is at least wall clock minus this")
-    p.add_argument("--slice-ms", type=int, default=8,
+    p.add_argument("--slice-ms", type=int, default=None,
                    help="processing time per transaction and partition: lower commits more often, "
-                        "higher gives more throughput")
+                        f"higher gives more throughput (default {spec.default_slice_ms})")
     p.add_argument("--until-idle", type=float, default=None,
                    help="burst mode: exit after the input has been drained for N seconds")
     p.add_argument("--flush-at-end", type=float, default=None, metavar="SECONDS",
@@ -164,7 +168,7 @@ def add_runtime_options(p: argparse.ArgumentParser, default_port: int, default_m
                    help="transactions Kafka may refuse with a record before it is dead-lettered")
     p.add_argument("--health-host", default="127.0.0.1")
     p.add_argument("--health-port", type=int, default=None,
-                   help=f"side port for /healthz /readyz /metrics (default {default_port}, or the "
+                   help=f"side port for /healthz /readyz /metrics (default {spec.health_port}, or the "
                         "next free one when it is busy; 0: any free port)")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="as the global --log-level")
@@ -258,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="name", required=True, metavar="NAME")
     for spec in PROCESSORS.values():
         kp = kinds.add_parser(spec.name, help=spec.description, description=spec.description)
-        add_runtime_options(kp, spec.health_port, spec.default_mode)
+        add_runtime_options(kp, spec)
         for option in spec.options:
             default = f" (default {option.default})" if option.default is not None else ""
             kp.add_argument(f"--{option.name}", type=option.type, default=option.default,

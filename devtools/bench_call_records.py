@@ -44,6 +44,7 @@ from ingest.parsing import Refusal, parse_notification
 from processors.call_records import CallRecords, CallRecordsConfig
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
+from processors.registry import ProcessorSpec
 from processors.runtime import Runtime
 from processors.state import Store
 from schemas.notification import Notification
@@ -70,13 +71,13 @@ def simulated(n: int, seed: int, start_ms: int) -> list[Notification]:
     return out
 
 
-async def fill(bootstrap: str, topic: str, notes: list[Notification]) -> None:
-    """Produce the notifications, keyed by tenant."""
+async def fill(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> None:
+    """Produce (key, value) records, in order."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
                                 max_batch_size=512 * 1024, enable_idempotence=True)
     await producer.start()
     try:
-        futures = [await producer.send(topic, n.to_json(), key=n.tenant.encode()) for n in notes]
+        futures = [await producer.send(topic, value, key=key) for key, value in items]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -100,13 +101,14 @@ async def raw_consume(bootstrap: str, topic: str, expected: int) -> float:
     return expected / (time.perf_counter() - (started or time.perf_counter()))
 
 
-async def processor_throughput(bootstrap: str, prefix: str, expected: int) -> dict[str, Any]:
-    """Drain the topic with one call-records runtime (replay mode, EOS); records/s."""
-    group = f"{prefix}bench.call-records"
-    await provision_processor(bootstrap, SPEC, prefix, prefix, group)
-    settings = SPEC.settings(bootstrap, prefix, group=group, mode="replay", until_idle_s=2.0)
+async def processor_throughput(bootstrap: str, prefix: str, expected: int,
+                               spec: ProcessorSpec = SPEC, **overrides: Any) -> dict[str, Any]:
+    """Drain the topic with one runtime of ``spec`` (replay mode, EOS); records/s."""
+    group = f"{prefix}bench.{spec.name}"
+    await provision_processor(bootstrap, spec, prefix, prefix, group)
+    settings = spec.settings(bootstrap, prefix, group=group, mode="replay", until_idle_s=2.0, **overrides)
     metrics = ProcessorMetrics(group)
-    runtime = Runtime(settings, SPEC.logic(), metrics)
+    runtime = Runtime(settings, spec.logic(), metrics)
     task = asyncio.create_task(runtime.run())
     started = None
     done_at = None
@@ -123,7 +125,7 @@ async def processor_throughput(bootstrap: str, prefix: str, expected: int) -> di
     transactions = sum(s.value for m in metrics.registry.collect() for s in m.samples
                        if s.name == "keyyo_processor_commit_seconds_count")
     seconds = done_at - started[0]
-    partitions = NOTIFICATIONS.partitions
+    partitions = spec.input.partitions
     return {"records_per_s": round((expected - started[1]) / seconds, 1),
             "seconds": round(seconds, 2), "commit_seconds_total": round(commits, 2),
             "transactions": int(transactions),
@@ -289,7 +291,8 @@ def main() -> int:
 
         async def throughput() -> None:
             await provision_processor(bootstrap, SPEC, prefix, prefix, f"{prefix}bench.call-records")
-            await fill(bootstrap, NOTIFICATIONS.full_name(prefix), notes)
+            await fill(bootstrap, NOTIFICATIONS.full_name(prefix),
+                       [(n.tenant.encode(), n.to_json()) for n in notes])
             print("raw consumer baseline ...", flush=True)
             raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))
             print("call-records processor (exactly-once) ...", flush=True)

@@ -18,7 +18,6 @@ Each change emits the interval's figures with revision + 1 (definitions in the R
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,7 +43,7 @@ QUARTER_MS = 900_000
 _YEAR_2200_MS = 7_258_118_400_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AcdCall:
     """What the figures need of a call record."""
 
@@ -69,16 +68,22 @@ def _str(rec: dict[str, Any], name: str, pattern: re.Pattern[str], nullable: boo
     value = rec.get(name)
     if value is None and nullable:
         return None
-    if not isinstance(value, str) or not pattern.fullmatch(value):
+    if type(value) is not str or not pattern.fullmatch(value):
         raise Invalid(f"{name}: {'missing or ' if value is None else ''}not a valid value")
     return value
+
+
+_TIMES: dict[str, int] = {}
+"""Times already checked and parsed (a record repeats its own: a leg's connect is the answer)."""
 
 
 def _time(rec: dict[str, Any], name: str, nullable: bool = True) -> int | None:
     value = rec.get(name)
     if value is None and nullable:
         return None
-    if not isinstance(value, str) or not _TIME.fullmatch(value):
+    if type(value) is str and (ms := _TIMES.get(value)) is not None:
+        return ms
+    if type(value) is not str or not _TIME.fullmatch(value):
         raise Invalid(f"{name}: not an RFC 3339 UTC time")
     try:
         ms = parse_rfc3339_ms(value)
@@ -86,61 +91,79 @@ def _time(rec: dict[str, Any], name: str, nullable: bool = True) -> int | None:
         raise Invalid(f"{name}: not a real date") from None
     if not 0 <= ms < _YEAR_2200_MS:
         raise Invalid(f"{name}: outside the years 1970-2199")
+    if len(_TIMES) > 4096:
+        _TIMES.clear()
+    _TIMES[value] = ms
     return ms
 
 
 def _seconds_ms(rec: dict[str, Any], name: str) -> int:
     value = rec.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0 <= value <= 10 * 86400:
+    if (type(value) is not float and type(value) is not int) or not 0 <= value <= 864_000:
         raise Invalid(f"{name}: not a number of seconds between 0 and 864000")
     return round(value * 1000)
 
 
+_KNOWN_TENANTS: set[bytes] = set()
+"""Record keys already checked as tenant ids."""
+
+
 def decode_record(key: bytes | None, value: bytes | None) -> AcdCall:
-    """The call of a ``keyyo.call-record.v1`` record; :class:`Invalid` says which field is wrong."""
+    """The call of a ``keyyo.call-record.v1`` record; :class:`Invalid` says which field is wrong.
+
+    Every record is checked for what moves its tenant's clock (schema, tenant = key, ``is_acd``,
+    its times); an ACD call also for everything its figures use.
+    """
     if value is None:
         raise Invalid("value: missing (a tombstone)")
     try:
         rec = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise Invalid(f"value: not JSON ({exc})") from None
-    if not isinstance(rec, dict):
+    if type(rec) is not dict:
         raise Invalid("value: not a JSON object")
     if rec.get("schema") != CALL_RECORD_SCHEMA:
         raise Invalid(f"schema: expected {CALL_RECORD_SCHEMA!r}")
-    tenant = _str(rec, "tenant", _TENANT)
-    if key is None or key != tenant.encode():
+    tenant = rec.get("tenant")
+    if key is None or key not in _KNOWN_TENANTS:
+        tenant = _str(rec, "tenant", _TENANT)
+        if key is None or key != tenant.encode():
+            raise Invalid(f"key: the record key must be the tenant {tenant!r}")
+        if len(_KNOWN_TENANTS) < 100_000:
+            _KNOWN_TENANTS.add(key)
+    elif type(tenant) is not str or key != tenant.encode():
         raise Invalid(f"key: the record key must be the tenant {tenant!r}")
-    revision = rec.get("revision")
-    if isinstance(revision, bool) or not isinstance(revision, int) or not 1 <= revision <= 1_000_000:
-        raise Invalid("revision: not an integer from 1")
     is_acd = rec.get("is_acd")
-    if not isinstance(is_acd, bool):
-        raise Invalid("is_acd: not a boolean")
+    if is_acd is not True:
+        if is_acd is not False:
+            raise Invalid("is_acd: not a boolean")
+        ended = _time(rec, "ended_at")
+        at = ended if ended is not None else _time(rec, "started_at", nullable=False)
+        return AcdCall(tenant, "", 0, False, "", at, at, None, 0, 0, "", None, ())  # type: ignore[arg-type]
+    revision = rec.get("revision")
+    if type(revision) is not int or not 1 <= revision <= 1_000_000:
+        raise Invalid("revision: not an integer from 1")
     started = _time(rec, "started_at", nullable=False)
-    assert started is not None
     ended = _time(rec, "ended_at")
-    record_id = _str(rec, "record_id", _RECORD_ID)
-    if not is_acd:
-        return AcdCall(tenant, record_id, revision, False, "", started, ended or started, None, 0, 0,
-                       "", None, ())
     outcome = _OUTCOMES.get(rec.get("outcome"))  # type: ignore[arg-type]
     if outcome is None:
         raise Invalid(f"outcome: expected one of {', '.join(_OUTCOMES)}")
     legs_raw = rec.get("legs")
-    if not isinstance(legs_raw, list) or not legs_raw or len(legs_raw) > 1024:
+    if type(legs_raw) is not list or not legs_raw or len(legs_raw) > 1024:
         raise Invalid("legs: expected a list of 1 to 1024 legs")
     legs = []
     for i, leg in enumerate(legs_raw):
-        if not isinstance(leg, dict):
+        if type(leg) is not dict:
             raise Invalid(f"legs[{i}]: not an object")
         try:
-            legs.append((_str(leg, "account", _NUMBER), _time(leg, "connect_at"), _time(leg, "release_at")))
+            line = _str(leg, "account", _NUMBER)
+            connect = _time(leg, "connect_at")
+            legs.append((line, connect, _time(leg, "release_at") if connect is not None else None))
         except Invalid as exc:
             raise Invalid(f"legs[{i}].{exc}") from None
     return AcdCall(
-        tenant, record_id, revision, True, outcome, started, ended if ended is not None else started,
+        tenant, _str(rec, "record_id", _RECORD_ID), revision, True, outcome, started,  # type: ignore[arg-type]
+        ended if ended is not None else started,  # type: ignore[arg-type]
         _time(rec, "answered_at"), _seconds_ms(rec, "wait_seconds"), _seconds_ms(rec, "talk_seconds"),
         _str(rec, "callee", _NUMBER), _str(rec, "redirecting_number", _NUMBER, nullable=True),
         tuple(legs))
@@ -152,6 +175,7 @@ class AcdStatsLogic:
     def __init__(self, config: AcdConfig | None = None) -> None:
         self.config = config or AcdConfig()
         self._intervals: dict[tuple[str, int, int], int] = {}
+        self._headers: dict[tuple[Any, ...], tuple[bytes, dict[str, Any]]] = {}
 
     decode = staticmethod(decode_record)
 
@@ -360,23 +384,35 @@ class AcdStatsLogic:
             agg["mx"] = self._max_wait(store, agg)
         agg["rev"] += 1
         store.put(key, orjson.dumps(agg))
-        return Output(ACD_STATS.name, stats_key(agg["t"], agg["q"], rfc3339_ms(agg["iv"])),
-                      orjson.dumps(self.figures(agg, tc, now_ms)))
+        record_key, value = self.figures(agg, tc, now_ms)
+        return Output(ACD_STATS.name, record_key, orjson.dumps(value), latest=True)
 
-    @staticmethod
-    def figures(agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> dict[str, Any]:
-        """The ``keyyo.acd-stats.v1`` value of an interval."""
-        iv, minutes = agg["iv"], agg["m"]
+    def _header(self, agg: dict[str, Any], tc: TenantAcd) -> tuple[bytes, dict[str, Any]]:
+        """The record key and the fields that never change for an interval (cached)."""
+        t, q, iv, minutes = agg["t"], agg["q"], agg["iv"], agg["m"]
+        cache_key = (t, q, iv, minutes, tc)
+        cached = self._headers.get(cache_key)
+        if cached is None:
+            start = rfc3339_ms(iv)
+            local = datetime.fromtimestamp(iv / 1000, UTC).astimezone(tc.zone)
+            cached = (stats_key(t, q, start), {
+                "schema": ACD_STATS_SCHEMA, "tenant": t, "queue": q, "interval_start": start,
+                "interval_end": rfc3339_ms(iv + minutes * 60_000), "interval_minutes": minutes,
+                "timezone": tc.timezone, "local_start": local.isoformat()})
+            if len(self._headers) > 50_000:
+                self._headers.clear()
+            self._headers[cache_key] = cached
+        return cached
+
+    def figures(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> tuple[bytes, dict[str, Any]]:
+        """The record key and ``keyyo.acd-stats.v1`` value of an interval."""
+        record_key, header = self._header(agg, tc)
         f: dict[str, Any] = dict(zip(COUNTS, agg["c"], strict=True))
         f.update((name, ms / 1000) for name, ms in zip(SUMS, agg["s"], strict=True))
         f["service_level_formula"] = tc.service_level_formula
         f["short_abandons_excluded"] = tc.exclude_short_abandons
-        local = datetime.fromtimestamp(iv / 1000, UTC).astimezone(tc.zone)
-        return {
-            "schema": ACD_STATS_SCHEMA, "tenant": agg["t"], "queue": agg["q"],
-            "interval_start": rfc3339_ms(iv), "interval_end": rfc3339_ms(iv + minutes * 60_000),
-            "interval_minutes": minutes, "timezone": tc.timezone, "local_start": local.isoformat(),
-            "revision": agg["rev"], "final": agg["final"], "updated_at": rfc3339_ms(now_ms),
+        return record_key, {
+            **header, "revision": agg["rev"], "final": agg["final"], "updated_at": rfc3339_ms(now_ms),
             **f, **derived(f),
             "service_level_seconds": tc.service_level_seconds,
             "short_abandon_seconds": tc.short_abandon_seconds,

@@ -19,7 +19,9 @@ The rules, which the logic may rely on and must keep:
 4. **Timers.** A timer set with ``store.wake(key, at)`` belongs to the domain being processed. Due
    timers of a domain fire (``on_timer``) before the next event of that domain is folded, in the
    order of their times; each fires once, then it is gone unless the logic sets it again.
-5. **Refusals.** ``decode`` raises :class:`Invalid` for a record that breaks the input contract;
+5. **Latest only.** An :class:`Output` marked ``latest`` (figures on a compacted topic) may be
+   left out when a later output of the same topic and key is written in the same transaction.
+6. **Refusals.** ``decode`` raises :class:`Invalid` for a record that breaks the input contract;
    ``on_event`` raises :class:`Refused` for an event it will not fold (a bound exceeded). Either
    way the record goes to the dead-letter topic with the reason, in the same transaction, and the
    state is left as it was before the record. Any other exception is treated the same way (and

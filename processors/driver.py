@@ -2,7 +2,7 @@
 
 The tests' counterpart of Kafka Streams' TopologyTestDriver: records in, outputs out, with a
 clock the test moves. Each :meth:`Driver.send` is one committed transaction, as the runtime would
-make it (the record's due timers, the record, then every due timer).
+make it (the record's due timers, the record, then every due timer; ``latest`` outputs coalesced).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 import orjson
 
 from processors.contract import Logic
-from processors.output import Output
+from processors.output import Output, coalesce
 from processors.state import Store
 from processors.step import Limits, Record, Step
 
@@ -55,6 +55,7 @@ class Driver:
         return out
 
     def _commit(self, out: list[Output]) -> list[Output]:
+        out = coalesce(out)
         self.store.commit()
         self.outputs.extend(out)
         return out

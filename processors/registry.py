@@ -52,6 +52,9 @@ class ProcessorSpec:
     description: str
     default_mode: str = "live"
     """``live`` (quiet tenants' time follows the wall clock) or ``replay`` (event time only)."""
+    default_slice_ms: int = 8
+    """Processing time per transaction and partition: lower commits (and shows results) sooner,
+    higher spends less on transactions."""
 
     def group(self, output_prefix: str = "") -> str:
         """The default consumer group."""
@@ -69,7 +72,8 @@ class ProcessorSpec:
         out = prefix if output_prefix is None else output_prefix
         return RuntimeSettings(**{
             "bootstrap": bootstrap, "group": self.group(out), "input_topic": self.input.full_name(prefix),
-            "output_prefix": out, "store": self.store, "mode": self.default_mode, **overrides})
+            "output_prefix": out, "store": self.store, "mode": self.default_mode,
+            "slice_ms": self.default_slice_ms, **overrides})
 
 
 def _call_records(v: Mapping[str, Any]) -> Logic[Any]:
@@ -112,6 +116,9 @@ ACD_STATS_SPEC = ProcessorSpec(
     # Event time only: backfilling old records after an outage must not find their intervals
     # closed by the wall clock. Quiet tenants' last intervals turn final with their next record.
     default_mode="replay",
+    # Figures of 15-minute intervals need no millisecond freshness: larger transactions cost
+    # far less per record (measured: 8 ms slices ~12k records/s, 50 ms ~25k on the benchmark).
+    default_slice_ms=50,
 )
 
 PROCESSORS: dict[str, ProcessorSpec] = {spec.name: spec for spec in (CALL_RECORDS_SPEC, ACD_STATS_SPEC)}

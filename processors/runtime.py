@@ -28,7 +28,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
-from processors.output import Output
+from processors.output import Output, coalesce
 from processors.state import Store
 from processors.step import Limits, Step
 
@@ -280,20 +280,21 @@ class Runtime:
         try:
             await producer.begin_transaction()
             writer = self._writer(producer)
+            outputs: list[Output] = []
             until = time.perf_counter() + s.slice_ms / 1000
             while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
                 rec = part.queue.popleft()
                 records.append(rec)
                 tries = part.attempts.get(rec.offset, 0) if part.careful else 0
                 if tries >= s.max_attempts:
-                    out = [step.dead_letter(rec, f"not accepted by Kafka after {tries} attempts: "
-                                                 f"{part.last_error}", attempts=tries)]
+                    outputs.append(step.dead_letter(rec, f"not accepted by Kafka after {tries} attempts: "
+                                                         f"{part.last_error}", attempts=tries))
                 else:
-                    out = step.record(rec, self.clock())
-                await self._write(writer, out)
+                    outputs.extend(step.record(rec, self.clock()))
             if flush_ms is not None:
-                await self._write(writer, step.flush(flush_ms, part.tp.partition))
-            await self._write(writer, step.timers(self.clock(), part.tp.partition))
+                outputs.extend(step.flush(flush_ms, part.tp.partition))
+            outputs.extend(step.timers(self.clock(), part.tp.partition))
+            await self._write(writer, coalesce(outputs))
             await self._write_changelog(writer, part)
             await writer.flush()
             if records:

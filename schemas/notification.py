@@ -9,7 +9,7 @@ import functools
 import operator
 import re
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -22,14 +22,20 @@ NOTIFICATION_TYPES: tuple[str, ...] = ("SETUP", "CONNECT", "RELEASE")
 
 
 @functools.lru_cache(maxsize=4096)
-def _second_prefix(epoch_s: int) -> str:
-    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+def _day_prefix(epoch_day: int) -> str:
+    return (_EPOCH_DATE + timedelta(days=epoch_day)).strftime("%Y-%m-%dT")
+
+
+_EPOCH_DATE = date(1970, 1, 1)
 
 
 def rfc3339_ms(epoch_ms: int) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T03:47:13.123Z``."""
-    seconds, millis = divmod(epoch_ms, 1000)
-    return f"{_second_prefix(seconds)}{millis:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T03:47:13.123Z`` (the day's part cached)."""
+    day, rest = divmod(epoch_ms, 86_400_000)
+    seconds, millis = divmod(rest, 1000)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    return f"{_day_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}Z"
 
 
 class ContractViolation(ValueError):

@@ -110,3 +110,15 @@ def test_restore_then_commit_rebuilds_state_timers_and_clocks() -> None:
     second.put("other", b"x")
     second.commit()
     assert list(second.due("acme", 700)) == ["call"]
+
+
+def test_latest_outputs_keep_only_the_last_per_key_and_the_order_of_the_rest() -> None:
+    from processors.output import Output, coalesce
+
+    outs = [Output("stats", b"a", b"1", latest=True), Output("dl", b"x", b"dead"),
+            Output("stats", b"b", b"1", latest=True), Output("stats", b"a", b"2", latest=True),
+            Output("updates", b"a", b"u1"), Output("updates", b"a", b"u2"),
+            Output("other", b"a", b"o", latest=True)]
+    assert coalesce(outs) == [outs[1], outs[2], outs[3], outs[4], outs[5], outs[6]]
+    plain = [Output("updates", b"a", b"u1"), Output("updates", b"a", b"u2")]
+    assert coalesce(plain) == plain
