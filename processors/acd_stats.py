@@ -18,6 +18,7 @@ Each change emits the interval's figures with revision + 1 (definitions in the R
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -384,8 +385,14 @@ class AcdStatsLogic:
             agg["mx"] = self._max_wait(store, agg)
         agg["rev"] += 1
         store.put(key, orjson.dumps(agg))
-        record_key, value = self.figures(agg, tc, now_ms)
-        return Output(ACD_STATS.name, record_key, orjson.dumps(value), latest=True)
+        record_key, _ = self._header(agg, tc)
+        # Rendered only if no later change of this interval follows in the same transaction;
+        # ``agg`` is not touched again (each record loads its own copy), so it is a snapshot.
+        return Output(ACD_STATS.name, record_key,
+                      functools.partial(self._render, agg, tc, now_ms), latest=True)
+
+    def _render(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
+        return orjson.dumps(self.figures(agg, tc, now_ms)[1])
 
     def _header(self, agg: dict[str, Any], tc: TenantAcd) -> tuple[bytes, dict[str, Any]]:
         """The record key and the fields that never change for an interval (cached)."""

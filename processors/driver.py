@@ -62,4 +62,4 @@ class Driver:
 
     def values(self, topic: str) -> list[Any]:
         """Decoded JSON values written so far to ``topic`` (base name)."""
-        return [orjson.loads(o.value) for o in self.outputs if o.topic == topic]
+        return [orjson.loads(o.rendered()) for o in self.outputs if o.topic == topic]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -11,19 +12,26 @@ class Output:
 
     topic: str
     key: bytes
-    value: bytes
+    value: bytes | Callable[[], bytes]
+    """The value, or (for a ``latest`` output) how to render it: a snapshot the runtime renders
+    only if this output is the one written, so superseded figures cost nothing to encode."""
     latest: bool = False
     """Only the latest value of this (topic, key) matters (a compacted topic's figures): when a
     transaction holds several, only the last one is written, as Kafka Streams' record cache does."""
 
+    def rendered(self) -> bytes:
+        """The value's bytes."""
+        return self.value if isinstance(self.value, bytes) else self.value()
+
 
 def coalesce(outputs: list[Output]) -> list[Output]:
-    """The outputs of one transaction as written: every ``latest`` output but the last of its
-    (topic, key) left out; the order of the others kept."""
+    """The outputs of one transaction as written, values rendered: every ``latest`` output but
+    the last of its (topic, key) left out; the order of the others kept."""
     last: dict[tuple[str, bytes], int] = {}
     for i, out in enumerate(outputs):
         if out.latest:
             last[(out.topic, out.key)] = i
-    if not last or len(last) == sum(1 for out in outputs if out.latest):
+    if not last:
         return outputs
-    return [out for i, out in enumerate(outputs) if not out.latest or last[(out.topic, out.key)] == i]
+    return [out if isinstance(out.value, bytes) else Output(out.topic, out.key, out.value(), True)
+            for i, out in enumerate(outputs) if not out.latest or last[(out.topic, out.key)] == i]

@@ -369,7 +369,7 @@ class Runtime:
                 target = self._targets[out.topic] = (
                     self.settings.output_prefix + out.topic,
                     self.metrics.records_out.labels(self.metrics.processor, out.topic))
-            await writer.add(target[0], out.key, out.value)
+            await writer.add(target[0], out.key, out.rendered())
             target[1].inc()
 
     async def _write_changelog(self, writer: _BatchWriter, part: _Partition) -> None:

@@ -158,7 +158,9 @@ class Step:
     def _oversized(self, produced: list[Output]) -> str | None:
         limit = self.limits.max_value_bytes
         for out in produced:
-            if len(out.value) > limit:
+            # A value rendered later is a snapshot of state checked below; should it still be
+            # too large, Kafka refuses it and the runtime sets the record aside after its attempts.
+            if isinstance(out.value, bytes) and len(out.value) > limit:
                 return f"an output to {out.topic} of {len(out.value)} bytes exceeds {limit} bytes"
         if (largest := self.store.step_largest()) > limit:
             return f"state entry of {largest} bytes exceeds {limit} bytes"
