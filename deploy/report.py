@@ -205,7 +205,7 @@ def render(rows: list[dict[str, Any]], total: dict[str, Any], fmt: str, agents: 
         writer = csv.DictWriter(out, names, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for r in [*rows, {**total, "local_start": "total"}]:
-            writer.writerow(r)
+            writer.writerow({k: str(v).lower() if isinstance(v, bool) else v for k, v in r.items()})
         return out.getvalue().rstrip("\n")
     lines = ["  ".join(title.rjust(width) if i else title.ljust(width)
                        for i, (_, title, width) in enumerate(_COLUMNS))]

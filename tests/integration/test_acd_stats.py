@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
@@ -113,6 +117,19 @@ async def test_figures_equal_the_ground_truth_through_a_kill_and_a_replay(
     assert {k: comparable_figures(v) for k, v in replayed.items()} == expected
     # The same record order per partition gives the same revisions too.
     assert {k: v["revision"] for k, v in replayed.items()} == {k: v["revision"] for k, v in live.items()}
+    # `keyyo-stream report acd` reads them back: its total is the tenant's, from counts and sums.
+    tenant = next(iter(expected)).split("|")[0]
+    today = datetime.now(ZoneInfo("Europe/Paris")).date()
+    cmd = [sys.executable, "-m", "deploy.cli", "report", "acd", "--tenant", tenant, "--bootstrap",
+           broker.bootstrap, "--prefix", prefix, "--from", str(today - timedelta(days=1)), "--to",
+           str(today + timedelta(days=1)), "--format", "json", "--plot", str(tmp_path / "acd.png")]
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    total = orjson.loads(done.stdout)["total"]
+    mine = [f for k, f in expected.items() if k.startswith(f"{tenant}|")]
+    assert (total["offered"], total["answered"], total["abandoned"]) == tuple(
+        sum(f[n] for f in mine) for n in ("offered", "answered", "abandoned"))
+    assert (tmp_path / "acd.png").read_bytes()[:4] == b"\x89PNG"
     # Every call record of an ACD call was counted once: nothing set aside.
     assert len({r["record_id"] for r in await records(broker.bootstrap, prefix) if r["is_acd"]}) == sum(
         f["offered"] for f in expected.values())
