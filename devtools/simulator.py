@@ -58,6 +58,8 @@ class PlannedCall:
     redirecting_number: str | None = None
     dropped: set[str] = field(default_factory=set)
     """DREFs whose RELEASE is never sent."""
+    minimal: bool = False
+    """Sent through Keyyo's minimal URL template: account, caller, callee, type and tsms only."""
 
     def notifications(self) -> list[dict[str, str]]:
         """The GET parameters Keyyo would send, in event-time order (dropped ones left out)."""
@@ -68,6 +70,10 @@ class PlannedCall:
                 if at is None or (kind == "RELEASE" and leg.dref in self.dropped):
                     continue
                 callee = leg.answering_number if kind == "CONNECT" and leg.answering_number else leg.callee
+                if self.minimal:
+                    out.append((at, i, {"account": leg.account, "caller": leg.caller, "callee": callee,
+                                        "type": kind, "tsms": str(at)}))
+                    continue
                 out.append((at, i, {
                     "account": leg.account, "caller": leg.caller, "callee": callee,
                     "callref": leg.callref, "type": kind, "version": "1", "dref": leg.dref,
@@ -98,7 +104,7 @@ class PlannedCall:
 
         first = legs[0]
         voicemail = bool(connected) and connected[0].answering_number is not None
-        return {
+        record: dict[str, Any] = {
             "schema": "keyyo.call-record.v1", "tenant": self.tenant, "direction": self.direction,
             "outcome": self.outcome, "caller": first.caller, "callee": first.callee,
             "answered_by": connected[0].account if connected and not voicemail else None,
@@ -116,7 +122,14 @@ class PlannedCall:
                 "replaces": leg.replaces,
             } for leg in legs],
             "closed_by": "timeout" if timeout else "release",
+            "correlation": "exact",
         }
+        if self.minimal:  # what the minimal template carries: no DREF, CALLREF, session, forwarding
+            record.update(session_id=None, redirecting_number=None, is_acd=False, transferred=False,
+                          correlation="approximate")
+            for leg in record["legs"]:
+                leg.update(dref=None, callref=None, replaces=None)
+        return record
 
 
 class Planner:

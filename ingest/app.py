@@ -36,6 +36,7 @@ SETTINGS = web.AppKey("settings", IngestSettings)
 METRICS = web.AppKey("metrics", IngestMetrics)
 PUBLISHER = web.AppKey("publisher", Publisher)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+TEMPLATE_WARNED: web.AppKey[set[str]] = web.AppKey("template_warned")
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
@@ -201,10 +202,31 @@ async def handle_notification(request: web.Request) -> web.Response:
                                    "detail": "Kafka did not take the event in time; retry"},
                              headers={"Retry-After": "1"})
             metrics.requests["accepted" if outcome is Outcome.KAFKA else "spooled"].inc()
+            if result.dref is None or result.event_time == result.received_at:
+                _incomplete_template(app, tenant_id, result.dref is None,
+                                     result.event_time == result.received_at)
             return _json(200, {"event_id": result.event_id, "stored": outcome.value})
     query = redact(raw_query[:MAX_QUERY], secrets, form=True) or ""
     body = redact(body_text, secrets, form=form)
     return await _refuse(request, tenant_id, source_ip, received_ms, refusal, query, body)
+
+
+def _incomplete_template(app: web.Application, tenant_id: str, no_dref: bool, no_tsms: bool) -> None:
+    """Count a notification sent without ``_DREF_`` or ``_TSMS_``; say it once per tenant."""
+    metrics = app[METRICS]
+    if no_dref:
+        metrics.incomplete_template["dref"].inc()
+    if no_tsms:
+        metrics.incomplete_template["tsms"].inc()
+    if tenant_id not in app[TEMPLATE_WARNED]:
+        app[TEMPLATE_WARNED].add(tenant_id)
+        missing = " and ".join(k for k, m in (("_DREF_", no_dref), ("_TSMS_", no_tsms)) if m)
+        log.warning(
+            f"tenant {tenant_id}'s notification URL lacks {missing}: "
+            + ("its calls are paired by line and numbers, approximately; " if no_dref else "")
+            + ("event times are the receive times; " if no_tsms else "")
+            + f"paste the template printed by `keyyo-stream url --tenant {tenant_id} --base URL` "
+            "into the Keyyo Manager", extra={"tenant": tenant_id, "missing": missing})
 
 
 async def _refuse(
@@ -269,6 +291,7 @@ def build_app(settings: IngestSettings, clock: Clock = wall_clock_ms) -> web.App
     app[SETTINGS] = settings
     app[METRICS] = IngestMetrics()
     app[CLOCK] = clock
+    app[TEMPLATE_WARNED] = set()
     app.cleanup_ctx.append(_publisher_ctx)
     route = "/v1/keyyo/{tenant}/notifications"
     app.router.add_get(route, handle_notification, allow_head=False)

@@ -31,6 +31,13 @@ class IngestMetrics:
             "keyyo_ingest_spool_replayed_records", "Spooled records replayed to Kafka.",
             registry=self.registry,
         )
+        incomplete = Counter(
+            "keyyo_ingest_incomplete_template",
+            "Notifications accepted without _DREF_ (calls paired approximately) or without _TSMS_ "
+            "(event time = receive time): the tenant's URL template lacks them.", ["missing"],
+            registry=self.registry,
+        )
+        self.incomplete_template = {name: incomplete.labels(name) for name in ("dref", "tsms")}
         self.rejected_unrecorded = Counter(
             "keyyo_ingest_rejected_unrecorded",
             "Refused requests that could not be written to the rejected topic.",

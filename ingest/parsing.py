@@ -30,7 +30,9 @@ FIELDS: Final[dict[str, tuple[str, int]]] = {
     "redirecting_number": ("_REDIRECTING_NUMBER_", 64),
     "tsms": ("_TSMS_", 13),
 }
-REQUIRED: Final = ("account", "type", "dref", "callref", "caller", "callee")
+REQUIRED: Final = ("account", "type", "caller", "callee")
+"""The keywords of Keyyo's own example URL; ``dref`` and ``callref`` are strongly advised (without
+them calls are paired by line and numbers, approximately) but not required."""
 SECRET_PARAM: Final = "key"  # noqa: S105 - the name of the parameter, not a secret
 
 
@@ -108,10 +110,19 @@ def query_pairs(raw_query: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def event_id(tenant: str, account: str, dref: str, kind: str, callref: str) -> str:
-    """Deterministic id of a notification: a duplicate delivery of it gets the same id."""
-    identity = "\x1f".join((tenant, account, dref, kind, callref)).encode()
-    return hashlib.sha256(identity).hexdigest()[:32]
+def event_id(tenant: str, account: str, dref: str | None, kind: str, callref: str | None,
+             caller: str = "", callee: str = "", event_ms: int = 0) -> str:
+    """Deterministic id of a notification: a duplicate delivery of it gets the same id.
+
+    With a DREF: tenant, account, DREF, type and CALLREF. Without (the minimal template): tenant,
+    account, type, CALLREF, numbers and event time, so a duplicate is recognised only when Keyyo
+    sent ``_TSMS_`` (the receive time differs between deliveries).
+    """
+    if dref:
+        identity = "\x1f".join((tenant, account, dref, kind, callref or ""))
+    else:
+        identity = "\x1f".join(("", tenant, account, kind, callref or "", caller, callee, str(event_ms)))
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 def _check_number(field: str, value: str, *, allow_anonymous: bool) -> Refusal | None:
@@ -190,15 +201,8 @@ def parse_notification(
             refusal = _check_number(name, value, allow_anonymous=True)
             if refusal:
                 return refusal
-    callref, dref = fields["callref"], fields["dref"]
-    for name, value in (("callref", callref), ("dref", dref)):
-        if not value:
-            return _invalid(name, "must not be empty")
-        refusal = _check_ident(name, value)
-        if refusal:
-            return refusal
     optional: dict[str, str | None] = {}
-    for name in ("dref_replace", "session_id"):
+    for name in ("callref", "dref", "dref_replace", "session_id"):
         text = fields.get(name) or None
         if text is not None:
             refusal = _check_ident(name, text)
@@ -232,14 +236,15 @@ def parse_notification(
         event_ms = parsed
     received_at = rfc3339_ms(received_ms)
     return Notification(
-        event_id=event_id(tenant, account, dref, kind, callref),
+        event_id=event_id(tenant, account, optional["dref"], kind, optional["callref"], caller, callee,
+                          event_ms),
         tenant=tenant,
         type=kind,
         account=account,
         caller=caller,
         callee=callee,
-        callref=callref,
-        dref=dref,
+        callref=optional["callref"],
+        dref=optional["dref"],
         dref_replace=optional["dref_replace"],
         session_id=optional["session_id"],
         is_acd=acd_text == "1",

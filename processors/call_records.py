@@ -7,12 +7,20 @@ event time (ms); ``now_ms`` is the partition's stream time.
 State keys (per tenant ``t``): ``c/t/<call id>`` the call; ``i/t/d/<dref>``, ``i/t/s/<session>``,
 ``i/t/c/<callref>`` indexes to the call. Legs sharing a session, a callref, or linked by
 DREF_REPLACE -> DREF are one call.
+
+Notifications without a DREF (Keyyo's minimal URL template) are paired by line and numbers in
+arrival order: ``p/t/<line> <caller> <callee>`` holds the open legs of that line and pair of
+numbers, oldest first, and the short ids of the last notifications seen there (duplicates). A
+SETUP opens a leg; CONNECT and RELEASE go to the oldest open leg (CONNECT to the oldest not yet
+connected; a CONNECT by voicemail, whose callee is a 22-digit answering number, counts as one to
+the line itself). Such a leg gets an internal id (a space and the event id, which no DREF can be), is
+shown with a null ``dref``, and its record says ``correlation: approximate``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -104,6 +112,12 @@ class CallRecords:
     def on_event(self, store: Store, n: Notification, now_ms: int) -> list[Output]:
         """Fold one notification into its call; return the call update (and a restated record)."""
         t = n.tenant
+        approximate = n.dref is None
+        if approximate:
+            paired = self._pair(store, n)
+            if paired is None:
+                return []  # a duplicate delivery
+            n = replace(n, dref=paired)
         index_keys = [f"i/{t}/d/{n.dref}"]
         if n.dref_replace:
             index_keys.append(f"i/{t}/d/{n.dref_replace}")
@@ -119,7 +133,7 @@ class CallRecords:
         calls = [c for c in (self._load(store, t, i) for i in ids) if c is not None]
         self._check_bounds(calls, n)
         if not calls:
-            call = self._new_call(t, n.dref)
+            call = self._new_call(t, n.dref)  # type: ignore[arg-type]
         else:
             call = self._merge(store, calls) if len(calls) > 1 else calls[0]
         short_id = n.event_id[:12]
@@ -131,6 +145,8 @@ class CallRecords:
         call["events"].append(short_id)
         event_ms = parse_rfc3339_ms(n.event_time)
         self._fold(call, n, event_ms)
+        if approximate:
+            call["legs"][n.dref]["approx"] = True
         outputs: list[Output] = []
         if call["closed"]:
             call["closed"] = False  # reopened: the next close restates it with revision + 1
@@ -143,6 +159,43 @@ class CallRecords:
         self._save(store, call)
         self._arm(store, call)
         return outputs
+
+    MAX_PAIRING = 64
+    """Open legs (and recent notifications) kept per line and pair of numbers without a DREF."""
+
+    def _pair(self, store: Store, n: Notification) -> str | None:
+        """The internal leg id of a notification without a DREF; None for a duplicate."""
+        callee = n.callee
+        if n.type == "CONNECT" and len(callee) == 22 and callee.isdigit():
+            callee = n.account  # voicemail answers a call to the line with its own number
+        key = f"p/{n.tenant}/{n.account} {n.caller} {callee}"
+        raw = store.get(key)
+        pairing: dict[str, list[Any]] = orjson.loads(raw) if raw is not None else {"open": [], "seen": []}
+        short = n.event_id[:12]
+        if short in pairing["seen"]:
+            return None
+        pairing["seen"] = [*pairing["seen"][-(self.MAX_PAIRING - 1):], short]
+        opened = pairing["open"]
+        own = f" {n.event_id}"
+        if n.type == "SETUP":
+            leg = own
+            opened.append([own, False])
+        elif n.type == "CONNECT":
+            target = next((o for o in opened if not o[1]), opened[0] if opened else None)
+            if target is None:  # CONNECT before its SETUP: a leg of its own, still open
+                opened.append([own, True])
+                leg = own
+            else:
+                target[1] = True
+                leg = target[0]
+        else:
+            leg = opened.pop(0)[0] if opened else own
+        del opened[:-self.MAX_PAIRING]
+        store.put(key, orjson.dumps(pairing))
+        # Forgotten once every leg it could still pair would have been given up.
+        store.wake(key, parse_rfc3339_ms(n.event_time) + self.config.max_duration_ms
+                   + self.config.retention_ms)
+        return leg
 
     def _check_bounds(self, calls: list[Call], n: Notification) -> None:
         legs = {dref for c in calls for dref in c["legs"]}
@@ -205,9 +258,13 @@ class CallRecords:
     # -- timers -------------------------------------------------------------------------
 
     def on_timer(self, store: Store, key: str, now_ms: int) -> list[Output]:
-        """Close a call whose time has come, or forget a closed one after its retention."""
+        """Close a call whose time has come, or forget a closed one after its retention (or forget
+        the pairing of legs without a DREF of a quiet line)."""
         raw = store.get(key)
         if raw is None:
+            return []
+        if key.startswith("p/"):
+            store.delete(key)
             return []
         call: Call = orjson.loads(raw)
         cfg = self.config
@@ -309,7 +366,8 @@ class CallRecords:
     @staticmethod
     def _leg_out(leg: Leg) -> dict[str, Any]:
         return {
-            "dref": leg["dref"], "callref": leg["callref"], "account": leg["account"],
+            "dref": None if leg.get("approx") else leg["dref"], "callref": leg["callref"],
+            "account": leg["account"],
             "caller": leg["caller"], "callee": leg["callee"], "setup_at": _iso(leg["setup_at"]),
             "connect_at": _iso(leg["connect_at"]), "release_at": _iso(leg["release_at"]),
             "replaces": leg["replaces"],
@@ -361,4 +419,5 @@ class CallRecords:
                 (leg["redirecting_number"] for leg in legs if leg["redirecting_number"]), None),
             "legs": [self._leg_out(leg) for leg in legs],
             "closed_by": call["closed_by"],
+            "correlation": "approximate" if any(leg.get("approx") for leg in legs) else "exact",
         }

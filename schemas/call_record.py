@@ -15,8 +15,9 @@ CALL_UPDATE_SCHEMA = "keyyo.call-update.v1"
 class LegOut(TypedDict):
     """One dialog of a call."""
 
-    dref: str
-    callref: str
+    dref: str | None
+    """Null for a leg notified without a DREF (its record's correlation is approximate)."""
+    callref: str | None
     account: str
     caller: str
     callee: str
@@ -50,6 +51,7 @@ class CallRecord(TypedDict):
     redirecting_number: str | None
     legs: list[LegOut]
     closed_by: Literal["release", "timeout"]
+    correlation: Literal["exact", "approximate"]
 
 
 class CallUpdate(TypedDict):

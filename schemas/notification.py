@@ -56,8 +56,8 @@ _STRINGS: tuple[tuple[str, re.Pattern[str], int, bool, bool], ...] = (
     ("account", _NUMBER, 64, False, False),
     ("caller", _NUMBER, 64, True, False),
     ("callee", _NUMBER, 64, True, False),
-    ("callref", _IDENT, 64, False, False),
-    ("dref", _IDENT, 32, False, False),
+    ("callref", _IDENT, 64, False, True),
+    ("dref", _IDENT, 32, False, True),
     ("dref_replace", _IDENT, 32, False, True),
     ("session_id", _IDENT, 40, False, True),
     ("redirecting_number", _NUMBER, 64, False, True),
@@ -133,7 +133,8 @@ class Notification:
     """One normalised Keyyo call notification, the value of ``keyyo.notifications.v1``."""
 
     event_id: str
-    """Hash of tenant, account, dref, type and callref: a duplicate delivery gets the same id."""
+    """Hash of tenant, account, dref, type and callref (without a dref: of the numbers and event
+    time too): a duplicate delivery gets the same id."""
     tenant: str
     """The Keyyo customer the notification URL belongs to; also the record key."""
     type: NotificationType
@@ -144,10 +145,11 @@ class Notification:
     """Calling number, ``anonymous``, or empty when hidden."""
     callee: str
     """Called number (a 22-digit answering number when voicemail answered)."""
-    callref: str
-    """Keyyo's call identifier."""
-    dref: str
-    """Dialog identifier: one per leg."""
+    callref: str | None
+    """Keyyo's call identifier; null when the notification URL does not carry ``_CALLREF_``."""
+    dref: str | None
+    """Dialog identifier, one per leg; null when the notification URL does not carry ``_DREF_``
+    (Keyyo's own minimal example): the leg is then paired by line and numbers, approximately."""
     dref_replace: str | None
     """On interception or attended transfer, the DREF of the dialog this one replaces."""
     session_id: str | None

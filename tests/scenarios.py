@@ -54,12 +54,23 @@ class Flow:
     dialogs: dict[str, Dialog] = field(default_factory=dict)
     caller: str = EXTERNAL
     direction: str = "inbound"
+    minimal: bool = False
+    """Notified through Keyyo's minimal URL template (no DREF, CALLREF, session)."""
 
     def _emit(self, kind: str, d: Dialog, after: float, callee: str | None = None) -> Flow:
         self.t += int(after * 1000)
+        callee = callee or d.callee
+        if self.minimal:  # Keyyo's minimal URL template: account, caller, callee, type (and tsms)
+            self.events.append(Notification(
+                event_id=event_id(self.tenant, d.account, None, kind, None, d.caller, callee, self.t),
+                tenant=self.tenant, type=kind, account=d.account, caller=d.caller,  # type: ignore[arg-type]
+                callee=callee, callref=None, dref=None, dref_replace=None, session_id=None, is_acd=False,
+                redirecting_number=None, version=1, event_time=rfc3339_ms(self.t),
+                received_at=rfc3339_ms(self.t), source_ip="127.0.0.1"))
+            return self
         self.events.append(Notification(
             event_id=event_id(self.tenant, d.account, d.dref, kind, d.callref), tenant=self.tenant,
-            type=kind, account=d.account, caller=d.caller, callee=callee or d.callee,  # type: ignore[arg-type]
+            type=kind, account=d.account, caller=d.caller, callee=callee,  # type: ignore[arg-type]
             callref=d.callref, dref=d.dref, dref_replace=d.dref_replace, session_id=self.session_id,
             is_acd=self.is_acd, redirecting_number=self.redirecting, version=1,
             event_time=rfc3339_ms(self.t), received_at=rfc3339_ms(self.t), source_ip="127.0.0.1"))
@@ -93,11 +104,12 @@ class Flow:
 
 
 def incoming_call(tenant: str = "acme", acd_session: str | None = None,
-                  redirecting: str | None = None, caller: str = EXTERNAL, at: int = T0) -> Flow:
+                  redirecting: str | None = None, caller: str = EXTERNAL, at: int = T0,
+                  minimal: bool = False) -> Flow:
     """An inbound call from ``caller`` (an ACD call when ``acd_session`` is given), its first
     event at ``at`` (ms) plus the first step's ``after``."""
     return Flow(tenant=tenant, session_id=acd_session, is_acd=acd_session is not None,
-                redirecting=redirecting, caller=caller, t=at)
+                redirecting=redirecting, caller=caller, t=at, minimal=minimal)
 
 
 def outgoing_call(to: str = EXTERNAL, tenant: str = "acme") -> Flow:

@@ -13,18 +13,31 @@ def comparable(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("record_id", "revision")}
 
 
-def final_records(records: list[dict[str, Any]]) -> dict[frozenset[str], dict[str, Any]]:
-    """Highest revision per record, keyed by the set of its legs' DREFs."""
+Match = frozenset[str] | tuple[str, ...]
+
+
+def match_key(record: dict[str, Any]) -> Match:
+    """What identifies a call across runs: the set of its legs' DREFs; for a call notified
+    without DREFs, its tenant, first line, numbers and start."""
+    drefs = [leg["dref"] for leg in record["legs"]]
+    if all(drefs):
+        return frozenset(drefs)
+    return (record["tenant"], record["legs"][0]["account"], record["caller"], record["callee"],
+            record["started_at"])
+
+
+def final_records(records: list[dict[str, Any]]) -> dict[Match, dict[str, Any]]:
+    """Highest revision per record, keyed by :func:`match_key`."""
     best: dict[str, dict[str, Any]] = {}
     for r in records:
         if r["record_id"] not in best or r["revision"] > best[r["record_id"]]["revision"]:
             best[r["record_id"]] = r
-    return {frozenset(leg["dref"] for leg in r["legs"]): comparable(r) for r in best.values()}
+    return {match_key(r): comparable(r) for r in best.values()}
 
 
-def expected_records(calls: list[PlannedCall]) -> dict[frozenset[str], dict[str, Any]]:
+def expected_records(calls: list[PlannedCall]) -> dict[Match, dict[str, Any]]:
     """The simulator's expected record of each call, keyed like :func:`final_records`."""
-    return {frozenset(leg.dref for leg in c.legs): c.expected() for c in calls}
+    return {match_key(record): record for record in (c.expected() for c in calls)}
 
 
 def expected_acd_figures(records: list[dict[str, Any]], service_level_s: float = 20.0,

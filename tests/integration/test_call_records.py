@@ -264,3 +264,33 @@ async def test_two_processes_run_side_by_side_with_default_options(
     finally:
         codes = [stop_process(proc) for proc in procs]
     assert codes == [0, 0]
+
+
+async def test_keyyos_own_example_template_gives_200s_and_records(
+    broker: Broker, prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The guide's URL: ``?account=_ACCOUNT_&caller=_CALLER_&callee=_CALLEE_&type=_N_TYPE_``."""
+    await provision(broker.bootstrap, prefix)
+    line, caller = "33123456789", "33612345678"
+    caplog.set_level("WARNING", logger="keyyo.ingest")
+    async with running_edge(broker.bootstrap, prefix, create=False) as edge, \
+            running_processor(broker.bootstrap, prefix):
+        for kind, pause in (("SETUP", 0.3), ("CONNECT", 1.2), ("RELEASE", 0)):
+            resp = await edge.notify({"account": line, "caller": caller, "callee": line, "type": kind})
+            assert resp.status == 200
+            await asyncio.sleep(pause)
+
+        async def recorded() -> bool:
+            return bool(await records(broker.bootstrap, prefix))
+
+        await wait_for(recorded, 30, interval=0.5, what="the call's record")
+        status, metrics = await edge.get("/metrics")
+    assert status == 200
+    (record,) = await records(broker.bootstrap, prefix)
+    assert (record["outcome"], record["answered_by"], record["correlation"]) == (
+        "answered", line, "approximate")
+    assert record["talk_seconds"] >= 1.0 and record["legs"][0]["dref"] is None
+    assert 'keyyo_ingest_incomplete_template_total{missing="dref"} 3.0' in metrics
+    assert 'keyyo_ingest_incomplete_template_total{missing="tsms"} 3.0' in metrics
+    warnings = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert len(warnings) == 1 and "_DREF_ and _TSMS_" in warnings[0] and "keyyo-stream url" in warnings[0]

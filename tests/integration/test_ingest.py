@@ -90,7 +90,7 @@ REFUSALS = [
     ({**BAD, "type": "RING"}, "invalid_field", "type"),
     ({**BAD, "caller": "_CALLER_"}, "unsubstituted_keyword", "caller"),
     ({**BAD, "tsms": "12345"}, "invalid_field", "tsms"),
-    ({k: v for k, v in BAD.items() if k != "dref"}, "missing_field", "dref"),
+    ({k: v for k, v in BAD.items() if k != "callee"}, "missing_field", "callee"),
     ({**BAD, "is_acd": "2"}, "invalid_field", "is_acd"),
     ({**BAD, "session_id": "s" * 41}, "invalid_field", "session_id"),
 ]

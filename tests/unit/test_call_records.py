@@ -170,3 +170,54 @@ def test_tenants_never_mix(tenant: str) -> None:
     two = incoming_call(tenant=tenant, acd_session="same").rings(B).hangs_up(B)
     result = run(one.events + two.events)
     assert len(result.records) == (1 if tenant == "acme" else 2)
+
+
+# -- Keyyo's minimal URL template: no DREF, paired by line and numbers ---------------------------
+
+
+def minimal_call(at_s: float = 0, line: str = A, caller: str = EXTERNAL):  # type: ignore[no-untyped-def]
+    from tests.scenarios import T0
+    return incoming_call(at=T0 + int(at_s * 1000), caller=caller, minimal=True)
+
+
+def test_a_minimal_template_call_is_recorded_as_approximate() -> None:
+    r = only_record(minimal_call().rings(A).answers(A, after=3).hangs_up(after=20).events)
+    assert (r["outcome"], r["answered_by"], r["wait_seconds"], r["talk_seconds"]) == (
+        "answered", A, 3.0, 20.0)
+    assert r["correlation"] == "approximate"
+    assert [(leg["dref"], leg["callref"]) for leg in r["legs"]] == [(None, None)]
+
+
+def test_overlapping_calls_between_the_same_numbers_pair_in_arrival_order() -> None:
+    # The same caller rings A twice (call waiting): the CONNECT goes to the older ringing leg,
+    # the first RELEASE to the oldest open leg.
+    first = minimal_call().rings(A)
+    second = minimal_call(at_s=1).rings(A)
+    events = [first.events[0], second.events[0]]
+    first.answers(A, after=2).hangs_up(after=10)
+    second.t = first.t
+    second.hangs_up(after=1)
+    events += first.events[1:] + second.events[1:]
+    result = run(events)
+    outcomes = sorted((r["outcome"], r["talk_seconds"]) for r in result.records)
+    assert outcomes == [("answered", 10.0), ("missed", 0.0)]
+    assert {r["correlation"] for r in result.records} == {"approximate"}
+
+
+def test_minimal_duplicates_with_tsms_count_once_and_lines_never_mix() -> None:
+    on_a = minimal_call().rings(A).answers(A, after=3).hangs_up(after=5)
+    on_b = minimal_call().rings(B).hangs_up(after=4)
+    events = sorted([*on_a.events, *on_a.events, *on_b.events], key=lambda n: n.event_time)
+    result = run(events)
+    assert sorted((r["legs"][0]["account"], r["outcome"]) for r in result.records) == [
+        (A, "answered"), (B, "missed")]
+    assert not result.dead_letters
+
+
+def test_the_pairing_of_a_line_is_bounded_and_forgotten() -> None:
+    flood = minimal_call()
+    for _ in range(100):  # SETUPs never answered nor released
+        flood.rings(A, after=0.01)
+    result = run(flood.events, CallRecordsConfig(ring_timeout_ms=60_000))
+    assert len(result.records) == 100 and {r["closed_by"] for r in result.records} == {"timeout"}
+    assert not [k for k in result.store.processor_keys() if k.startswith("p/")]

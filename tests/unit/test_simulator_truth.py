@@ -56,3 +56,33 @@ def test_a_mix_under_chaos_gives_every_expected_record_once() -> None:
     assert got.keys() == expected.keys()
     for match, record in expected.items():
         assert got[match] == record, record["legs"][0]["dref"]
+
+
+SINGLE_LEG = ("inbound_answered", "inbound_missed", "outbound_answered", "outbound_unanswered",
+              "voicemail")
+
+
+@pytest.mark.parametrize("scenario", SINGLE_LEG)
+def test_keyyos_minimal_template_gives_approximate_records(scenario: str) -> None:
+    planner = Planner(["acme"], 5, random.Random(4))
+    call = planner.plan(T0, scenario)
+    call.minimal = True
+    assert set(call.notifications()[0]) == {"account", "caller", "callee", "type", "tsms"}
+    result = run(notifications("acme", call.notifications()), CONFIG)
+    assert [comparable(r) for r in result.records] == [call.expected()]
+    assert result.records[0]["correlation"] == "approximate"
+
+
+def test_a_minimal_template_mix_with_duplicates_pairs_every_call() -> None:
+    rng = random.Random(5)
+    planner = Planner(["acme", "globex"], 4, rng, time_scale=0.5)
+    chaos = Chaos(duplicate=0.3)  # reordering is what pairing by arrival order cannot survive
+    calls = plan_traffic(planner, rate=2, duration=120, start_ms=T0, chaos=chaos,
+                         scenarios=list(SINGLE_LEG))
+    for call in calls:
+        call.minimal = True
+    events = [n for s in schedule(calls, chaos, rng) for n in notifications(s.tenant, [s.params])]
+    result = run(events, CONFIG)
+    expected = expected_records(calls)
+    assert len(calls) > 150 and len(expected) == len(calls)
+    assert final_records(result.records) == expected
