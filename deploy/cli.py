@@ -120,6 +120,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
         limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
         max_attempts=args.max_attempts,
+        state_dir=None if args.no_checkpoints else Path(args.state_dir).expanduser(),
     )
     try:
         logic = spec.logic(**{o.dest: getattr(args, o.dest) for o in spec.options})
@@ -166,6 +167,12 @@ def add_runtime_options(p: argparse.ArgumentParser, spec: ProcessorSpec) -> None
                    help="largest output or state value one record may write; larger: dead-lettered")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="transactions Kafka may refuse with a record before it is dead-lettered")
+    p.add_argument("--state-dir", default="~/.local/state/keyyo-stream/checkpoints",
+                   help="where each partition's state is checkpointed when the process stops or "
+                        "gives a partition up, so a restart replays only the changelog's tail "
+                        "(default %(default)s; shared safely by the processes of a host)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="write and read no checkpoints: every restore replays the whole changelog")
     p.add_argument("--health-host", default="127.0.0.1")
     p.add_argument("--health-port", type=int, default=None,
                    help=f"side port for /healthz /readyz /metrics (default {spec.health_port}, or the "

@@ -182,6 +182,8 @@ class LocalKafka:
             "min.insync.replicas": "1",
             "log.retention.hours": "168",
             "log.segment.bytes": str(64 * 1024 * 1024),
+            # The log cleaner looks for compactable changelogs every 5 s (default 15 s).
+            "log.cleaner.backoff.ms": "5000",
         }
         text = "".join(f"{k}={v}\n" for k, v in props.items())
         self.config_file.write_text(text)

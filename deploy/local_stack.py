@@ -104,7 +104,8 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
         metrics = ProcessorMetrics(spec.group())
         port = args.processor_port if spec is CALL_RECORDS_SPEC else spec.health_port
         logic = spec.logic(config=str(acd_config)) if spec is ACD_STATS_SPEC else spec.logic()
-        processors.append((spec.name, port, metrics, Runtime(spec.settings(bootstrap), logic, metrics)))
+        runtime_settings = spec.settings(bootstrap, state_dir=config.parent / "checkpoints")
+        processors.append((spec.name, port, metrics, Runtime(runtime_settings, logic, metrics)))
     print(f"ingest listening on {base} (tenant {DEMO_TENANT!r}, key in {config.parent}/demo.secret)",
           flush=True)
     print(f"try: curl '{base}/v1/keyyo/{DEMO_TENANT}/notifications?key={secret}&account=33123456789"
@@ -121,7 +122,7 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
         tasks = []
         for name, port, metrics, runtime in processors:
             health_port = await stack.enter_async_context(health_server(
-                "127.0.0.1", port, metrics, runtime.readiness, runtime.stuck, next_free=100))
+                "127.0.0.1", port, metrics, runtime.readiness, runtime.detail, next_free=100))
             print(f"{name} processor health on http://127.0.0.1:{health_port}/readyz", flush=True)
             tasks.append(asyncio.create_task(runtime.run(), name=name))
         if args.demo_rate > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from processors.registry import ProcessorSpec
@@ -80,4 +81,24 @@ async def provision_processor(
     await create_topics(bootstrap, prefix, topics=(spec.input,), partitions=partitions)
     await create_topics(bootstrap, out_prefix, topics=spec.outputs, partitions=partitions)
     count = await partition_count(bootstrap, spec.input.full_name(prefix))
-    await create_topics(bootstrap, "", topics=(changelog(group, spec.store, count),))
+    log_topic = changelog(group, spec.store, count)
+    created = await create_topics(bootstrap, "", topics=(log_topic,))
+    if created.get(log_topic.name) == "exists":
+        await set_configs(bootstrap, log_topic.name,
+                          {"cleanup.policy": log_topic.cleanup_policy, **log_topic.configs})
+
+
+async def set_configs(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
+    """Give an existing topic these settings (a changelog created by an older version gets the
+    compaction settings of this one). Its other dynamic settings are reset to the broker's."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        responses = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
+        for response in responses:
+            for resource in response.resources:
+                code, message = resource[0], resource[1]
+                if code:
+                    raise RuntimeError(f"setting the configs of {topic} failed: error {code} {message}")
+    finally:
+        await admin.close()

@@ -48,6 +48,12 @@ class ProcessorMetrics:
         self.stuck = Gauge("keyyo_processor_partition_stuck",
                            "1 while a partition's transactions keep failing (see /readyz).",
                            ["processor", "partition"], registry=self.registry)
+        self.restore_remaining = Gauge(
+            "keyyo_processor_restore_remaining", "Changelog records still to replay, by partition "
+            "(0 once restored).", ["processor", "partition"], registry=self.registry)
+        self.restored_records = Counter(
+            "keyyo_processor_restored_records", "Changelog records replayed into state.",
+            ["processor"], registry=self.registry).labels(**labels)
         self.assigned = Gauge("keyyo_processor_assigned_partitions", "Input partitions owned.",
                               ["processor"], registry=self.registry).labels(**labels)
         self.processor = processor
@@ -74,8 +80,8 @@ async def health_server(host: str, port: int, metrics: ProcessorMetrics,
         checks = readiness()
         ok = all(checks.values())
         body: dict[str, Any] = {"ready": ok, "checks": checks}
-        if detail is not None and (extra := detail()):
-            body["stuck"] = extra
+        if detail is not None:
+            body.update(detail())
         return web.json_response(body, status=200 if ok else 503)
 
     async def prometheus(_: web.Request) -> web.Response:

@@ -20,12 +20,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.partitioner import DefaultPartitioner
 
+from processors import checkpoint
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.output import Output, coalesce
@@ -71,6 +73,13 @@ class RuntimeSettings:
     """Consecutive failed transactions after which a partition is reported stuck (``/readyz``)."""
     stuck_after_s: float = 10.0
     """A transaction open this long (Kafka not answering) also reports its partition stuck."""
+    state_dir: Path | None = None
+    """Where partition checkpoints are kept (None: none; every restore replays the changelog)."""
+    checkpoint_max_age_ms: int = 20 * 3600_000
+    """Older checkpoints are ignored: below the changelog's ``delete.retention.ms`` (24 h), so no
+    tombstone a checkpoint predates has been compacted away."""
+    restore_batch: int = 5000
+    """Changelog records applied between two yields to the event loop while restoring."""
 
     @property
     def changelog_topic(self) -> str:
@@ -98,6 +107,12 @@ class _Partition:
     stuck_since: float | None = None
     txn_started: float | None = None
     """When the open transaction began (monotonic), while one is open."""
+    restore: dict[str, Any] | None = None
+    """While restoring: progress for ``/readyz`` (records applied, remaining, source)."""
+    restore_span: tuple[int, int] = (0, 0)
+    """The changelog offsets the last restore replayed, [from, end)."""
+    restored: bool = False
+    """The state is complete (a checkpoint may be written when the partition is given up)."""
     queue: deque[Any] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
@@ -171,6 +186,20 @@ class Runtime:
         self._partitions: dict[str, list[int]] = {}
         self._key_partition: dict[tuple[str, bytes], int] = {}
         self._targets: dict[str, tuple[str, Any]] = {}
+        self._kept: dict[TopicPartition, tuple[Store, int]] = {}
+        """State of partitions given up in a rebalance, with its changelog offset, in case they
+        come back to this process."""
+
+    def detail(self) -> dict[str, Any]:
+        """``/readyz``'s detail: stuck partitions and why, restoring partitions and how far."""
+        out: dict[str, Any] = {}
+        if stuck := self.stuck():
+            out["stuck"] = stuck
+        restoring = {f"{p.tp.topic}:{p.tp.partition}": p.restore for p in self.parts.values()
+                     if p.restore is not None}
+        if restoring:
+            out["restoring"] = restoring
+        return out
 
     def readiness(self) -> dict[str, bool]:
         """For ``/readyz``: joined the group, every owned partition restored, none stuck."""
@@ -380,18 +409,26 @@ class Runtime:
     # -- partitions ----------------------------------------------------------------------
 
     async def _assign(self, assigned: set[TopicPartition]) -> None:
+        """Register the partitions and return at once: each restores its state in its own task
+        (yielding often), so the rebalance completes, heartbeats and signals are served, and
+        records fetched meanwhile wait in the partition's queue."""
         self.joined = True
-        # Registered at once: records fetched while the state is restored wait in the queue.
+        for tp in [tp for tp in self._kept if tp not in assigned]:
+            del self._kept[tp]  # given to another process: its state is theirs now
         new = [self._partition(tp) for tp in sorted(assigned) if tp not in self.parts]
         for part in new:
             self.parts[part.tp] = part
             self.restoring.add(part.tp)
-        await asyncio.gather(*(self._open(part) for part in new))
-        for part in new:
-            self.restoring.discard(part.tp)
-            part.worker = asyncio.create_task(self._work(part), name=f"partition-{part.tp.partition}")
+            part.worker = asyncio.create_task(self._open_then_work(part),
+                                              name=f"partition-{part.tp.partition}")
             part.worker.add_done_callback(functools.partial(self._worker_done, part))
         self.metrics.assigned.set(len(self.parts))
+
+    async def _open_then_work(self, part: _Partition) -> None:
+        await self._open(part)
+        self.restoring.discard(part.tp)
+        if not part.closing:
+            await self._work(part)
 
     def _worker_done(self, part: _Partition, task: asyncio.Task[None]) -> None:
         """A worker that died of a bug stops the process: better a restart than a stalled partition."""
@@ -402,42 +439,111 @@ class Runtime:
         self.failed = True
         self.stop()
 
-    def _partition(self, tp: TopicPartition) -> _Partition:
+    def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         s = self.settings
-        producer = AIOKafkaProducer(
+        return AIOKafkaProducer(
             bootstrap_servers=s.bootstrap, transactional_id=f"{s.group}.{tp.topic}.{tp.partition}",
             client_id=f"{s.group}-p{tp.partition}", linger_ms=5, max_batch_size=512 * 1024,
         )
+
+    def _partition(self, tp: TopicPartition) -> _Partition:
+        s = self.settings
+        producer = self._producer(tp)
         store = Store()
         step = Step(self.logic, store, s.group, mode=s.mode, allowed_lateness_ms=s.allowed_lateness_ms,
                     limits=s.limits, clock=self.clock)
         return _Partition(tp, producer, store, step)
 
     async def _open(self, part: _Partition) -> None:
-        """Fence the previous owner (its open transaction is aborted), then restore the state."""
-        await part.producer.start()
-        restored = await self._restore(part.store, part.tp.partition)
-        log.info("partition restored", extra={"topic": part.tp.topic, "partition": part.tp.partition,
-                                              "entries": len(part.store), "changelog_records": restored})
+        """Fence the previous owner (its open transaction is aborted), then restore the state;
+        Kafka being away is waited out, a revocation meanwhile stops it."""
+        started = time.monotonic()
+        while not part.closing:
+            try:
+                await part.producer.start()
+                restored, source = await self._restore(part)
+                break
+            except KafkaError as exc:
+                log.warning("restoring a partition failed; trying again", extra={
+                    "topic": part.tp.topic, "partition": part.tp.partition, "error": repr(exc)[:300]})
+                with contextlib.suppress(Exception):
+                    await part.producer.stop()
+                part.producer = self._producer(part.tp)
+                await asyncio.sleep(1.0)
+        else:
+            return
+        if part.closing:
+            return
+        part.restored = True
+        part.restore = None
+        self.metrics.restore_remaining.labels(self.metrics.processor, str(part.tp.partition)).set(0)
+        log.info("partition restored", extra={
+            "topic": part.tp.topic, "partition": part.tp.partition, "entries": len(part.store),
+            "changelog_records": restored, "source": source, "changelog_span": part.restore_span,
+            "seconds": round(time.monotonic() - started, 2),
+            "records_per_s": round(restored / max(time.monotonic() - started, 1e-3))})
 
-    async def _restore(self, store: Store, partition: int) -> int:
-        tp = TopicPartition(self.settings.changelog_topic, partition)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
+    async def _restore(self, part: _Partition) -> tuple[int, str]:
+        """Bring the partition's store up to date: from the state this process kept when it last
+        owned the partition, or from a local checkpoint, replaying only the changelog after it;
+        else from the whole changelog. Returns the changelog records applied and the source."""
+        s = self.settings
+        store, partition = part.store, part.tp.partition
+        tp = TopicPartition(s.changelog_topic, partition)
+        start, source = 0, "changelog"
+        kept = self._kept.pop(part.tp, None)
+        if kept is not None:
+            part.store = part.step.store = store = kept[0]
+            start, source = kept[1], "kept in memory"
+        elif s.state_dir is not None:
+            loaded, why = checkpoint.read(checkpoint.path_for(s.state_dir, tp.topic, partition),
+                                          tp.topic, partition, s.checkpoint_max_age_ms)
+            if loaded is not None:
+                for key, value in loaded.entries.items():
+                    store.restore(key, value)
+                start, source = loaded.offset, "checkpoint"
+            elif why != "no checkpoint":
+                log.warning("partition checkpoint not used: " + why, extra={
+                    "topic": tp.topic, "partition": partition})
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap,
                                     isolation_level="read_committed", enable_auto_commit=False)
         await consumer.start()
         count = 0
+        gauge = self.metrics.restore_remaining.labels(self.metrics.processor, str(partition))
         try:
             consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
             end = (await consumer.end_offsets([tp]))[tp]
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=500, max_records=10000)
+            if start > end:  # the changelog was recreated: the saved state is not its state
+                log.warning("saved state is ahead of the changelog; restoring it all", extra={
+                    "topic": tp.topic, "partition": partition, "saved_offset": start, "end": end})
+                store.clear()
+                start, source = 0, "changelog"
+            # Explicit offsets: a seek_to_beginning is resolved lazily, and was seen to land at the end.
+            first = max(start, (await consumer.beginning_offsets([tp]))[tp])
+            consumer.seek(tp, first)
+            total = max(0, end - first)
+            part.restore = {"source": source, "applied": 0, "remaining": total}
+            last_note = began = time.monotonic()
+            while not part.closing and (position := await consumer.position(tp)) < end:
+                part.restore["remaining"] = end - position
+                gauge.set(end - position)
+                batch = await consumer.getmany(tp, timeout_ms=500, max_records=s.restore_batch)
                 for rec in batch.get(tp, []):
                     store.restore(rec.key.decode(), rec.value)
-                    count += 1
+                count += len(batch.get(tp, []))
+                part.restore["applied"] = count
+                if time.monotonic() - last_note >= 1:
+                    last_note = time.monotonic()
+                    log.info("restoring partition", extra={
+                        "topic": tp.topic, "partition": partition, "applied": count,
+                        "remaining": end - position, "source": source,
+                        "records_per_s": round(count / (last_note - began))})
+                await asyncio.sleep(0)  # heartbeats, signals and health checks between batches
         finally:
             await consumer.stop()
-        return count
+        self.metrics.restored_records.inc(count)
+        part.restore_span = (first, end)
+        return count, source
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
         for tp in revoked:
@@ -459,9 +565,44 @@ class Runtime:
             await self._process(part, flush_ms=flush_ms)
         with contextlib.suppress(Exception):
             await part.producer.stop()
-        for gauge in (self.metrics.lag, self.metrics.state_entries, self.metrics.stuck):
+        if part.restored and not self.failed:
+            await self._save(part, keep=flush_ms is None and not self._stopping.is_set())
+        for gauge in (self.metrics.lag, self.metrics.state_entries, self.metrics.stuck,
+                      self.metrics.restore_remaining):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.metrics.processor, str(part.tp.partition))
+
+    async def _save(self, part: _Partition, keep: bool) -> None:
+        """The partition is given up with every transaction committed: note the changelog offset
+        its state reflects; keep the state in memory (a rebalance may give it back) and write a
+        checkpoint (a restart replays only what follows)."""
+        s = self.settings
+        tp = TopicPartition(s.changelog_topic, part.tp.partition)
+        try:
+            if self._consumer is not None:
+                offset = (await self._consumer.end_offsets([tp]))[tp]
+            else:
+                return
+        except Exception as exc:  # no offset, no checkpoint: the next owner restores it all
+            log.warning("changelog offset unknown; no checkpoint", extra={
+                "topic": tp.topic, "partition": tp.partition, "error": repr(exc)[:300]})
+            return
+        if keep:
+            self._kept[part.tp] = (part.store, offset)
+        if s.state_dir is not None:
+            started = time.monotonic()
+            try:
+                size = await asyncio.to_thread(
+                    checkpoint.write, checkpoint.path_for(s.state_dir, tp.topic, tp.partition),
+                    tp.topic, tp.partition, offset, dict(part.store.committed()))
+            except OSError as exc:
+                log.warning("checkpoint not written", extra={
+                    "topic": tp.topic, "partition": tp.partition, "error": str(exc)})
+                return
+            log.info("partition checkpoint written", extra={
+                "topic": tp.topic, "partition": tp.partition, "offset": offset,
+                "entries": len(part.store), "bytes": size,
+                "seconds": round(time.monotonic() - started, 2)})
 
     def _report(self, consumer: AIOKafkaConsumer) -> None:
         for tp, part in self.parts.items():

@@ -26,7 +26,7 @@ async def serve(settings: RuntimeSettings, logic: Logic[Any], health_host: str, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.stop)
     async with health_server(health_host, health_port, metrics, runtime.readiness,
-                             runtime.stuck, next_free=next_free) as port:
+                             runtime.detail, next_free=next_free) as port:
         log.info("processor running", extra={
             "group": settings.group, "input": settings.input_topic, "mode": settings.mode,
             "health": f"http://{health_host}:{port}/readyz"})

@@ -188,6 +188,14 @@ class Store:
             elif key.startswith(_TIME):
                 self._times[key[len(_TIME):]] = int(value)
 
+    def committed(self) -> dict[str, bytes]:
+        """Every committed entry, the runtime's included (what a checkpoint saves)."""
+        return self._data
+
+    def clear(self) -> None:
+        """Forget everything (before a full restore)."""
+        self.__init__()  # type: ignore[misc]
+
     def processor_keys(self) -> list[str]:
         """The processor's committed keys (the runtime's own entries left out)."""
         return [k for k in self._data if k[:1] != "\x00"]

@@ -86,6 +86,21 @@ ALL_TOPICS: tuple[Topic, ...] = (
 )
 
 
+CHANGELOG_CONFIGS: dict[str, str] = {
+    # Compaction only ever cleans closed segments: roll them often, so a changelog's size follows
+    # the live state rather than the traffic, and a restore replays little more than the state.
+    "segment.ms": str(10 * 60 * 1000),
+    "segment.bytes": str(64 * 1024 * 1024),
+    "min.cleanable.dirty.ratio": "0.1",
+    "min.compaction.lag.ms": "0",
+    "max.compaction.lag.ms": str(3600 * 1000),
+    # Tombstones are kept a day: a local checkpoint older than that is not trusted (the runtime
+    # ignores checkpoints older than 20 h).
+    "delete.retention.ms": str(DAY_MS),
+}
+"""Changelog topic settings (README, *Restore and checkpoints*)."""
+
+
 def changelog(group: str, store: str, partitions: int) -> Topic:
     """The compacted changelog of a processor's state store: one partition per input partition."""
     return Topic(
@@ -94,5 +109,5 @@ def changelog(group: str, store: str, partitions: int) -> Topic:
         partitions=partitions,
         cleanup_policy="compact",
         schema=None,
-        configs={"min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)},
+        configs=dict(CHANGELOG_CONFIGS),
     )
