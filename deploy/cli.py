@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import sys
@@ -67,8 +68,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    metrics_port = args.metrics_port if args.metrics_port is not None else args.port + 1
+    if args.workers > 1:
+        from ingest.workers import run_workers
+
+        return run_workers(Path(args.config), args.host, args.port, args.workers, args.metrics_host,
+                           metrics_port, args.log_level, args.log_format, args.uvloop)
+    own_port = None
+    if args.worker is not None:  # one of several: own spool, own port for metrics and probes
+        if settings.spool_dir is not None:
+            settings = dataclasses.replace(settings, spool_dir=settings.spool_dir / f"worker-{args.worker}")
+        own_port = (args.metrics_host, metrics_port)
     _use_uvloop(args.uvloop)
-    serve(settings, args.host, args.port)
+    serve(settings, args.host, args.port, reuse_port=args.worker is not None, own_port=own_port)
     return 0
 
 
@@ -259,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="TOML file with [tenants.<id>] and [ingest]")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1,
+                   help="edge processes sharing the port (SO_REUSEPORT), each with its own Kafka "
+                        "producer, spool (<spool_dir>/worker-<i>) and metrics port (default 1)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="with --workers: where each worker's own port listens (default 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="with --workers: worker i serves /metrics, /healthz, /readyz alone on this "
+                        "port + i (default --port + 1)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false",
                    help="use the standard asyncio loop")
 

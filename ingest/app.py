@@ -348,19 +348,28 @@ class EdgeRunner(web.AppRunner):
 
 
 async def run_edge(settings: IngestSettings, host: str, port: int, stop: asyncio.Event,
-                   reuse_port: bool = False) -> None:
-    """Serve until ``stop`` is set; then stop taking requests, finish those in flight, flush."""
+                   reuse_port: bool = False, own_port: tuple[str, int] | None = None) -> None:
+    """Serve until ``stop`` is set; then stop taking requests, finish those in flight, flush.
+
+    ``own_port`` (host, port): the same app also on a port of this process alone, so one worker
+    of several sharing ``port`` can be scraped (``/metrics``) and probed by itself.
+    """
     runner = EdgeRunner(build_app(settings), shutdown_timeout=10.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-        log.info("ingest listening", extra={"url": f"http://{host}:{port}"})
+        if own_port is not None:
+            await web.TCPSite(runner, own_port[0], own_port[1]).start()
+        log.info("ingest listening", extra={
+            "url": f"http://{host}:{port}",
+            **({"own_url": f"http://{own_port[0]}:{own_port[1]}/metrics"} if own_port else {})})
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-def serve(settings: IngestSettings, host: str, port: int) -> None:
+def serve(settings: IngestSettings, host: str, port: int, reuse_port: bool = False,
+          own_port: tuple[str, int] | None = None) -> None:
     """Run the edge until SIGINT/SIGTERM; then stop taking requests and flush the producer."""
 
     async def main() -> None:
@@ -368,6 +377,6 @@ def serve(settings: IngestSettings, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_edge(settings, host, port, stop)
+        await run_edge(settings, host, port, stop, reuse_port=reuse_port, own_port=own_port)
 
     asyncio.run(main())
