@@ -81,7 +81,7 @@ def resolve_artifacts(progress: bool = True) -> Path:
     return lib
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
@@ -155,7 +155,7 @@ class LocalKafka:
 
     def running(self) -> bool:
         """True when the broker process is alive and its port accepts connections."""
-        return self.pid() is not None and _port_open(self.host, self.port)
+        return self.pid() is not None and port_open(self.host, self.port)
 
     def _write_config(self, controller_port: int) -> None:
         data = self.home / "data"
@@ -192,7 +192,7 @@ class LocalKafka:
         """Start the broker unless it already runs; wait until it answers. True if started now."""
         if self.running():
             return False
-        if _port_open(self.host, self.port):
+        if port_open(self.host, self.port):
             raise RuntimeError(f"port {self.port} is taken by another program; choose --port")
         lib = resolve_artifacts(progress=progress)
         self.home.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ class LocalKafka:
                     f"the broker exited with status {proc.returncode}; see {self.log_file} "
                     f"and {self.home / 'stdout.log'}"
                 )
-            if _port_open(self.host, self.port) and asyncio.run(broker_answers(self.bootstrap, 3)):
+            if port_open(self.host, self.port) and asyncio.run(broker_answers(self.bootstrap, 3)):
                 return True
             time.sleep(0.25)
         self.stop()

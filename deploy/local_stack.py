@@ -15,13 +15,14 @@ import os
 import random
 import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from deploy.kafka_local import LocalKafka
+from deploy.kafka_local import LocalKafka, broker_answers, port_open
 from deploy.topics import create_topics, provision_processor
 from devtools.simulate import HttpSender
 from devtools.simulator import Chaos, Planner, plan_traffic, play, schedule
@@ -168,6 +169,14 @@ def run_local(args: argparse.Namespace) -> int:
     config, secret = _ensure_config(state_dir)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker: LocalKafka | None = None
+    if not bootstrap and port_open("127.0.0.1", args.kafka_port):
+        bootstrap = f"127.0.0.1:{args.kafka_port}"
+        if not asyncio.run(broker_answers(bootstrap)):
+            print(f"error: port {args.kafka_port} is taken by a program that does not answer as a "
+                  "Kafka broker; free it or choose --kafka-port", file=sys.stderr, flush=True)
+            return 1
+        print(f"kafka already listening on {bootstrap} (another checkout, or `keyyo-stream kafka "
+              "start`): using it, and leaving it running", flush=True)
     if not bootstrap:
         broker = LocalKafka(home=state_dir / f"kafka-{args.kafka_port}", port=args.kafka_port)
         started = broker.start()
