@@ -26,25 +26,37 @@ def _bootstrap(args: argparse.Namespace) -> str:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    """Start, stop or query the local broker."""
-    from deploy.kafka_local import LocalKafka, default_home
+    """Start, stop or query the local broker (or cluster of brokers)."""
+    from deploy.kafka_local import LocalCluster, default_home
 
-    broker = LocalKafka(home=Path(args.home) if args.home else default_home(args.port), port=args.port)
+    cluster = LocalCluster(home=Path(args.home) if args.home else default_home(args.port),
+                           port=args.port, brokers=args.brokers)
+    nodes = cluster.nodes()
     if args.action == "start":
         try:
-            started = broker.start()
+            started = cluster.start()
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print("started" if started else "already running", f"(logs: {broker.log_file})")
-        print(f"bootstrap={broker.bootstrap}")
+        for node in nodes:
+            state = "started" if node.node_id in started else "already running"
+            print(f"broker {node.node_id}: {state} port={node.port} (logs: {node.log_file})")
+        print(f"bootstrap={cluster.bootstrap}")
         return 0
     if args.action == "stop":
-        print("stopped" if broker.stop() else "not running")
+        stopped = cluster.stop()
+        for node in nodes:
+            print(f"broker {node.node_id}: {'stopped' if node.node_id in stopped else 'not running'}")
         return 0
-    running = broker.running()
-    print(f"{'running' if running else 'stopped'} bootstrap={broker.bootstrap} home={broker.home}")
-    return 0 if running else 3
+    running = 0
+    for node in nodes:
+        pid = node.pid()
+        up = node.running()
+        running += up
+        print(f"broker {node.node_id}: {'running' if up else 'stopped'} port={node.port} "
+              f"pid={pid if up else '-'} home={node.home}")
+    print(f"bootstrap={cluster.bootstrap}")
+    return 0 if running == len(nodes) else 3
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -254,12 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("kafka", cmd_kafka, "Run a local single-node Apache Kafka broker (KRaft) without Docker.")
+    p = add("kafka", cmd_kafka, "Run a local Apache Kafka broker, or a cluster of them (KRaft), without "
+            "Docker.")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=int(os.environ.get("KEYYO_KAFKA_PORT", "9092")),
                    help="broker port on 127.0.0.1 (default 9092)")
     p.add_argument("--home", help="folder for config, data and logs "
                    "(default ~/.local/state/keyyo-stream/kafka-PORT)")
+    p.add_argument("--brokers", type=int, default=1,
+                   help="start a cluster of N brokers (KRaft, each also a controller) on ports PORT "
+                        "to PORT+N-1, homes HOME/broker-<id>; replication min(3, N), min.insync.replicas "
+                        "2 from 3 brokers (default 1; an existing cluster keeps its size)")
 
     p = add("topics", cmd_topics, "Create every declared topic with its partitions and configs.")
     p.add_argument("action", choices=["create"])

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import orjson
+
 DEFAULT_PORT = 9092
 KAFKA_MAIN = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
@@ -117,6 +119,13 @@ class LocalKafka:
     port: int = DEFAULT_PORT
     host: str = "127.0.0.1"
     heap: str = "768m"
+    node_id: int = 1
+    cluster_size: int = 1
+    """Brokers in the cluster this one belongs to (replication settings follow it)."""
+    voters: str | None = None
+    """``controller.quorum.voters`` of a cluster; None: this broker is its own quorum."""
+    cluster_id: str | None = None
+    """Shared by every broker of a cluster (formatting); None: a new one."""
 
     @property
     def bootstrap(self) -> str:
@@ -159,10 +168,12 @@ class LocalKafka:
 
     def _write_config(self, controller_port: int) -> None:
         data = self.home / "data"
+        replicas = str(min(3, self.cluster_size))
+        min_isr = "2" if self.cluster_size >= 3 else "1"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{self.host}:{controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters or f"{self.node_id}@{self.host}:{controller_port}",
             "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{controller_port}",
             "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
             "controller.listener.names": "CONTROLLER",
@@ -171,15 +182,16 @@ class LocalKafka:
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "8",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "8",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "default.replication.factor": replicas,
             "group.initial.rebalance.delay.ms": "0",
-            "min.insync.replicas": "1",
+            "min.insync.replicas": min_isr,
             "log.retention.hours": "168",
             "log.segment.bytes": str(64 * 1024 * 1024),
             # The log cleaner looks for compactable changelogs every 5 s (default 15 s).
@@ -188,20 +200,33 @@ class LocalKafka:
         text = "".join(f"{k}={v}\n" for k, v in props.items())
         self.config_file.write_text(text)
 
+    def controller_port(self) -> int:
+        """This broker's controller port, chosen once and kept in its home."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        ports_file = self.home / "controller.port"
+        if ports_file.exists():
+            return int(ports_file.read_text())
+        port = free_port()
+        ports_file.write_text(str(port))
+        return port
+
     def start(self, wait_seconds: float = 90.0, progress: bool = True) -> bool:
         """Start the broker unless it already runs; wait until it answers. True if started now."""
-        if self.running():
+        proc = self.launch(progress)
+        if proc is None:
             return False
+        self.wait_ready(proc, wait_seconds)
+        return True
+
+    def launch(self, progress: bool = True) -> subprocess.Popen[bytes] | None:
+        """Start the broker's process (None when it already runs); :meth:`wait_ready` waits."""
+        if self.running():
+            return None
         if port_open(self.host, self.port):
             raise RuntimeError(f"port {self.port} is taken by another program; choose --port")
         lib = resolve_artifacts(progress=progress)
         self.home.mkdir(parents=True, exist_ok=True)
-        ports_file = self.home / "controller.port"
-        if ports_file.exists():
-            controller_port = int(ports_file.read_text())
-        else:
-            controller_port = free_port()
-            ports_file.write_text(str(controller_port))
+        controller_port = self.controller_port()
         self._write_config(controller_port)
         classpath = f"{lib}/*"
         log4j = resources.files("deploy").joinpath("kafka/log4j2.properties")
@@ -210,7 +235,7 @@ class LocalKafka:
                "-Djava.awt.headless=true", f"-Dkafka.logs.file={self.log_file}",
                f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (self.home / "data" / "meta.properties").exists():
-            cluster_id = uuid.uuid4().hex[:22]
+            cluster_id = self.cluster_id or uuid.uuid4().hex[:22]
             fmt = subprocess.run(
                 [*jvm, STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(self.config_file)],
                 capture_output=True, text=True, check=False,
@@ -224,6 +249,10 @@ class LocalKafka:
                 start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
+        return proc
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], wait_seconds: float = 90.0) -> None:
+        """Wait until the broker launched as ``proc`` answers; stop it and raise if it does not."""
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -232,7 +261,7 @@ class LocalKafka:
                     f"and {self.home / 'stdout.log'}"
                 )
             if port_open(self.host, self.port) and asyncio.run(broker_answers(self.bootstrap, 3)):
-                return True
+                return
             time.sleep(0.25)
         self.stop()
         raise RuntimeError(f"the broker did not answer within {wait_seconds:.0f}s; see {self.log_file}")
@@ -262,6 +291,65 @@ class LocalKafka:
             os.kill(pid, signal.SIGKILL)
             while self.pid() is not None:
                 time.sleep(0.05)
+
+
+@dataclass
+class LocalCluster:
+    """Local brokers forming one KRaft cluster (each broker and controller): ports ``port`` up,
+    homes ``home/broker-<id>``; the layout is kept in ``home/cluster.json``."""
+
+    home: Path
+    port: int = DEFAULT_PORT
+    brokers: int = 1
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        layout = self.home / "cluster.json"
+        if layout.exists():  # an existing cluster keeps its size
+            self.brokers = int(orjson.loads(layout.read_bytes())["brokers"])
+
+    def nodes(self) -> list[LocalKafka]:
+        """The brokers, node ids 1..N."""
+        if self.brokers == 1:
+            return [LocalKafka(home=self.home, port=self.port, host=self.host)]
+        layout_file = self.home / "cluster.json"
+        if layout_file.exists():
+            layout = orjson.loads(layout_file.read_bytes())
+        else:
+            self.home.mkdir(parents=True, exist_ok=True)
+            layout = {"brokers": self.brokers, "cluster_id": uuid.uuid4().hex[:22],
+                      "controller_ports": [free_port() for _ in range(self.brokers)]}
+            layout_file.write_bytes(orjson.dumps(layout))
+        voters = ",".join(f"{i + 1}@{self.host}:{p}" for i, p in enumerate(layout["controller_ports"]))
+        nodes = []
+        for i in range(self.brokers):
+            node = LocalKafka(home=self.home / f"broker-{i + 1}", port=self.port + i, host=self.host,
+                              node_id=i + 1, cluster_size=self.brokers, voters=voters,
+                              cluster_id=layout["cluster_id"])
+            node.home.mkdir(parents=True, exist_ok=True)
+            (node.home / "controller.port").write_text(str(layout["controller_ports"][i]))
+            nodes.append(node)
+        return nodes
+
+    @property
+    def bootstrap(self) -> str:
+        """Every broker, comma-separated."""
+        return ",".join(node.bootstrap for node in self.nodes())
+
+    def start(self, wait_seconds: float = 120.0, progress: bool = True) -> list[int]:
+        """Start the brokers that are not running (together: a quorum needs a majority up);
+        wait until each answers. Returns the node ids started."""
+        launched = [(node, node.launch(progress)) for node in self.nodes()]
+        started = []
+        for node, proc in launched:
+            if proc is not None:
+                node.wait_ready(proc, wait_seconds)
+                started.append(node.node_id)
+        return started
+
+    def stop(self) -> list[int]:
+        """Stop every broker; the node ids that were running."""
+        return [node.node_id for node in self.nodes() if node.stop()]
 
 
 @contextmanager

@@ -17,15 +17,20 @@ async def create_topics(
     prefix: str = "",
     topics: tuple[Topic, ...] = ALL_TOPICS,
     partitions: int | None = None,
-    replication: int = 1,
+    replication: int | None = None,
 ) -> dict[str, str]:
     """Create the topics that do not exist yet; return ``{name: "created" | "exists"}``.
 
-    ``partitions`` overrides every declared count (tests use small ones).
+    ``partitions`` overrides every declared count (tests use small ones). Replication: ``min(3,
+    brokers in the cluster)`` unless given, with ``min.insync.replicas`` 2 from 3 replicas (an
+    acks=all write then survives one broker down, and never rests on a single copy).
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
     await admin.start()
     try:
+        if replication is None:
+            replication = min(3, len((await admin.describe_cluster())["brokers"]))
+        durability = {"min.insync.replicas": "2"} if replication >= 3 else {}
         existing = set(await admin.list_topics())
         result: dict[str, str] = {}
         new: list[NewTopic] = []
@@ -34,7 +39,7 @@ async def create_topics(
             if name in existing:
                 result[name] = "exists"
                 continue
-            configs = {"cleanup.policy": topic.cleanup_policy, **topic.configs}
+            configs = {"cleanup.policy": topic.cleanup_policy, **durability, **topic.configs}
             new.append(NewTopic(name, partitions or topic.partitions, replication, topic_configs=configs))
             result[name] = "created"
         if new:
@@ -84,8 +89,23 @@ async def provision_processor(
     log_topic = changelog(group, spec.store, count)
     created = await create_topics(bootstrap, "", topics=(log_topic,))
     if created.get(log_topic.name) == "exists":
-        await set_configs(bootstrap, log_topic.name,
-                          {"cleanup.policy": log_topic.cleanup_policy, **log_topic.configs})
+        replicas = await replication_of(bootstrap, log_topic.name)
+        await set_configs(bootstrap, log_topic.name, {
+            "cleanup.policy": log_topic.cleanup_policy, **log_topic.configs,
+            **({"min.insync.replicas": "2"} if replicas >= 3 else {})})
+
+
+async def replication_of(bootstrap: str, topic: str) -> int:
+    """Replicas of an existing topic's first partition (0 when it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        for entry in await admin.describe_topics([topic]):
+            if entry.get("topic") == topic and not entry.get("error_code") and entry.get("partitions"):
+                return len(entry["partitions"][0].get("replicas", []))
+        return 0
+    finally:
+        await admin.close()
 
 
 async def set_configs(bootstrap: str, topic: str, configs: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.config import IngestSettings, Tenant
 from ingest.metrics import IngestMetrics
-from ingest.parsing import SECRET_PARAM, Refusal, parse_notification, query_pairs
+from ingest.parsing import ALIASES, SECRET_PARAM, Refusal, parse_notification, query_pairs
 from ingest.publisher import Outcome, Publisher
 from schemas.notification import RejectedNotification, rfc3339_ms
 from schemas.topics import NOTIFICATIONS, NOTIFICATIONS_REJECTED
@@ -202,9 +202,10 @@ async def handle_notification(request: web.Request) -> web.Response:
                                    "detail": "Kafka did not take the event in time; retry"},
                              headers={"Retry-After": "1"})
             metrics.requests["accepted" if outcome is Outcome.KAFKA else "spooled"].inc()
-            if result.dref is None or result.event_time == result.received_at:
-                _incomplete_template(app, tenant_id, result.dref is None,
-                                     result.event_time == result.received_at)
+            no_tsms = result.event_time == result.received_at and not any(
+                value and ALIASES.get(name) == "tsms" for name, value in params)
+            if result.dref is None or no_tsms:
+                _incomplete_template(app, tenant_id, result.dref is None, no_tsms)
             return _json(200, {"event_id": result.event_id, "stored": outcome.value})
     query = redact(raw_query[:MAX_QUERY], secrets, form=True) or ""
     body = redact(body_text, secrets, form=form)
