@@ -8,19 +8,21 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from deploy.topics import create_topics, provision_processor
-from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, schedule
+from devtools.simulate import KafkaSender
+from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, play, schedule
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from processors.registry import ProcessorSpec
 from processors.runtime import Runtime
-from schemas.topics import CALL_RECORDS, CALL_UPDATES
+from schemas.topics import CALL_RECORDS, CALL_UPDATES, NOTIFICATIONS
 from tests.integration.edge import TENANTS
 from tests.kafka import read_values
 
@@ -93,6 +95,16 @@ def traffic(seed: int, rate: float, duration: float, start_ms: int, chaos: Chaos
     planner = Planner(list(tenants), 5, rng, time_scale=0.05)
     calls = plan_traffic(planner, rate, duration, start_ms, chaos)
     return calls, schedule(calls, chaos, rng)
+
+
+async def send_to_kafka(bootstrap: str, prefix: str, sends: list[Send]) -> dict[str, int]:
+    """Play ``sends`` straight into the notification topic (no edge), at their due times."""
+    sender = KafkaSender(bootstrap, NOTIFICATIONS.full_name(prefix))
+    await sender.producer.start()
+    try:
+        return await play(sends, sender, lambda: time.time_ns() // 1_000_000)
+    finally:
+        await sender.producer.stop()
 
 
 async def records(bootstrap: str, prefix: str) -> list[dict[str, Any]]:

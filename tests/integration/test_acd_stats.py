@@ -138,9 +138,11 @@ async def test_figures_equal_the_ground_truth_through_a_kill_and_a_replay(
 async def test_both_processors_run_side_by_side_with_default_options(
     broker: Broker, prefix: str, tmp_path: Path,
 ) -> None:
+    """Two processes of each processor on one host, all with default options: each finds its
+    default side port taken by the one before and uses the next free one."""
     await provision(broker.bootstrap, prefix)
     await provision(broker.bootstrap, prefix, spec=ACD_STATS_SPEC)
-    names = ("call-records", "acd-stats", "acd-stats")
+    names = ("call-records", "call-records", "acd-stats", "acd-stats")
     procs = [processor_process(broker.bootstrap, prefix, tmp_path / f"{i}.log", any_port=False, name=n)
              for i, n in enumerate(names)]
     try:
@@ -164,4 +166,4 @@ async def test_both_processors_run_side_by_side_with_default_options(
         assert all(proc.poll() is None for proc in procs)
     finally:
         codes = [stop_process(proc) for proc in procs]
-    assert codes == [0, 0, 0]
+    assert codes == [0, 0, 0, 0]

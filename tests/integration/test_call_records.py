@@ -235,37 +235,6 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
                              await updates(broker.bootstrap, prefix), expected, sends)
 
 
-async def test_two_processes_run_side_by_side_with_default_options(
-    broker: Broker, prefix: str, tmp_path: Path,
-) -> None:
-    """The second process finds the default side port taken and uses the next free one."""
-    await provision(broker.bootstrap, prefix)
-    procs = [processor_process(broker.bootstrap, prefix, tmp_path / f"{n}.log", any_port=False)
-             for n in ("first", "second")]
-    try:
-        def health_urls() -> list[str]:
-            lines = [line for n in ("first", "second")
-                     for line in (tmp_path / f"{n}.log").read_text().splitlines()]
-            return [orjson.loads(line)["health"] for line in lines if '"processor running"' in line]
-
-        await wait_for(lambda: len(health_urls()) == 2, 60, interval=0.3, what="both processes up")
-        urls = health_urls()
-        assert len(set(urls)) == 2
-        async with aiohttp.ClientSession() as session:
-            async def both_ready() -> bool:
-                for url in urls:
-                    async with session.get(url) as resp:
-                        if resp.status != 200:
-                            return False
-                return True
-
-            await wait_for(both_ready, 60, interval=0.5, what="both processes ready")
-        assert all(proc.poll() is None for proc in procs)
-    finally:
-        codes = [stop_process(proc) for proc in procs]
-    assert codes == [0, 0]
-
-
 async def test_keyyos_own_example_template_gives_200s_and_records(
     broker: Broker, prefix: str, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -23,7 +23,15 @@ from devtools.simulate import KafkaSender
 from devtools.simulator import Chaos, play
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from schemas.topics import CHANGELOG_CONFIGS, NOTIFICATIONS
-from tests.integration.pipeline import FAST_ARGS, group_of, provision, records, stop_process, traffic
+from tests.integration.pipeline import (
+    FAST_ARGS,
+    group_of,
+    provision,
+    records,
+    send_to_kafka,
+    stop_process,
+    traffic,
+)
 from tests.kafka import Broker, read_topic, wait_for
 from tests.truth import expected_records, final_records
 
@@ -121,12 +129,7 @@ async def test_a_million_entry_changelog_is_restored_without_losing_the_group(
         ready_s = time.monotonic() - started
         # Processing: a notification now gets its call update.
         calls, sends = traffic(seed=5, rate=5, duration=1, start_ms=wall_ms() + 200, chaos=Chaos())
-        sender = KafkaSender(broker.bootstrap, NOTIFICATIONS.full_name(prefix))
-        await sender.producer.start()
-        try:
-            await play(sends, sender, wall_ms)
-        finally:
-            await sender.producer.stop()
+        await send_to_kafka(broker.bootstrap, prefix, sends)
         expected = expected_records(calls)
 
         async def all_recorded() -> bool:
