@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
 from deploy.tail import topic_partitions
@@ -109,11 +110,15 @@ async def processor_throughput(bootstrap: str, prefix: str, expected: int,
     settings = spec.settings(bootstrap, prefix, group=group, mode="replay", until_idle_s=2.0, **overrides)
     metrics = ProcessorMetrics(group)
     runtime = Runtime(settings, spec.logic(), metrics)
+    launched = time.perf_counter()
     task = asyncio.create_task(runtime.run())
     started = None
     done_at = None
+    ready_s = None
     while not task.done():
         processed = metrics.records_in._value.get()  # private: read the counter without scraping
+        if ready_s is None and runtime.joined and all(runtime.readiness().values()):
+            ready_s = time.perf_counter() - launched
         if started is None and processed > 0:
             started = (time.perf_counter(), processed)
         if processed >= expected and done_at is None:
@@ -126,10 +131,66 @@ async def processor_throughput(bootstrap: str, prefix: str, expected: int,
                        if s.name == "keyyo_processor_commit_seconds_count")
     seconds = done_at - started[0]
     partitions = spec.input.partitions
+    restored = metrics.restored_records._value.get()  # private: as above
     return {"records_per_s": round((expected - started[1]) / seconds, 1),
             "seconds": round(seconds, 2), "commit_seconds_total": round(commits, 2),
+            "ready_s": round(ready_s or 0.0, 2), "restored_changelog_records": int(restored),
             "transactions": int(transactions),
             "ms_between_commits_per_partition": round(seconds * 1000 * partitions / max(transactions, 1), 1)}
+
+
+def open_calls_state(entries: int, start_ms: int) -> dict[int, dict[str, bytes]]:
+    """State entries of answered calls still in progress (SETUP and CONNECT seen; their timers
+    are hours away), spread over the benchmark's tenants, as each input partition would hold
+    them, about ``entries`` in all (runtime clocks and timers included)."""
+    logic = CallRecords(CallRecordsConfig())
+    partitions = list(range(NOTIFICATIONS.partitions))
+    stores: dict[int, Store] = {}
+    total, i = 0, 0
+    while total < entries:
+        tenant = TENANTS[i % len(TENANTS)]
+        partition = int(_PARTITIONER(tenant.encode(), partitions, partitions))
+        store = stores.setdefault(partition, Store())
+        before = len(store)
+        for kind, at in (("SETUP", start_ms + i % 1000), ("CONNECT", start_ms + 2000 + i % 1000)):
+            params = {"account": f"33{100 + i % 60:03d}{i % 8:06d}", "caller": f"336{i:08d}",
+                      "callee": f"33{100 + i % 60:03d}{i % 8:06d}", "callref": str(10**11 + i),
+                      "type": kind, "dref": f"{i:032x}", "session_id": "", "tsms": str(at)}
+            note = parse_notification(tenant, list(params.items()), "127.0.0.1", at)
+            assert isinstance(note, Notification)
+            store.domain = tenant
+            store.advance(tenant, at)
+            logic.on_event(store, note, store.time(tenant))
+            store.commit()
+        total += len(store) - before
+        i += 1
+    return {p: dict(store.committed()) for p, store in stores.items()}
+
+
+async def fill_changelog(bootstrap: str, topic: str, state: dict[int, dict[str, bytes]]) -> int:
+    """Write the state entries to the changelog, partition by partition; return how many."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                                max_batch_size=1024 * 1024)
+    await producer.start()
+    count = 0
+    try:
+        for partition, entries in state.items():
+            futures = []
+            batch = producer.create_batch()
+            for key, value in entries.items():
+                if batch.append(key=key.encode(), value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key.encode(), value=value, timestamp=None)
+                count += 1
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return count
+
+
+_PARTITIONER = DefaultPartitioner()
 
 
 def memory_per_open_call(calls: int = 50_000) -> dict[str, float]:
@@ -275,6 +336,9 @@ def main() -> int:
     parser.add_argument("--notifications", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=1000.0, help="notifications/s for latency")
     parser.add_argument("--seconds", type=float, default=15.0, help="latency run length")
+    parser.add_argument("--state-entries", type=int, default=0,
+                        help="also drain the same input with this many state entries restored "
+                             "first (answered calls in progress), against the fresh state")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds")}
@@ -297,12 +361,35 @@ def main() -> int:
             raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))
             print("call-records processor (exactly-once) ...", flush=True)
             proc = await processor_throughput(bootstrap, prefix, len(notes))
+            if args.state_entries:
+                big = f"big{uuid.uuid4().hex[:6]}."
+                group = f"{big}bench.call-records"
+                await provision_processor(bootstrap, SPEC, big, big, group)
+                print(f"building {args.state_entries} state entries ...", flush=True)
+                state = open_calls_state(args.state_entries, _ms() - 3600_000)
+                written = await fill_changelog(bootstrap, f"{group}.{SPEC.store}.changelog", state)
+                await fill(bootstrap, NOTIFICATIONS.full_name(big),
+                           [(n.tenant.encode(), n.to_json()) for n in notes])
+                print(f"call-records processor restoring {written} entries, then the same input ...",
+                      flush=True)
+                loaded = await processor_throughput(bootstrap, big, len(notes))
+                results["big_state"] = {
+                    "state_entries": written, "processor": loaded,
+                    "restore_entries_per_s": round(written / max(loaded["ready_s"], 1e-3)),
+                    "ratio_to_fresh": None}
             results["throughput"] = {"notifications": len(notes), "raw_consumer_per_s": round(raw, 1),
                                      "processor": proc,
                                      "ratio": round(proc["records_per_s"] / raw, 3)}
 
         asyncio.run(throughput())
     t, lat, mem = results["throughput"], results["latency"], results["memory"]
+    if "big_state" in results:
+        b = results["big_state"]
+        b["ratio_to_fresh"] = round(b["processor"]["records_per_s"] / t["processor"]["records_per_s"], 3)
+        print(f"\nwith {b['state_entries']} state entries: ready after {b['processor']['ready_s']} s "
+              f"(≈ {b['restore_entries_per_s']} entries/s restored), then "
+              f"{b['processor']['records_per_s']:.0f} notifications/s = {b['ratio_to_fresh']}x the "
+              f"fresh state (target >= 0.8x; restore < 30 s)")
     print(f"\nthroughput: processor {t['processor']['records_per_s']:.0f} notifications/s with "
           f"exactly-once vs raw consumer {t['raw_consumer_per_s']:.0f}/s: {t['ratio']:.3f}x "
           f"(target >= 20,000/s); a partition commits every "
