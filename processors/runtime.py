@@ -113,6 +113,11 @@ class _Partition:
     """The changelog offsets the last restore replayed, [from, end)."""
     restored: bool = False
     """The state is complete (a checkpoint may be written when the partition is given up)."""
+    changelog_offset: int = 0
+    """The changelog offset the committed state reflects: the restore's end, then one past this
+    process's last changelog record in a committed transaction. Computed, not asked of Kafka at
+    close, so writes by another owner (if this process was a zombie) are never claimed."""
+    fenced: bool = False
     queue: deque[Any] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
@@ -135,6 +140,9 @@ class _BatchWriter:
         self.key_partition = key_partition
         self.open: dict[tuple[str, int], Any] = {}
         self.futures: list[asyncio.Future[Any]] = []
+        self.counts: list[int] = []
+        self.last_offsets: dict[tuple[str, int], int] = {}
+        """Offset of the last record written to each (topic, partition), once flushed."""
 
     async def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         if partition is None:
@@ -153,6 +161,7 @@ class _BatchWriter:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
 
     async def _send(self, topic: str, partition: int, batch: Any) -> None:
+        self.counts.append(batch.record_count())
         self.futures.append(await self.producer.send_batch(batch, topic, partition=partition))
 
     async def flush(self) -> None:
@@ -160,8 +169,12 @@ class _BatchWriter:
         for (topic, partition), batch in self.open.items():
             await self._send(topic, partition, batch)
         self.open = {}
-        await asyncio.gather(*self.futures)
+        for meta, count in zip(await asyncio.gather(*self.futures), self.counts, strict=True):
+            if count:
+                where = (meta.topic, meta.partition)
+                self.last_offsets[where] = max(self.last_offsets.get(where, -1), meta.offset + count - 1)
         self.futures = []
+        self.counts = []
 
 
 _PARTITIONER = DefaultPartitioner()
@@ -331,10 +344,14 @@ class Runtime:
             started = time.perf_counter()
             await producer.commit_transaction()
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            last = writer.last_offsets.get((s.changelog_topic, part.tp.partition))
+            if last is not None:
+                part.changelog_offset = last + 1
         except ProducerFenced:
             log.warning("fenced: another process owns the partition now",
                         extra={"topic": part.tp.topic, "partition": part.tp.partition})
             store.abort()
+            part.fenced = True  # its state is no longer this process's to keep or checkpoint
             part.closing = True
             return
         except Exception as exc:
@@ -543,6 +560,7 @@ class Runtime:
             await consumer.stop()
         self.metrics.restored_records.inc(count)
         part.restore_span = (first, end)
+        part.changelog_offset = end
         return count, source
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
@@ -565,7 +583,7 @@ class Runtime:
             await self._process(part, flush_ms=flush_ms)
         with contextlib.suppress(Exception):
             await part.producer.stop()
-        if part.restored and not self.failed:
+        if part.restored and not part.fenced and not self.failed:
             await self._save(part, keep=flush_ms is None and not self._stopping.is_set())
         for gauge in (self.metrics.lag, self.metrics.state_entries, self.metrics.stuck,
                       self.metrics.restore_remaining):
@@ -578,15 +596,7 @@ class Runtime:
         checkpoint (a restart replays only what follows)."""
         s = self.settings
         tp = TopicPartition(s.changelog_topic, part.tp.partition)
-        try:
-            if self._consumer is not None:
-                offset = (await self._consumer.end_offsets([tp]))[tp]
-            else:
-                return
-        except Exception as exc:  # no offset, no checkpoint: the next owner restores it all
-            log.warning("changelog offset unknown; no checkpoint", extra={
-                "topic": tp.topic, "partition": tp.partition, "error": repr(exc)[:300]})
-            return
+        offset = part.changelog_offset
         if keep:
             self._kept[part.tp] = (part.store, offset)
         if s.state_dir is not None:
