@@ -70,6 +70,7 @@ def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str,
     (side port: any free one, or the default with ``any_port=False``)."""
     cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", name,
            "--bootstrap", bootstrap, "--prefix", prefix, *(["--health-port", "0"] if any_port else []),
+           "--state-dir", str(log.parent / "checkpoints"),  # the test's own "host"
            *(FAST_ARGS if name == SPEC.name else []), *extra]
     with log.open("ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
