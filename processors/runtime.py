@@ -486,6 +486,7 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await part.producer.stop()
                 part.producer = self._producer(part.tp)
+                part.store.clear()  # half a restore is no base for the next one
                 await asyncio.sleep(1.0)
         else:
             return
