@@ -70,3 +70,11 @@ def test_user_mistakes_are_one_line() -> None:
         parse_when("18/11/2026", PARIS, False)
     with pytest.raises(ReportError, match="multiples"):
         build_rows([{**f, "interval_minutes": 60} for f in figures()], period(), 30)
+
+
+def test_tail_prints_acd_figures_on_one_line() -> None:
+    from deploy.tail import render as tail_line
+
+    line = tail_line(figures()[0])
+    assert line.startswith("2026-11-18T10:00:00+01:00 acme") and "offered=1" in line
+    assert "sl=100%" in line and "rev=" in line and "\n" not in line
