@@ -8,14 +8,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from deploy.topics import create_topics, provision_processor
-from devtools.simulate import KafkaSender
+from devtools.simulate import KafkaSender, wall_ms
 from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, play, schedule
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
@@ -103,7 +102,7 @@ async def send_to_kafka(bootstrap: str, prefix: str, sends: list[Send]) -> dict[
     sender = KafkaSender(bootstrap, NOTIFICATIONS.full_name(prefix))
     await sender.producer.start()
     try:
-        return await play(sends, sender, lambda: time.time_ns() // 1_000_000)
+        return await play(sends, sender, wall_ms)
     finally:
         await sender.producer.stop()
 

@@ -12,7 +12,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
-from devtools.simulate import HttpSender
+from devtools.simulate import HttpSender, wall_ms
 from devtools.simulator import Chaos, play
 from processors.registry import ACD_STATS_SPEC
 from schemas.topics import ACD_STATS
@@ -39,10 +38,6 @@ from tests.kafka import Broker, read_topic, wait_for
 from tests.truth import comparable_figures, expected_acd_figures, expected_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def latest_figures(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from devtools.simulate import HttpSender, KafkaSender
+from devtools.simulate import HttpSender, KafkaSender, wall_ms
 from devtools.simulator import Chaos, play
 from ingest.parsing import parse_notification
 from processors.observability import health_server
@@ -42,10 +41,6 @@ from tests.truth import comparable, expected_records, final_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 READY = {"joined": True, "restored": True, "progressing": True}
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def wait_for_records(bootstrap: str, prefix: str, expected: dict[Any, Any], within_s: float) -> None:

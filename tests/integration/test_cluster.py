@@ -18,7 +18,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.kafka_local import LocalCluster, free_port, port_open
-from devtools.simulate import HttpSender
+from devtools.simulate import HttpSender, wall_ms
 from devtools.simulator import Chaos, play
 from ingest.parsing import parse_notification
 from schemas.notification import Notification
@@ -52,10 +52,6 @@ def cluster() -> Iterator[LocalCluster]:
     finally:
         nodes.stop()
         shutil.rmtree(home, ignore_errors=True)
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def in_sync(bootstrap: str, topic: str) -> bool:

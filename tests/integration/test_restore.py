@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from deploy.topics import set_configs
-from devtools.simulate import KafkaSender
+from devtools.simulate import KafkaSender, wall_ms
 from devtools.simulator import Chaos, play
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from schemas.topics import CHANGELOG_CONFIGS, NOTIFICATIONS
@@ -36,10 +36,6 @@ from tests.kafka import Broker, read_topic, wait_for
 from tests.truth import expected_records, final_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def changelog_of(prefix: str) -> str:
@@ -167,7 +163,11 @@ async def test_a_restart_replays_only_the_changelog_after_its_checkpoints(
         player = asyncio.create_task(play(sends, sender, wall_ms))
         await wait_for(lambda: len(log_lines(logs[0], "partition restored")) >= 3, 60, interval=0.2,
                        what="the first process at work")
-        await asyncio.sleep(4)
+
+        async def a_quarter_recorded() -> bool:
+            return len(await records(broker.bootstrap, prefix)) >= len(expected) // 4
+
+        await wait_for(a_quarter_recorded, 30, interval=0.2, what="a quarter of the records")
         assert not player.done(), "the traffic ended before the restart"
         first.send_signal(signal.SIGTERM)  # graceful: commit, checkpoint, leave
         assert await asyncio.to_thread(first.wait, 30) == 0
