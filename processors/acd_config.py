@@ -21,7 +21,6 @@ and queues under ``[acd.tenants.<id>]``. Every mistake is one clear line (:class
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,10 +29,10 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from schemas.acd_stats import SERVICE_LEVEL_FORMULAS
+from schemas.notification import LINE_NUMBER, TENANT_ID
 
 DEFAULT_QUEUE = "default"
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_NUMBER = re.compile(r"\+?[0-9]{1,64}")
+_QUEUE_NAME = TENANT_ID  # queue names follow the rules of tenant ids (they share record keys)
 
 
 class AcdConfigError(ValueError):
@@ -66,6 +65,18 @@ class TenantAcd:
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def interval_ms(self) -> int:
+        return self.interval_minutes * 60_000
+
+    @property
+    def grace_ms(self) -> int:
+        return int(self.grace_seconds * 1000)
+
+    @property
+    def restate_ms(self) -> int:
+        return int(self.restate_hours * 3600_000)
 
     def queue_of(self, callee: str, redirecting: str | None, agent_lines: list[str]) -> str:
         """The queue of an ACD call: the first queue (in file order) holding the call's callee or
@@ -155,7 +166,7 @@ def _queues(raw: Any, where: str) -> tuple[Queue, ...]:
         for key in ("numbers", "agents"):
             values = q.get(key, [])
             if not isinstance(values, list) or not all(
-                    isinstance(v, str) and _NUMBER.fullmatch(v) for v in values):
+                    isinstance(v, str) and LINE_NUMBER.fullmatch(v) for v in values):
                 raise AcdConfigError(f"{at}.{key}: expected a list of line numbers like \"33123456789\"")
             lists[key] = frozenset(values)
         if not lists["numbers"] and not lists["agents"]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,12 +31,12 @@ from processors.acd_config import AcdConfig, TenantAcd
 from processors.contract import Invalid, Output, Refused, Store
 from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, interval_start, stats_key
 from schemas.call_record import CALL_RECORD_SCHEMA
-from schemas.notification import parse_rfc3339_ms, rfc3339_ms
+from schemas.notification import TENANT_ID, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
 
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_NUMBER = re.compile(r"\+?[0-9]{0,64}")
+_NUMBER = re.compile(r"\+?[0-9]{0,64}|anonymous")
+"""A number in a call record: as notified, so also empty (hidden) or ``anonymous``."""
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
 _OUTCOMES = {"answered": "a", "voicemail": "v", "abandoned": "b", "missed": "b", "no_answer": "b"}
 """An ACD call not answered (abandoned; missed or no_answer from another producer) is abandoned."""
@@ -127,7 +128,7 @@ def decode_record(key: bytes | None, value: bytes | None) -> AcdCall:
         raise Invalid(f"schema: expected {CALL_RECORD_SCHEMA!r}")
     tenant = rec.get("tenant")
     if key is None or key not in _KNOWN_TENANTS:
-        tenant = _str(rec, "tenant", _TENANT)
+        tenant = _str(rec, "tenant", TENANT_ID)
         if key is None or key != tenant.encode():
             raise Invalid(f"key: the record key must be the tenant {tenant!r}")
         if len(_KNOWN_TENANTS) < 100_000:
@@ -219,8 +220,7 @@ class AcdStatsLogic:
             return []  # this revision (or a later one) is already counted
         queue = tc.queue_of(call.callee, call.redirecting, [leg[0] for leg in call.legs])
         iv = self.interval_start(call.started_ms, tc)
-        length = tc.interval_minutes * 60_000
-        closed_at = iv + length + int(tc.restate_hours * 3600_000)
+        closed_at = iv + tc.interval_ms + tc.restate_ms
         if now_ms >= closed_at:
             raise Refused(f"the call started in the interval of {rfc3339_ms(iv)}, closed to "
                           f"restatement since {rfc3339_ms(closed_at)} (restate_hours "
@@ -313,9 +313,9 @@ class AcdStatsLogic:
 
     def _new_interval(self, store: Store, akey: str, t: str, queue: str, iv: int, tc: TenantAcd,
                       now_ms: int) -> dict[str, Any]:
-        end = iv + tc.interval_minutes * 60_000
-        final = now_ms >= end + tc.grace_seconds * 1000
-        store.wake(akey, end + int(tc.restate_hours * 3600_000 if final else tc.grace_seconds * 1000))
+        end = iv + tc.interval_ms
+        final = now_ms >= end + tc.grace_ms
+        store.wake(akey, end + (tc.restate_ms if final else tc.grace_ms))
         return {"t": t, "q": queue, "iv": iv, "m": tc.interval_minutes, "rev": 0, "final": final,
                 "n": 0, "c": [0] * len(COUNTS), "s": [0] * len(SUMS), "mx": -1, "ag": {}}
 
@@ -329,14 +329,14 @@ class AcdStatsLogic:
         tc = self.config.tenant(agg["t"])
         end = agg["iv"] + agg["m"] * 60_000
         if not agg["final"]:
-            final_at = end + int(tc.grace_seconds * 1000)
+            final_at = end + tc.grace_ms
             if now_ms < final_at:
                 store.wake(key, final_at)
                 return []
             agg["final"] = True
-            store.wake(key, end + int(tc.restate_hours * 3600_000))
+            store.wake(key, end + tc.restate_ms)
             return [self._emit(store, key, agg, tc, now_ms)]
-        forget_at = end + int(tc.restate_hours * 3600_000)
+        forget_at = end + tc.restate_ms
         if now_ms < forget_at:
             store.wake(key, forget_at)
             return []
@@ -345,19 +345,23 @@ class AcdStatsLogic:
         return []
 
     @staticmethod
-    def _forget(store: Store, agg: dict[str, Any]) -> None:
+    def _members(store: Store, agg: dict[str, Any]) -> Iterator[tuple[str, str, list[Any] | None]]:
+        """Each slot of the interval still listing a call: its key, the call's contribution key,
+        and the contribution if it is still counted here (None once restated elsewhere)."""
         t, q, iv = agg["t"], agg["q"], agg["iv"]
         for slot in range(agg["n"]):
             mkey = f"m/{t}/{q}/{iv}/{slot}"
-            rid = store.get(mkey)
-            if rid is None:
+            if (rid := store.get(mkey)) is None:
                 continue
             kkey = f"k/{t}/{rid.decode()}"
             raw = store.get(kkey)
-            if raw is not None:
-                c = orjson.loads(raw)
-                if c[0] == q and c[1] == iv:
-                    store.delete(kkey)
+            c = orjson.loads(raw) if raw is not None else None
+            yield mkey, kkey, c if c is not None and c[0] == q and c[1] == iv else None
+
+    def _forget(self, store: Store, agg: dict[str, Any]) -> None:
+        for mkey, kkey, contribution in list(self._members(store, agg)):
+            if contribution is not None:
+                store.delete(kkey)
             store.delete(mkey)
 
     # -- state and output -------------------------------------------------------------------
@@ -367,18 +371,9 @@ class AcdStatsLogic:
         raw = store.get(key)
         return orjson.loads(raw) if raw is not None else None
 
-    @staticmethod
-    def _max_wait(store: Store, agg: dict[str, Any]) -> int:
+    def _max_wait(self, store: Store, agg: dict[str, Any]) -> int:
         """The longest wait among the interval's calls, read from their contributions."""
-        t, q, iv = agg["t"], agg["q"], agg["iv"]
-        longest = -1
-        for slot in range(agg["n"]):
-            rid = store.get(f"m/{t}/{q}/{iv}/{slot}")
-            if rid is not None and (raw := store.get(f"k/{t}/{rid.decode()}")) is not None:
-                c = orjson.loads(raw)
-                if c[0] == q and c[1] == iv:
-                    longest = max(longest, c[5])
-        return longest
+        return max((c[5] for _, _, c in self._members(store, agg) if c is not None), default=-1)
 
     def _emit(self, store: Store, key: str, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> Output:
         if agg["mx"] is None:
@@ -392,7 +387,7 @@ class AcdStatsLogic:
                       functools.partial(self._render, agg, tc, now_ms), latest=True)
 
     def _render(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
-        return orjson.dumps(self.figures(agg, tc, now_ms)[1])
+        return orjson.dumps(self.figures(agg, tc, now_ms))
 
     def _header(self, agg: dict[str, Any], tc: TenantAcd) -> tuple[bytes, dict[str, Any]]:
         """The record key and the fields that never change for an interval (cached)."""
@@ -411,14 +406,14 @@ class AcdStatsLogic:
             self._headers[cache_key] = cached
         return cached
 
-    def figures(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> tuple[bytes, dict[str, Any]]:
-        """The record key and ``keyyo.acd-stats.v1`` value of an interval."""
-        record_key, header = self._header(agg, tc)
+    def figures(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> dict[str, Any]:
+        """The ``keyyo.acd-stats.v1`` value of an interval."""
+        header = self._header(agg, tc)[1]
         f: dict[str, Any] = dict(zip(COUNTS, agg["c"], strict=True))
         f.update((name, ms / 1000) for name, ms in zip(SUMS, agg["s"], strict=True))
         f["service_level_formula"] = tc.service_level_formula
         f["short_abandons_excluded"] = tc.exclude_short_abandons
-        return record_key, {
+        return {
             **header, "revision": agg["rev"], "final": agg["final"], "updated_at": rfc3339_ms(now_ms),
             **f, **derived(f),
             "service_level_seconds": tc.service_level_seconds,

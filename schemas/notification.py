@@ -49,6 +49,10 @@ _IDENT = re.compile(r"[\x21-\x7e]+")
 _TIMESTAMP = re.compile(
     r"(19[7-9][0-9]|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 """Years 1970-2199: a time outside them is a wrong clock, and would overflow once shifted."""
+TENANT_ID = _TENANT
+"""A tenant id (the record key of every topic, and part of state keys)."""
+LINE_NUMBER = _NUMBER
+"""A line or phone number as notified: digits, optionally after ``+``."""
 _STRINGS: tuple[tuple[str, re.Pattern[str], int, bool, bool], ...] = (
     # field, pattern, max length, may be empty, may be null
     ("event_id", _EVENT_ID, 32, False, False),

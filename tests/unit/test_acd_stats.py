@@ -348,3 +348,10 @@ def test_tenant_settings_override_the_defaults() -> None:
     assert config.tenant("acme") == TenantAcd(interval_minutes=30, timezone="Europe/London",
                                               service_level_seconds=30.0)
     assert config.tenant("other") == TenantAcd(service_level_seconds=30.0)
+
+
+def test_hidden_or_anonymous_numbers_are_counted() -> None:
+    good = records_of(acd(NINE + MIN).rings(A).hangs_up(after=5))[0]
+    _, figures = stats([{**good, "callee": "anonymous"},
+                        {**good, "record_id": "f" * 32, "callee": "", "redirecting_number": None}])
+    assert figures["acme|default|2026-11-18T09:00:00.000Z"]["offered"] == 2
