@@ -304,12 +304,18 @@ class LocalCluster:
     host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
-        layout = self.home / "cluster.json"
-        if layout.exists():  # an existing cluster keeps its size
-            self.brokers = int(orjson.loads(layout.read_bytes())["brokers"])
+        layout_file = self.home / "cluster.json"
+        if layout_file.exists():  # an existing cluster keeps its size
+            self.brokers = int(orjson.loads(layout_file.read_bytes())["brokers"])
+        self._nodes: list[LocalKafka] | None = None
 
     def nodes(self) -> list[LocalKafka]:
-        """The brokers, node ids 1..N."""
+        """The brokers, node ids 1..N (a cluster's layout is written on first use)."""
+        if self._nodes is None:
+            self._nodes = self._layout()
+        return self._nodes
+
+    def _layout(self) -> list[LocalKafka]:
         if self.brokers == 1:
             return [LocalKafka(home=self.home, port=self.port, host=self.host)]
         layout_file = self.home / "cluster.json"

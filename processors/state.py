@@ -39,6 +39,13 @@ class Store:
         self.domain = ""
         """The time domain timers set now belong to (the runtime sets it before calling the logic)."""
 
+    def clear(self) -> None:
+        """Forget everything, committed and staged (before a full restore)."""
+        for kept in (self._data, self._staged, self._heaps, self._times):
+            kept.clear()
+        self._popped.clear()
+        self._undo = None
+
     # -- the processor's keyspace -----------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
@@ -191,10 +198,6 @@ class Store:
     def committed(self) -> dict[str, bytes]:
         """Every committed entry, the runtime's included (what a checkpoint saves)."""
         return self._data
-
-    def clear(self) -> None:
-        """Forget everything (before a full restore)."""
-        self.__init__()  # type: ignore[misc]
 
     def processor_keys(self) -> list[str]:
         """The processor's committed keys (the runtime's own entries left out)."""
