@@ -12,10 +12,21 @@ from typing import Any
 
 from processors.acd_config import load_acd_config
 from processors.acd_stats import AcdStatsLogic
+from processors.action_rules import ActionRulesLogic
+from processors.action_rules_config import load_rules
 from processors.call_records import CallRecords, CallRecordsConfig
 from processors.contract import Logic
 from processors.runtime import RuntimeSettings
-from schemas.topics import ACD_STATS, CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS, Topic
+from schemas.topics import (
+    ACD_STATS,
+    ACTION_RESULTS,
+    ACTIONS,
+    CALL_RECORDS,
+    CALL_UPDATES,
+    DEAD_LETTERS,
+    NOTIFICATIONS,
+    Topic,
+)
 
 
 @dataclass(frozen=True)
@@ -121,5 +132,21 @@ ACD_STATS_SPEC = ProcessorSpec(
     default_slice_ms=50,
 )
 
-PROCESSORS: dict[str, ProcessorSpec] = {spec.name: spec for spec in (CALL_RECORDS_SPEC, ACD_STATS_SPEC)}
+ACTION_RULES_SPEC = ProcessorSpec(
+    name="action-rules",
+    input=CALL_RECORDS,
+    outputs=(ACTIONS, ACTION_RESULTS, DEAD_LETTERS),
+    store="state",
+    health_port=9121,
+    options=(
+        Option("rules", str, None, "TOML file with [tenants.<id>] rules and schedules (README, "
+               "Outbound actions; without it no tenant has any)"),
+    ),
+    build=lambda v: ActionRulesLogic(load_rules(v["rules"])),
+    description="Decide outbound actions (SMS, callbacks, profile switches) from call records and "
+                "schedules, exactly once per rule and call.",
+)
+
+PROCESSORS: dict[str, ProcessorSpec] = {
+    spec.name: spec for spec in (CALL_RECORDS_SPEC, ACD_STATS_SPEC, ACTION_RULES_SPEC)}
 """Every declared processor, by name."""

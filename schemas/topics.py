@@ -81,8 +81,30 @@ ACD_STATS = Topic(
              "segment.ms": str(DAY_MS)},
 )
 
+ACTIONS = Topic(
+    name="keyyo.actions.v1",
+    key="tenant",
+    partitions=12,
+    cleanup_policy="delete",
+    schema="keyyo.action.v1.schema.json",
+    configs={"retention.ms": str(7 * DAY_MS)},
+)
+ACTION_RESULTS = Topic(
+    name="keyyo.action-results.v1",
+    key="action_id",
+    # The executor writes an action's results to the partition of the action itself, so that a
+    # partition's results are the journal it reads back (same count as keyyo.actions.v1).
+    partitions=12,
+    cleanup_policy="compact,delete",
+    schema="keyyo.action-result.v1.schema.json",
+    # Kept well past the actions' own retention: an action read again is never sent again.
+    configs={"retention.ms": str(30 * DAY_MS), "segment.ms": str(DAY_MS),
+             "min.compaction.lag.ms": str(3600 * 1000)},
+)
+
 ALL_TOPICS: tuple[Topic, ...] = (
     NOTIFICATIONS, NOTIFICATIONS_REJECTED, CALL_UPDATES, CALL_RECORDS, DEAD_LETTERS, ACD_STATS,
+    ACTIONS, ACTION_RESULTS,
 )
 
 
