@@ -166,6 +166,52 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_execute(args: argparse.Namespace) -> int:
+    """Run the action executor (one process of its consumer group)."""
+    from processors.executor import ExecutorSettings
+    from processors.keyyo_api import ExecutorConfigError, load_executor_config
+    from processors.service import serve_executor
+    from schemas.topics import ACTION_RESULTS, ACTIONS
+
+    try:
+        config = load_executor_config(args.config)
+    except ExecutorConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.base_url:
+        config = dataclasses.replace(config, base_url=args.base_url.rstrip("/"))
+    bootstrap = _bootstrap(args)
+    prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
+    out_prefix = args.output_prefix if args.output_prefix is not None else prefix
+    settings = ExecutorSettings(
+        bootstrap=bootstrap, group=args.group or f"{out_prefix}keyyo.execute-actions",
+        actions_topic=ACTIONS.full_name(prefix), results_topic=ACTION_RESULTS.full_name(out_prefix))
+
+    async def main() -> None:
+        from deploy.topics import create_topics
+
+        await create_topics(bootstrap, prefix, topics=(ACTIONS,))
+        await create_topics(bootstrap, out_prefix, topics=(ACTION_RESULTS,))
+        await serve_executor(settings, config, args.health_host,
+                             args.health_port if args.health_port is not None else 9131,
+                             next_free=0 if args.health_port is not None else 100)
+
+    _use_uvloop(args.uvloop)
+    try:
+        asyncio.run(main())
+    except (OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Run the local emulation of Keyyo's action endpoints."""
+    from devtools.sandbox import serve
+
+    return serve(args)
+
+
 def add_runtime_options(p: argparse.ArgumentParser, spec: ProcessorSpec) -> None:
     """The options every processor takes."""
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
@@ -312,6 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
             default = f" (default {option.default})" if option.default is not None else ""
             kp.add_argument(f"--{option.name}", type=option.type, default=option.default,
                             help=f"{option.help}{default}")
+
+    p = add("execute", cmd_execute, "Send the decided actions (SMS, calls, profile switches) to "
+            "Keyyo's API, at most once, and write their results (run more for more partitions).")
+    p.add_argument("what", choices=["actions"])
+    p.add_argument("--config", help="TOML file: [keyyo] base_url, auth (digest|ip), timeouts, "
+                   "min_interval_seconds, secrets_file; [lines.\"<number>\"] password = SIP password "
+                   "(without it: Keyyo's URL, digest, no line can send)")
+    p.add_argument("--base-url", help="Keyyo's base URL (overrides the config's; e.g. the sandbox's)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--prefix", help="input topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
+    p.add_argument("--output-prefix", help="results topic prefix (default: the input prefix)")
+    p.add_argument("--group", help="consumer group (default OUTPUT_PREFIX + keyyo.execute-actions)")
+    p.add_argument("--health-host", default="127.0.0.1")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="side port for /healthz /readyz /metrics (default 9131, or the next free one)")
+    p.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+
+    p = add("sandbox", cmd_sandbox, "Run a local emulation of Keyyo's action endpoints (makecall, "
+            "sendsms, setprofil) with Digest, the 1 request/s rule and recorded requests.")
+    from devtools.sandbox import add_arguments as sandbox_arguments
+
+    sandbox_arguments(p)
 
     p = add("report", cmd_report, "Read the figures the processors wrote: "
             "`report acd` prints contact-centre figures per interval.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -59,12 +59,18 @@ class ProcessorMetrics:
         self.processor = processor
 
 
+class HasRegistry(Protocol):
+    """Metrics a side port can serve."""
+
+    registry: CollectorRegistry
+
+
 HealthCheck = Callable[[], dict[str, bool]]
 Detail = Callable[[], dict[str, Any]]
 
 
 @asynccontextmanager
-async def health_server(host: str, port: int, metrics: ProcessorMetrics,
+async def health_server(host: str, port: int, metrics: HasRegistry,
                         readiness: HealthCheck, detail: Detail | None = None,
                         next_free: int = 0) -> AsyncIterator[int]:
     """Serve ``/healthz``, ``/readyz`` and ``/metrics``; yield the bound port.

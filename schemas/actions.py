@@ -31,7 +31,10 @@ NOT_REPEATABLE = frozenset({"sms", "call", "connect"})
 FINAL_STATUSES = ("sent", "failed", "unknown", "expired", "suppressed", "rejected")
 SENDING = "sending"
 """Not final: an attempt started (written, durably, before the request leaves)."""
-STATUSES = (*FINAL_STATUSES, SENDING)
+RETRYING = "retrying"
+"""Not final: the last attempt was certainly not executed (``500 Come Back Later``, Keyyo
+unreachable) or the action is idempotent; it will be tried again."""
+STATUSES = (*FINAL_STATUSES, SENDING, RETRYING)
 
 ACCOUNT = re.compile(r"[0-9]{6,20}")
 """A Keyyo line: international digits without ``+``."""
@@ -247,7 +250,7 @@ def result(action: Action | dict[str, Any], status: str, at_ms: int, *, reason: 
     return orjson.dumps({
         "schema": RESULT_SCHEMA, "action_id": a["action_id"], "tenant": a["tenant"], "kind": a["kind"],
         "account": a["account"], "callee": a.get("callee"), "origin": a.get("origin"),
-        "status": status, "final": status != SENDING, "attempts": attempts, "http_status": http_status,
+        "status": status, "final": status in FINAL_STATUSES, "attempts": attempts, "http_status": http_status,
         "body": body[:500] if body is not None else None, "reason": reason[:1000],
         "first_attempt_at": rfc3339_ms(first_attempt_ms) if first_attempt_ms is not None else None,
         "at": rfc3339_ms(at_ms), "offset": offset,

@@ -1,0 +1,485 @@
+"""``keyyo-stream execute actions``: send the actions to Keyyo, at most once, and say what happened.
+
+One consumer per process in a consumer group over ``keyyo.actions.v1`` (read_committed, manual
+commits). The results topic is also the executor's journal: every result of an action goes to the
+results partition numbered like the action's own partition, so on taking a partition over the
+executor reads that results partition back and knows which actions were attempted.
+
+For each action: if its journal says it is finished, it is skipped; if an attempt of an SMS or a
+call started without a result (the previous owner stopped mid-request), it is reported ``unknown``
+and never sent. Otherwise it waits in its line's queue (one task per line, so a slow line holds up
+no other), for its ``not_before`` and the line's pacing (one request per ``min_interval_s``), then
+``sending`` is written and acknowledged by Kafka *before* the request leaves, and the final result
+after. A partition's committed offset is its lowest unfinished action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from processors.keyyo_api import ExecutorConfig, backoff_s, classify, request_for
+from schemas.actions import (
+    FINAL_STATUSES,
+    NOT_REPEATABLE,
+    RETRYING,
+    SENDING,
+    Action,
+    ActionInvalid,
+    action_from_wire,
+    result,
+)
+from schemas.notification import parse_rfc3339_ms
+
+log = logging.getLogger("keyyo.executor")
+
+
+def wall_ms() -> int:
+    """The default clock."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """How one executor process runs."""
+
+    bootstrap: str
+    group: str
+    actions_topic: str
+    results_topic: str
+    commit_interval_s: float = 1.0
+    poll_ms: int = 200
+
+
+class ExecutorMetrics:
+    """Exported at ``/metrics`` on the side port."""
+
+    def __init__(self, group: str) -> None:
+        self.registry = CollectorRegistry()
+        self.actions = Counter("keyyo_executor_actions", "Actions finished, by kind and status.",
+                               ["group", "kind", "status"], registry=self.registry)
+        self.requests = Counter("keyyo_executor_requests", "Requests sent to Keyyo, by endpoint and "
+                                "answer (HTTP status, or error).", ["group", "endpoint", "answer"],
+                                registry=self.registry)
+        self.latency = Histogram("keyyo_executor_keyyo_seconds", "Keyyo's answer time.",
+                                 ["group", "endpoint"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+                                 registry=self.registry)
+        self.queue_age = Histogram(
+            "keyyo_executor_queue_age_seconds", "From an action's not_before to its first request.",
+            ["group"], buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900), registry=self.registry
+        ).labels(group)
+        self.queued = Gauge("keyyo_executor_queued", "Actions waiting in this process's line queues.",
+                            ["group"], registry=self.registry).labels(group)
+        self.partitions = Gauge("keyyo_executor_assigned_partitions", "Action partitions owned.",
+                                ["group"], registry=self.registry).labels(group)
+        self.group = group
+
+
+@dataclass(order=True)
+class _Item:
+    due_ms: int
+    offset: int
+    action: Action = field(compare=False)
+    attempts: int = field(default=0, compare=False)
+    first_attempt_ms: int | None = field(default=None, compare=False)
+
+
+@dataclass(eq=False)
+class _Line:
+    """One Keyyo line's queue and its worker."""
+
+    account: str
+    last_request_ms: int = 0
+    heap: list[_Item] = field(default_factory=list)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    busy: bool = False
+
+
+@dataclass(eq=False)
+class _Part:
+    """An owned action partition."""
+
+    tp: TopicPartition
+    journal: dict[str, str] = field(default_factory=dict)
+    """Action id -> its latest status in the results partition."""
+    unresolved: set[int] = field(default_factory=set)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    """Action ids queued or being sent -> offset."""
+    next_offset: int | None = None
+    committed: int | None = None
+    lines: dict[str, _Line] = field(default_factory=dict)
+    backlog: list[Any] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    restore_task: asyncio.Task[None] | None = None
+    closing: bool = False
+
+    def commit_offset(self) -> int | None:
+        """Lowest unfinished offset, else one past the last read."""
+        return min(self.unresolved) if self.unresolved else self.next_offset
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.executor.release(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.executor.take(assigned)
+
+
+class Executor:
+    """Consumes actions and performs them against Keyyo's API (see the module docstring)."""
+
+    def __init__(self, settings: ExecutorSettings, config: ExecutorConfig, metrics: ExecutorMetrics,
+                 clock: Callable[[], int] = wall_ms) -> None:
+        self.settings = settings
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.parts: dict[TopicPartition, _Part] = {}
+        self.joined = False
+        self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._auth: dict[str, aiohttp.DigestAuthMiddleware] = {}
+
+    def stop(self) -> None:
+        """Finish the requests in flight, write their results, commit, leave the group."""
+        self._stopping.set()
+
+    def readiness(self) -> dict[str, bool]:
+        """For ``/readyz``: joined the group, every owned partition's journal read."""
+        return {"joined": self.joined, "restored": all(p.ready.is_set() for p in self.parts.values())}
+
+    def detail(self) -> dict[str, Any]:
+        """``/readyz``'s detail: queued actions per line."""
+        return {"queued": {line.account: len(line.heap) for p in self.parts.values()
+                           for line in p.lines.values() if line.heap}}
+
+    async def run(self) -> None:
+        """Consume and execute until :meth:`stop`."""
+        s = self.settings
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap, client_id=f"{s.group}-results", acks="all",
+            enable_idempotence=True, linger_ms=0)
+        await self._producer.start()
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s,
+                                        sock_connect=self.config.connect_timeout_s)
+        self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+        consumer = self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap, group_id=s.group, client_id=f"{s.group}-consumer",
+            isolation_level="read_committed", enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=10000, heartbeat_interval_ms=1000, max_poll_interval_ms=300000)
+        try:
+            await consumer.start()
+            await self._check_partitions()
+            consumer.subscribe([s.actions_topic], listener=_Listener(self))
+            last_commit = time.monotonic()
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=s.poll_ms, max_records=1000)
+                for tp, records in batches.items():
+                    part = self.parts.get(tp)
+                    if part is None or part.closing:
+                        continue
+                    if part.ready.is_set():
+                        for rec in records:
+                            await self._dispatch(part, rec)
+                    else:
+                        part.backlog.extend(records)
+                if time.monotonic() - last_commit >= s.commit_interval_s:
+                    await self._commit(list(self.parts.values()))
+                    last_commit = time.monotonic()
+                self.metrics.queued.set(sum(len(x.heap) for p in self.parts.values()
+                                            for x in p.lines.values()))
+            await self.release(list(self.parts))
+        finally:
+            for part in list(self.parts.values()):
+                await self._close(part)
+            with contextlib.suppress(KafkaError):
+                await consumer.stop()
+            await self._session.close()
+            await self._producer.stop()
+
+    async def _check_partitions(self) -> None:
+        assert self._consumer is not None
+        await self._consumer.topics()  # fetches every topic's metadata
+        actions = self._consumer.partitions_for_topic(self.settings.actions_topic)
+        results = self._consumer.partitions_for_topic(self.settings.results_topic)
+        if actions and (not results or len(results) < len(actions)):
+            raise RuntimeError(
+                f"{self.settings.results_topic} has {len(results or ())} partitions, fewer than the "
+                f"{len(actions)} of {self.settings.actions_topic}: it must have as many (it is the "
+                "executor's journal); run `keyyo-stream topics create`")
+
+    # -- partitions ---------------------------------------------------------------------------
+
+    def take(self, assigned: list[TopicPartition]) -> None:
+        """New partitions: read each one's journal, then start on its actions."""
+        self.joined = True
+        for tp in assigned:
+            if tp in self.parts:
+                continue
+            part = self.parts[tp] = _Part(tp)
+            part.restore_task = asyncio.create_task(self._restore(part), name=f"journal-{tp.partition}")
+        self.metrics.partitions.set(len(self.parts))
+
+    async def release(self, revoked: list[TopicPartition]) -> None:
+        """Given up: finish the requests in flight, write their results, commit, forget."""
+        parts = [self.parts[tp] for tp in revoked if tp in self.parts]
+        for part in parts:
+            part.closing = True
+        await asyncio.gather(*(self._close(part) for part in parts))
+        await self._commit(parts)
+        for part in parts:
+            self.parts.pop(part.tp, None)
+        self.metrics.partitions.set(len(self.parts))
+
+    async def _close(self, part: _Part) -> None:
+        part.closing = True
+        if part.restore_task is not None and not part.restore_task.done():
+            part.restore_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await part.restore_task
+        for line in part.lines.values():
+            line.wakeup.set()
+        tasks = [line.task for line in part.lines.values() if line.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _restore(self, part: _Part) -> None:
+        """Read the partition's journal (its results partition) to its end."""
+        s = self.settings
+        rtp = TopicPartition(s.results_topic, part.tp.partition)
+        reader = AIOKafkaConsumer(bootstrap_servers=s.bootstrap, enable_auto_commit=False,
+                                  isolation_level="read_committed", client_id=f"{s.group}-journal")
+        started = time.monotonic()
+        count = 0
+        await reader.start()
+        try:
+            reader.assign([rtp])
+            await reader.seek_to_beginning(rtp)
+            end = (await reader.end_offsets([rtp]))[rtp]
+            while await reader.position(rtp) < end:
+                for records in (await reader.getmany(rtp, timeout_ms=500, max_records=5000)).values():
+                    for rec in records:
+                        count += 1
+                        self._journal(part, rec.value)
+        finally:
+            await reader.stop()
+        log.info("journal read", extra={"partition": part.tp.partition, "records": count,
+                                        "actions": len(part.journal),
+                                        "seconds": round(time.monotonic() - started, 2)})
+        part.ready.set()
+        backlog, part.backlog = part.backlog, []
+        for rec in backlog:
+            await self._dispatch(part, rec)
+
+    def _journal(self, part: _Part, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            r = orjson.loads(value)
+            aid, status, account = r["action_id"], r["status"], r["account"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        part.journal[aid] = status
+        if r.get("attempts"):  # the line's last request was no later than this result
+            line = part.lines.get(account)
+            if line is None:
+                line = part.lines[account] = _Line(account)
+            line.last_request_ms = max(line.last_request_ms, parse_rfc3339_ms(r["at"]))
+
+    # -- actions ------------------------------------------------------------------------------
+
+    async def _dispatch(self, part: _Part, rec: Any) -> None:
+        """One action read from the partition: skip it, settle it, or queue it on its line."""
+        part.next_offset = rec.offset + 1
+        try:
+            action = action_from_wire(rec.key, rec.value)
+        except ActionInvalid as exc:
+            await self._rejected(part, rec, str(exc))
+            return
+        status = part.journal.get(action.action_id)
+        if status in FINAL_STATUSES or action.action_id in part.in_flight:
+            return  # done already, or a duplicate of one in progress
+        if status == SENDING and action.kind in NOT_REPEATABLE:
+            part.unresolved.add(rec.offset)
+            await self._finish(part, _Item(0, rec.offset, action), "unknown", reason=(
+                "an attempt started but its result was never recorded (the executor stopped during "
+                "it): Keyyo may have executed it, so it is not sent again"))
+            return
+        if not self.config.can_send(action.account):
+            part.unresolved.add(rec.offset)
+            await self._finish(part, _Item(0, rec.offset, action), "rejected",
+                               reason=f"no credentials for line {action.account} in the executor's config")
+            return
+        part.unresolved.add(rec.offset)
+        part.in_flight[action.action_id] = rec.offset
+        line = part.lines.get(action.account)
+        if line is None:
+            line = part.lines[action.account] = _Line(action.account)
+        heapq.heappush(line.heap, _Item(action.not_before_ms, rec.offset, action))
+        if line.task is None or line.task.done():
+            line.task = asyncio.create_task(self._line_worker(part, line), name=f"line-{line.account}")
+        line.wakeup.set()
+
+    async def _rejected(self, part: _Part, rec: Any, reason: str) -> None:
+        log.warning("invalid action", extra={"partition": rec.partition, "offset": rec.offset,
+                                             "reason": reason})
+        try:
+            data = orjson.loads(rec.value or b"")
+            if not isinstance(data, dict) or not isinstance(data.get("action_id"), str):
+                return  # cannot even say which action: nothing to report it under
+            stub = {"action_id": data["action_id"][:64], "tenant": str(data.get("tenant"))[:64],
+                    "kind": str(data.get("kind"))[:16], "account": str(data.get("account"))[:20],
+                    "callee": None, "origin": None}
+        except orjson.JSONDecodeError:
+            return
+        await self._write(part, stub["action_id"], result(stub, "rejected", self.clock(), reason=reason,
+                                                          offset=rec.offset))
+
+    async def _line_worker(self, part: _Part, line: _Line) -> None:
+        """Send a line's actions one at a time, earliest ``not_before`` first, paced."""
+        while not part.closing:
+            if not line.heap:
+                line.wakeup.clear()
+                await line.wakeup.wait()
+                continue
+            item = line.heap[0]
+            now = self.clock()
+            wait_ms = max(item.due_ms, line.last_request_ms + int(self.config.min_interval_s * 1000)) - now
+            if wait_ms > 0 and now < item.action.expires_ms:
+                line.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(line.wakeup.wait(), min(wait_ms, 60_000) / 1000)
+                continue
+            heapq.heappop(line.heap)
+            line.busy = True
+            try:
+                await self._attempt(part, line, item)
+            finally:
+                line.busy = False
+
+    async def _attempt(self, part: _Part, line: _Line, item: _Item) -> None:
+        action = item.action
+        now = self.clock()
+        if now >= action.expires_ms:
+            tried = f" after {item.attempts} attempt(s) Keyyo did not execute" if item.attempts else ""
+            await self._finish(part, item, "expired", reason=f"not sent before its expires_at{tried}")
+            return
+        if item.first_attempt_ms is None:
+            item.first_attempt_ms = now
+            self.metrics.queue_age.observe(max(0, now - action.not_before_ms) / 1000)
+        item.attempts += 1
+        # Durable before the request leaves: after a crash, an attempt without a result is unknown.
+        await self._write(part, action.action_id, result(
+            action, SENDING, now, reason="request leaving", attempts=item.attempts,
+            first_attempt_ms=item.first_attempt_ms, offset=item.offset))
+        line.last_request_ms = self.clock()
+        status, body, error = await self._request(action)
+        verdict, reason = classify(action.kind, status, body, error)
+        if verdict == "retry":
+            if item.attempts < self.config.max_attempts or part.closing:
+                # Safe to send again: said so, so that a next owner does not report it unknown.
+                await self._write(part, action.action_id, result(
+                    action, RETRYING, self.clock(), reason=reason, attempts=item.attempts, http_status=status,
+                    body=body, first_attempt_ms=item.first_attempt_ms, offset=item.offset))
+                if not part.closing:
+                    item.due_ms = self.clock() + int(backoff_s(self.config, item.attempts) * 1000)
+                    heapq.heappush(line.heap, item)
+                return
+            verdict, reason = ("failed" if error == "not_sent" or status == 500 else "unknown"), \
+                f"{reason}; gave up after {item.attempts} attempts"
+        await self._finish(part, item, verdict, reason=reason, http_status=status, body=body)
+
+    async def _request(self, action: Action) -> tuple[int | None, str | None, str | None]:
+        """(HTTP status, body, error) of one request; error ``not_sent`` or ``lost``."""
+        assert self._session is not None
+        endpoint, params = request_for(action)
+        url = f"{self.config.base_url}/{endpoint}"
+        middlewares: tuple[aiohttp.DigestAuthMiddleware, ...] = ()
+        password = self.config.credentials(action.account)
+        if password is not None:
+            mw = self._auth.get(action.account)
+            if mw is None:
+                mw = self._auth[action.account] = aiohttp.DigestAuthMiddleware(action.account, password)
+            middlewares = (mw,)
+        started = time.monotonic()
+        try:
+            async with self._session.get(url, params=params, middlewares=middlewares) as resp:
+                body = (await resp.read()).decode("utf-8", "replace")
+                self.metrics.requests.labels(self.metrics.group, endpoint, str(resp.status)).inc()
+                return resp.status, body[:500], None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            self.metrics.requests.labels(self.metrics.group, endpoint, "not_sent").inc()
+            log.warning("keyyo not reachable", extra={"endpoint": endpoint, "error": type(exc).__name__})
+            return None, None, "not_sent"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.metrics.requests.labels(self.metrics.group, endpoint, "lost").inc()
+            log.warning("keyyo request lost", extra={"endpoint": endpoint, "error": type(exc).__name__,
+                                                     "action_id": action.action_id})
+            return None, None, "lost"
+        finally:
+            self.metrics.latency.labels(self.metrics.group, endpoint).observe(time.monotonic() - started)
+
+    async def _finish(self, part: _Part, item: _Item, status: str, *, reason: str,
+                      http_status: int | None = None, body: str | None = None) -> None:
+        action = item.action
+        await self._write(part, action.action_id, result(
+            action, status, self.clock(), reason=reason, attempts=item.attempts, http_status=http_status,
+            body=body, first_attempt_ms=item.first_attempt_ms, offset=item.offset))
+        part.journal[action.action_id] = status
+        part.in_flight.pop(action.action_id, None)
+        part.unresolved.discard(item.offset)
+        self.metrics.actions.labels(self.metrics.group, action.kind, status).inc()
+        log.info("action finished", extra={"action_id": action.action_id, "tenant": action.tenant,
+                                           "kind": action.kind, "status": status, "attempts": item.attempts})
+
+    async def _write(self, part: _Part, aid: str, value: bytes) -> None:
+        """A result into the results partition of the action's partition, acknowledged; retried
+        while Kafka is away (nothing proceeds until it is written)."""
+        assert self._producer is not None
+        delay = 0.2
+        while True:
+            try:
+                await self._producer.send_and_wait(self.settings.results_topic, value, key=aid.encode(),
+                                                   partition=part.tp.partition)
+                return
+            except KafkaError as exc:
+                log.warning("result not written yet; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    async def _commit(self, parts: list[_Part]) -> None:
+        assert self._consumer is not None
+        offsets = {}
+        for part in parts:
+            offset = part.commit_offset()
+            if offset is not None and offset != part.committed:
+                offsets[part.tp] = offset
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:  # the next commit carries the same offsets (or a rebalance redoes them)
+            log.warning("offset commit failed", extra={"error": repr(exc)})
+            return
+        for part in parts:
+            if part.tp in offsets:
+                part.committed = offsets[part.tp]

@@ -1,0 +1,177 @@
+"""The executor on a real broker against the Keyyo sandbox: each answer Keyyo can give, the rate
+limit, expiry, duplicates, and a restart that finds an attempt without a result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from deploy.topics import create_topics
+from devtools.sandbox import Faults, Sandbox, running
+from processors.executor import Executor, ExecutorMetrics, ExecutorSettings
+from processors.keyyo_api import ExecutorConfig
+from schemas.actions import SENDING, Action, action_id, result
+from schemas.notification import rfc3339_ms
+from schemas.topics import ACTION_RESULTS, ACTIONS
+from tests.kafka import Broker, read_values, wait_for
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+LINES = [f"3310000{i:04d}" for i in range(4)]
+PASSWORDS = {line: f"pw-{line}" for line in LINES}
+
+
+def ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+def sms(n: int, line: str = LINES[0], *, tenant: str = "acme", expires_in_ms: int = 600_000,
+        not_before: int | None = None) -> Action:
+    now = ms()
+    return Action(action_id=action_id(tenant, "test", str(n)), tenant=tenant, kind="sms", account=line,
+                  callee=f"3361234{n:04d}", caller=None, callee_name=None, message=f"message {n}",
+                  profile=None, not_before=rfc3339_ms(not_before or now),
+                  expires_at=rfc3339_ms(now + expires_in_ms),
+                  origin={"test": n}, created_at=rfc3339_ms(now))
+
+
+async def publish(bootstrap: str, prefix: str, actions: list[Action]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for a in actions:
+            await producer.send_and_wait(ACTIONS.full_name(prefix), a.to_json(), key=a.tenant.encode())
+    finally:
+        await producer.stop()
+
+
+@contextlib.asynccontextmanager
+async def executor(bootstrap: str, prefix: str, base_url: str, **config: Any) -> AsyncIterator[Executor]:
+    settings = ExecutorSettings(bootstrap=bootstrap, group=f"{prefix}keyyo.execute-actions",
+                                actions_topic=ACTIONS.full_name(prefix),
+                                results_topic=ACTION_RESULTS.full_name(prefix))
+    ex = Executor(settings, ExecutorConfig(base_url=base_url, passwords=PASSWORDS, **config),
+                  ExecutorMetrics(settings.group))
+    task = asyncio.create_task(ex.run())
+    try:
+        yield ex
+    finally:
+        ex.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def final_results(bootstrap: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """Latest result per action; statuses in the order written, per action, checked for sense."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in await read_values(bootstrap, ACTION_RESULTS.full_name(prefix)):
+        prev = latest.get(r["action_id"])  # type: ignore[arg-type]
+        assert prev is None or not prev["final"], f"a result after a final one: {prev} then {r}"
+        latest[r["action_id"]] = r  # type: ignore[index]
+    return latest
+
+
+async def test_answers_rate_limit_expiry_and_duplicates(broker: Broker, prefix: str) -> None:
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=3)
+    sb = Sandbox(passwords=PASSWORDS, open_lines=False)
+    four = [sms(i, LINES[0]) for i in range(4)]  # one line: four requests, a second apart
+    other = [sms(10 + i, LINES[1]) for i in range(2)]
+    expired = sms(20, LINES[2], expires_in_ms=-1000)
+    no_credentials = sms(21, "33999999999")
+    async with running(sb) as url:
+        # Every action once, and the first one twice more (a duplicate, as an API retry would be).
+        await publish(broker.bootstrap, prefix, [*four, four[0], *other, expired, no_credentials, four[0]])
+        async with executor(broker.bootstrap, prefix, url) as ex:
+            async def done() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return len(got) == 8 and all(r["final"] for r in got.values())
+
+            await wait_for(done, 60, interval=0.3, what="a final result for every action")
+            assert ex.readiness() == {"joined": True, "restored": True}
+    got = await final_results(broker.bootstrap, prefix)
+    statuses = {a.action_id: got[a.action_id]["status"] for a in [*four, *other, expired, no_credentials]}
+    assert [statuses[a.action_id] for a in four + other] == ["sent"] * 6
+    assert statuses[expired.action_id] == "expired" and statuses[no_credentials.action_id] == "rejected"
+    executed = [r for r in sb.requests if r["executed"]]
+    # each SMS once
+    assert sorted(r["params"]["MSG"] for r in executed) == sorted(a.message for a in four + other)
+    assert not [r for r in sb.requests if r["status"] == 500], "the executor went past 1 request/s"
+    times = [r["at"] for r in executed if r["account"] == LINES[0]]
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(times))
+    # The two lines were served side by side, not one after the other.
+    first_other = min(r["at"] for r in executed if r["account"] == LINES[1])
+    assert first_other < times[1]
+
+
+async def test_unknown_is_never_retried_and_come_back_later_is(broker: Broker, prefix: str) -> None:
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=3)
+    sb = Sandbox(passwords=PASSWORDS, faults=Faults(hang_rate=1.0, hang_seconds=3.0))
+    hung = sms(1, LINES[0])
+    async with running(sb) as url:
+        await publish(broker.bootstrap, prefix, [hung])
+        async with executor(broker.bootstrap, prefix, url, timeout_s=1.0):
+            async def settled() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return bool(got.get(hung.action_id, {}).get("final"))
+
+            await wait_for(settled, 30, interval=0.2, what="the hung SMS settled")
+            # Keyyo takes requests again, and the line is busy with another client: 500 Come Back Later
+            sb.faults = Faults()
+            sb.last_accepted[LINES[1]] = 1e12  # far in the future: every request refused for now
+            retried = sms(2, LINES[1])
+            await publish(broker.bootstrap, prefix, [retried])
+            await wait_for(lambda: len([r for r in sb.requests if r["status"] == 500]) >= 2, 30,
+                           what="two Come Back Later")
+            sb.last_accepted.clear()
+
+            async def sent() -> bool:
+                r = (await final_results(broker.bootstrap, prefix)).get(retried.action_id)
+                return r is not None and r["status"] == "sent"
+
+            await wait_for(sent, 30, interval=0.2, what="the refused SMS sent after its retries")
+    got = await final_results(broker.bootstrap, prefix)
+    assert got[hung.action_id]["status"] == "unknown" and got[hung.action_id]["attempts"] == 1
+    assert "may have been executed" in got[hung.action_id]["reason"]
+    assert got[retried.action_id]["attempts"] >= 3
+    # one request (after the Digest challenge), never repeated
+    assert [r["status"] for r in sb.requests if r["params"].get("MSG") == hung.message] == [401, 200]
+    assert [r["executed"] for r in sb.requests if r["params"].get("MSG") == retried.message][-1] is True
+
+
+async def test_an_attempt_without_a_result_is_reported_unknown_after_a_restart(
+    broker: Broker, prefix: str,
+) -> None:
+    """What a SIGKILL between `sending` and the request's answer leaves: never sent again."""
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=1)
+    sb = Sandbox(passwords=PASSWORDS)
+    started = sms(1, LINES[0])
+    profile = Action(**{**orjson.loads(sms(2, LINES[1]).to_json()), "kind": "profile", "callee": None,
+                        "message": None, "profile": "Fermé", "action_id": action_id("acme", "p")})
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:  # the journal a killed executor leaves: `sending` written, no result after it
+        for a in (started, profile):
+            await producer.send_and_wait(ACTION_RESULTS.full_name(prefix), result(
+                a, SENDING, ms(), reason="request leaving", attempts=1, offset=0), key=a.action_id.encode(),
+                partition=0)
+    finally:
+        await producer.stop()
+    async with running(sb) as url:
+        await publish(broker.bootstrap, prefix, [started, profile])
+        async with executor(broker.bootstrap, prefix, url):
+            async def settled() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return all(got.get(a.action_id, {}).get("final") for a in (started, profile))
+
+            await wait_for(settled, 30, interval=0.2, what="both settled")
+    got = await final_results(broker.bootstrap, prefix)
+    assert got[started.action_id]["status"] == "unknown"
+    assert got[profile.action_id]["status"] == "sent"  # a profile switch is idempotent: sent again
+    assert [r["kind"] for r in sb.requests if r["executed"]] == ["profile"]
