@@ -109,6 +109,11 @@ def cmd_secret(args: argparse.Namespace) -> int:
     from ingest.config import hash_secret
 
     secret = secrets.token_urlsafe(24)
+    if args.api:
+        print(f"# actions API token for {args.tenant}: send it as Authorization: Bearer {secret}")
+        print(f"# add to [tenants.{args.tenant}]:")
+        print(f'api_token_sha256 = "{hash_secret(secret)}"')
+        return 0
     print(f"# secret for {args.tenant}: put it in the Keyyo URL as key={secret}")
     print(f"[tenants.{args.tenant}]")
     print(f'token_sha256 = "{hash_secret(secret)}"')
@@ -408,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
     p.add_argument("--base", required=True, help="public base URL of the ingest edge")
 
-    p = add("secret", cmd_secret, "Generate a tenant secret and its token_sha256 config entry.")
+    p = add("secret", cmd_secret, "Generate a tenant secret and its token_sha256 config entry "
+            "(--api: an actions API token and its api_token_sha256 entry).")
     p.add_argument("--tenant", required=True)
+    p.add_argument("--api", action="store_true", help="a bearer token for the actions API instead")
 
     p = add("tail", cmd_tail, "Print a topic's records readably (notifications, rejected, ...).")
     p.add_argument("topic", help="topic base name or short name: notifications, rejected, "

@@ -99,7 +99,9 @@ def _parse_digest(header: str) -> dict[str, str]:
 
 
 def _split_commas(text: str) -> list[str]:
-    parts, cur, quoted = [], [], False
+    parts: list[str] = []
+    cur: list[str] = []
+    quoted = False
     for ch in text:
         if ch == '"':
             quoted = not quoted

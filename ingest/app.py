@@ -1,6 +1,8 @@
 """The aiohttp ingest edge: authenticate, validate, publish durably, then answer.
 
-Routes: ``GET|POST /v1/keyyo/{tenant}/notifications``, ``/healthz``, ``/readyz``, ``/metrics``.
+Routes: ``GET|POST /v1/keyyo/{tenant}/notifications``, the actions API (``POST
+/v1/keyyo/{tenant}/actions``, ``GET /v1/keyyo/{tenant}/actions/{action_id}``), ``/healthz``,
+``/readyz``, ``/metrics``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets as secrets_module
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -20,12 +23,14 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ingest.action_results import ActionResults
 from ingest.config import IngestSettings, Tenant
 from ingest.metrics import IngestMetrics
 from ingest.parsing import ALIASES, SECRET_PARAM, Refusal, parse_notification, query_pairs
 from ingest.publisher import Outcome, Publisher
+from schemas.actions import ActionInvalid, action_from_request
 from schemas.notification import RejectedNotification, rfc3339_ms
-from schemas.topics import NOTIFICATIONS, NOTIFICATIONS_REJECTED
+from schemas.topics import ACTION_RESULTS, ACTIONS, NOTIFICATIONS, NOTIFICATIONS_REJECTED
 
 log = logging.getLogger("keyyo.ingest")
 
@@ -37,6 +42,9 @@ METRICS = web.AppKey("metrics", IngestMetrics)
 PUBLISHER = web.AppKey("publisher", Publisher)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TEMPLATE_WARNED: web.AppKey[set[str]] = web.AppKey("template_warned")
+RESULTS = web.AppKey("results", ActionResults)
+ACCEPTED: web.AppKey[dict[str, str]] = web.AppKey("accepted")
+"""Actions this process accepted and has no result of yet: id -> tenant (bounded)."""
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
@@ -251,6 +259,82 @@ async def _refuse(
     return _json(refusal.status, refusal.body())
 
 
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _api_tenant(request: web.Request) -> tuple[str, str, web.Response | None]:
+    """The tenant of an actions API request and its token, or the 401 answer (the same for an
+    unknown tenant, a tenant without API token and a wrong token: no enumeration)."""
+    tenant_id = request.match_info["tenant"]
+    token = _bearer(request)
+    tenant = request.app[SETTINGS].tenants.get(tenant_id)
+    if not (tenant or _UNKNOWN_TENANT).api_token_matches(token) or tenant is None:
+        request.app[METRICS].requests["unauthorized"].inc()
+        return tenant_id, token, _json(
+            401, {"error": "unauthorized", "field": "Authorization",
+                  "detail": "unknown tenant, or missing or wrong API token (Authorization: Bearer <token>)"},
+            headers={"WWW-Authenticate": 'Bearer realm="keyyo-stream"'})
+    return tenant_id, token, None
+
+
+async def handle_action_post(request: web.Request) -> web.Response:
+    """Validate an action request, write it to the actions topic (acks=all), answer 202 with its id."""
+    app = request.app
+    settings = app[SETTINGS]
+    received_ms = app[CLOCK]()
+    tenant_id, token, refused = _api_tenant(request)
+    if refused is not None:
+        return refused
+    raw = await _read_body(request, settings.body_timeout_seconds)
+    text: str | None = None
+    refusal: Refusal | None = None
+    if isinstance(raw, Refusal):
+        refusal = raw
+    else:
+        text = raw.decode("utf-8", "replace")
+        try:
+            body = orjson.loads(raw)
+            action = action_from_request(tenant_id, body, received_ms, request.headers.get("Idempotency-Key"),
+                                         secrets_module.token_hex(16))
+        except orjson.JSONDecodeError as exc:
+            refusal = Refusal("invalid_body", None, f"body is not valid JSON: {exc}"[:300])
+        except ActionInvalid as exc:
+            refusal = Refusal("invalid_action", exc.field, exc.detail)
+    if refusal is not None:
+        return await _refuse(request, tenant_id, request.remote or "", received_ms, refusal, "",
+                             redact(text, [token], form=False))
+    outcome = await app[PUBLISHER].publish(settings.topic_prefix + ACTIONS.name, tenant_id.encode(),
+                                           action.to_json())
+    if outcome is Outcome.UNAVAILABLE:
+        app[METRICS].requests["unavailable"].inc()
+        return _json(503, {"error": "unavailable", "field": None,
+                           "detail": "Kafka did not take the action in time; retry (with the same "
+                                     "Idempotency-Key)"}, headers={"Retry-After": "1"})
+    app[METRICS].actions_accepted.labels(action.kind).inc()
+    accepted = app[ACCEPTED]
+    accepted[action.action_id] = tenant_id
+    if len(accepted) > 10_000:
+        del accepted[next(iter(accepted))]
+    return _json(202, {"action_id": action.action_id, "status": "accepted", "stored": outcome.value})
+
+
+async def handle_action_get(request: web.Request) -> web.Response:
+    """The latest result of one of the tenant's actions."""
+    tenant_id, _, refused = _api_tenant(request)
+    if refused is not None:
+        return refused
+    aid = request.match_info["action_id"]
+    found = request.app[RESULTS].get(aid)
+    if found is not None and found[0] == tenant_id:
+        return web.Response(status=200, body=found[1], content_type=_JSON)
+    if found is None and request.app[ACCEPTED].get(aid) == tenant_id:
+        return _json(200, {"action_id": aid, "tenant": tenant_id, "status": "accepted", "final": False})
+    return _json(404, {"error": "not_found", "field": "action_id",
+                       "detail": "no such action of this tenant (or its result is not known here yet)"})
+
+
 async def handle_healthz(request: web.Request) -> web.Response:
     """Liveness: the process serves requests."""
     return _json(200, {"status": "ok"})
@@ -280,9 +364,14 @@ async def _publisher_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await publisher.start()
     app[PUBLISHER] = publisher
+    results = ActionResults(settings.bootstrap_servers, settings.topic_prefix + ACTION_RESULTS.name,
+                            settings.action_results_kept)
+    await results.start()
+    app[RESULTS] = results
     log.info("ingest ready", extra={"bootstrap": settings.bootstrap_servers,
                                     "tenants": len(settings.tenants)})
     yield
+    await results.stop()
     await publisher.stop()  # flushes the producer after the server stopped taking requests
 
 
@@ -293,10 +382,13 @@ def build_app(settings: IngestSettings, clock: Clock = wall_clock_ms) -> web.App
     app[METRICS] = IngestMetrics()
     app[CLOCK] = clock
     app[TEMPLATE_WARNED] = set()
+    app[ACCEPTED] = {}
     app.cleanup_ctx.append(_publisher_ctx)
     route = "/v1/keyyo/{tenant}/notifications"
     app.router.add_get(route, handle_notification, allow_head=False)
     app.router.add_post(route, handle_notification)
+    app.router.add_post("/v1/keyyo/{tenant}/actions", handle_action_post)
+    app.router.add_get("/v1/keyyo/{tenant}/actions/{action_id}", handle_action_get)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)

@@ -30,12 +30,21 @@ class Tenant:
     token_sha256: bytes
     """SHA-256 digest of the secret passed as ``key=``."""
     allow_from: tuple[IPNetwork, ...] = ()
-    """Source networks allowed; empty means any."""
+    """Source networks allowed to notify; empty means any (the actions API is not restricted)."""
+    api_token_sha256: bytes | None = None
+    """SHA-256 digest of the actions API's bearer token (separate from the notification secret);
+    None: the tenant has no actions API."""
 
     def key_matches(self, secret: str) -> bool:
         """Constant-time check of the secret against the stored digest."""
         digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
         return hmac.compare_digest(digest, self.token_sha256)
+
+    def api_token_matches(self, token: str) -> bool:
+        """Constant-time check of an actions API token (always False without one configured)."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        expected = self.api_token_sha256 or bytes(32)
+        return hmac.compare_digest(digest, expected) and self.api_token_sha256 is not None
 
     def source_allowed(self, ip: str) -> bool:
         """True when ``ip`` is in ``allow_from`` (or no list is set)."""
@@ -76,6 +85,8 @@ class IngestSettings:
     """A ``tsms`` more than this behind the receive time is refused (400)."""
     body_timeout_seconds: float = 10.0
     """A POST body not complete within this is refused (408)."""
+    action_results_kept: int = 50_000
+    """Latest action results the edge keeps in memory for ``GET .../actions/{id}`` (oldest first out)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Unused sections, kept for other deployables sharing the file."""
 
@@ -100,7 +111,12 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
             nets.append(ipaddress.ip_network(cidr, strict=False))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: allow_from entry {cidr!r}: {exc}") from exc
-    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets))
+    api = raw.get("api_token_sha256")
+    if api is not None and (not isinstance(api, str) or not _SHA256_HEX.fullmatch(api.lower())):
+        raise ConfigError(f"{where}: api_token_sha256 must be 64 hex digits (keyyo-stream secret --api)")
+    if api is not None and api.lower() == token.lower():
+        raise ConfigError(f"{where}: api_token_sha256 must differ from token_sha256 (separate secrets)")
+    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets), bytes.fromhex(api) if api else None)
 
 
 def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettings:
@@ -131,6 +147,7 @@ def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettin
             max_event_ahead_seconds=float(ingest.get("max_event_ahead_seconds", 300.0)),
             max_event_behind_seconds=float(ingest.get("max_event_behind_seconds", 86_400.0)),
             body_timeout_seconds=float(ingest.get("body_timeout_seconds", 10.0)),
+            action_results_kept=int(ingest.get("action_results_kept", 50_000)),
             extra={k: v for k, v in data.items() if k not in ("tenants", "kafka", "ingest")},
         )
     except (TypeError, ValueError) as exc:

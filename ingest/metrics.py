@@ -13,7 +13,8 @@ class IngestMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         requests = Counter(
-            "keyyo_ingest_requests", "Notification requests by outcome.", ["outcome"],
+            "keyyo_ingest_requests", "Requests (notifications and the actions API) by outcome.",
+            ["outcome"],
             registry=self.registry,
         )
         # Bound children up front: no label lookup on the hot path.
@@ -38,6 +39,10 @@ class IngestMetrics:
             registry=self.registry,
         )
         self.incomplete_template = {name: incomplete.labels(name) for name in ("dref", "tsms")}
+        self.actions_accepted = Counter(
+            "keyyo_ingest_actions_accepted", "Actions API requests written to the actions topic, by kind.",
+            ["kind"], registry=self.registry,
+        )
         self.rejected_unrecorded = Counter(
             "keyyo_ingest_rejected_unrecorded",
             "Refused requests that could not be written to the rejected topic.",

@@ -217,11 +217,14 @@ class Executor:
             await self._producer.stop()
 
     async def _check_partitions(self) -> None:
-        assert self._consumer is not None
-        await self._consumer.topics()  # fetches every topic's metadata
-        actions = self._consumer.partitions_for_topic(self.settings.actions_topic)
-        results = self._consumer.partitions_for_topic(self.settings.results_topic)
-        if actions and (not results or len(results) < len(actions)):
+        assert self._producer is not None
+        try:
+            actions = await self._producer.partitions_for(self.settings.actions_topic)
+            results = await self._producer.partitions_for(self.settings.results_topic)
+        except KafkaError as exc:
+            raise RuntimeError(f"{self.settings.actions_topic} or {self.settings.results_topic} is "
+                               f"missing ({exc!r}); run `keyyo-stream topics create`") from None
+        if len(results) < len(actions):
             raise RuntimeError(
                 f"{self.settings.results_topic} has {len(results or ())} partitions, fewer than the "
                 f"{len(actions)} of {self.settings.actions_topic}: it must have as many (it is the "
