@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tail", cmd_tail, "Print a topic's records readably (notifications, rejected, ...).")
     p.add_argument("topic", help="topic base name or short name: notifications, rejected, "
-                   "call-updates, call-records, acd-stats, dead-letters")
+                   "call-updates, call-records, acd-stats, dead-letters, actions, action-results")
     p.add_argument("--bootstrap")
     p.add_argument("--prefix")
     p.add_argument("--from-beginning", action="store_true")
@@ -429,11 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="print the JSON values as they are")
 
     p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest, every processor "
-            "(call-records, acd-stats) and simulated traffic.")
+            "(call-records, acd-stats, action-rules), the action executor against the Keyyo sandbox, "
+            "and simulated traffic.")
     p.add_argument("--port", type=int, default=8080, help="ingest port")
     p.add_argument("--processor-port", type=int, default=9101,
                    help="call-records health/metrics port (acd-stats: 9111, or the next free one)")
     p.add_argument("--kafka-port", type=int, default=9092)
+    p.add_argument("--sandbox-port", type=int, default=8090, help="the Keyyo sandbox's port")
     p.add_argument("--state-dir", default=".keyyo", help="local config, spool and broker home")
     p.add_argument("--demo-rate", type=float, default=0.3, help="simulated calls per second (0: none)")
     p.add_argument("--time-scale", type=float, default=0.3,

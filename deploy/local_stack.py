@@ -1,8 +1,9 @@
 """``keyyo-stream run``: the whole pipeline on local defaults, with simulated traffic.
 
 Broker (unless ``KAFKA_BOOTSTRAP_SERVERS``), topics, the ingest edge on :8080, every declared
-processor (call-records with health on :9101, acd-stats on :9111), and the simulator sending a
-gentle mix of Keyyo call flows.
+processor (call-records with health on :9101, acd-stats on :9111, action-rules on :9121), the
+action executor (:9131) against the Keyyo sandbox (:8090), and the simulator sending a gentle mix
+of Keyyo call flows. The demo tenant's missed callers get an SMS, sent to the sandbox.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -24,17 +26,24 @@ from aiohttp import web
 
 from deploy.kafka_local import LocalKafka, broker_answers, port_open
 from deploy.topics import create_topics, provision_processor
+from devtools.sandbox import Sandbox, lines_from_config, running
 from devtools.simulate import HttpSender
 from devtools.simulator import Chaos, Planner, plan_traffic, play, schedule
 from ingest.app import EdgeRunner, build_app
 from ingest.config import hash_secret, load_settings
+from processors.executor import Executor, ExecutorMetrics, ExecutorSettings
+from processors.keyyo_api import load_executor_config
 from processors.observability import ProcessorMetrics, health_server
-from processors.registry import ACD_STATS_SPEC, CALL_RECORDS_SPEC, PROCESSORS
+from processors.registry import ACD_STATS_SPEC, ACTION_RULES_SPEC, CALL_RECORDS_SPEC, PROCESSORS
 from processors.runtime import Runtime
+from schemas.topics import ACTION_RESULTS, ACTIONS
 
 log = logging.getLogger("keyyo.run")
 
 DEMO_TENANT = "demo"
+DEMO_LINES = [f"33100{j:06d}" for j in range(6)]
+"""The simulator's lines of the demo tenant (its first tenant, six lines)."""
+SMS_TEXT = "Bonjour, nous avons manqué votre appel. Nous vous rappelons vite."
 
 
 def _ms() -> int:
@@ -49,15 +58,41 @@ def _ensure_config(state_dir: Path) -> tuple[Path, str]:
     if not secret_file.exists():
         secret_file.write_text(secrets.token_urlsafe(24))
     secret = secret_file.read_text().strip()
-    if not config.exists():
+    api_file = state_dir / "demo.api-token"
+    if not api_file.exists():
+        api_file.write_text(secrets.token_urlsafe(24))
+    api_token = api_file.read_text().strip()
+    # Rewritten when an older run wrote it without the actions API token (it is ours to rewrite).
+    if not config.exists() or "api_token_sha256" not in config.read_text():
         config.write_text(
-            "# Written by `keyyo-stream run`. The demo tenant's secret is in demo.secret.\n"
+            "# Written by `keyyo-stream run`. The demo tenant's secret is in demo.secret, its\n"
+            "# actions API token in demo.api-token.\n"
             f"[tenants.{DEMO_TENANT}]\n"
-            f'token_sha256 = "{hash_secret(secret)}"\n\n'
+            f'token_sha256 = "{hash_secret(secret)}"\n'
+            f'api_token_sha256 = "{hash_secret(api_token)}"\n\n'
             "[ingest]\n"
             "produce_budget_seconds = 2.0\n"
             'spool_dir = "spool"\n'
         )
+    rules = state_dir / "rules.toml"
+    if not rules.exists():
+        rules.write_text(
+            "# Written by `keyyo-stream run`: the action-rules processor's rules\n"
+            "# (README, Outbound actions).\n"
+            f"[[tenants.{DEMO_TENANT}.rules]]\n"
+            'name = "missed-call-sms"\n'
+            'when = ["missed", "abandoned"]\n'
+            'action = "sms"                     # to the caller, from the line that was called\n'
+            f'message = "{SMS_TEXT}"\n'
+        )
+    executor = state_dir / "executor.toml"
+    if not executor.exists():
+        executor.write_text(
+            "# Written by `keyyo-stream run`: the executor's settings. Keyyo is the local sandbox,\n"
+            "# which knows the same SIP passwords (HTTP Digest).\n"
+            "[keyyo]\n"
+            'base_url = "http://127.0.0.1:8090"\n\n'
+            + "".join(f'[lines."{line}"]\npassword = "{secrets.token_urlsafe(12)}"\n' for line in DEMO_LINES))
     acd = state_dir / "acd.toml"
     if not acd.exists():
         acd.write_text(
@@ -93,7 +128,8 @@ async def _simulate(base: str, secret: str, rate: float, time_scale: float, stat
 
 
 async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret: str) -> None:
-    acd_config = config.parent / "acd.toml"
+    state = config.parent
+    acd_config = state / "acd.toml"
     settings = load_settings(config, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap})
     runner = EdgeRunner(build_app(settings))
     await runner.setup()
@@ -104,7 +140,9 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
         await provision_processor(bootstrap, spec, "", "", spec.group())
         metrics = ProcessorMetrics(spec.group())
         port = args.processor_port if spec is CALL_RECORDS_SPEC else spec.health_port
-        logic = spec.logic(config=str(acd_config)) if spec is ACD_STATS_SPEC else spec.logic()
+        options = {ACD_STATS_SPEC.name: {"config": str(acd_config)},
+                   ACTION_RULES_SPEC.name: {"rules": str(state / "rules.toml")}}.get(spec.name, {})
+        logic = spec.logic(**options)
         runtime_settings = spec.settings(bootstrap, state_dir=config.parent / "checkpoints")
         processors.append((spec.name, port, metrics, Runtime(runtime_settings, logic, metrics)))
     print(f"ingest listening on {base} (tenant {DEMO_TENANT!r}, key in {config.parent}/demo.secret)",
@@ -112,15 +150,33 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
     print(f"try: curl '{base}/v1/keyyo/{DEMO_TENANT}/notifications?key={secret}&account=33123456789"
           "&caller=33612345678&callee=33123456789&callref=1&type=SETUP&dref=abc123'", flush=True)
     print("follow: keyyo-stream tail notifications | tail call-updates | tail call-records | "
-          "tail acd-stats", flush=True)
+          "tail acd-stats | tail actions | tail action-results", flush=True)
     print(f"report: keyyo-stream report acd --tenant {DEMO_TENANT}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stats: dict[str, int] = {}
+    executor_config = load_executor_config(state / "executor.toml")
+    sandbox = Sandbox(passwords=lines_from_config(state / "executor.toml"),
+                      notify_url=f"{base}/v1/keyyo/{DEMO_TENANT}/notifications?key={secret}")
+    executor_settings = ExecutorSettings(bootstrap=bootstrap, group="keyyo.execute-actions",
+                                         actions_topic=ACTIONS.name, results_topic=ACTION_RESULTS.name)
+    executor_metrics = ExecutorMetrics(executor_settings.group)
     async with contextlib.AsyncExitStack() as stack:
+        keyyo = await stack.enter_async_context(running(sandbox, "127.0.0.1", args.sandbox_port))
+        executor = Executor(executor_settings, dataclasses.replace(executor_config, base_url=keyyo),
+                            executor_metrics)
+        print(f"keyyo sandbox on {keyyo} (its requests: {keyyo}/_sandbox/requests)", flush=True)
+        print(f"ask: curl -X POST {base}/v1/keyyo/{DEMO_TENANT}/actions -H \"Authorization: Bearer "
+              f"$(cat {state}/demo.api-token)\" -H 'Content-Type: application/json' -d "
+              f"'{{\"kind\": \"call\", \"account\": \"{DEMO_LINES[0]}\", \"callee\": \"33612345678\"}}'",
+              flush=True)
         tasks = []
+        port = await stack.enter_async_context(health_server(
+            "127.0.0.1", 9131, executor_metrics, executor.readiness, executor.detail, next_free=100))
+        print(f"executor health on http://127.0.0.1:{port}/readyz", flush=True)
+        tasks.append(asyncio.create_task(executor.run(), name="executor"))
         for name, port, metrics, runtime in processors:
             health_port = await stack.enter_async_context(health_server(
                 "127.0.0.1", port, metrics, runtime.readiness, runtime.detail, next_free=100))
@@ -149,12 +205,16 @@ async def _serve(args: argparse.Namespace, bootstrap: str, config: Path, secret:
                       f"other={sum(v for k, v in stats.items() if k not in ('calls', '200'))} "
                       f"call-updates={written.get('keyyo.call-updates.v1', 0):.0f} "
                       f"call-records={written.get('keyyo.call-records.v1', 0):.0f} "
-                      f"acd-stats={written.get('keyyo.acd-stats.v1', 0):.0f}", flush=True)
+                      f"acd-stats={written.get('keyyo.acd-stats.v1', 0):.0f} "
+                      f"actions={written.get('keyyo.actions.v1', 0):.0f} "
+                      f"sms-sent={sum(r['executed'] and r['kind'] == 'sms' for r in sandbox.requests)}",
+                      flush=True)
                 if args.duration is not None and elapsed >= args.duration:
                     break
         finally:
             for _, _, _, runtime in processors:
                 runtime.stop()
+            executor.stop()
             for task in tasks:
                 if task.get_name() == "simulator":
                     task.cancel()

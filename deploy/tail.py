@@ -15,6 +15,8 @@ SHORT_NAMES = {
     "call-records": "keyyo.call-records.v1",
     "acd-stats": "keyyo.acd-stats.v1",
     "dead-letters": "keyyo.dead-letters.v1",
+    "actions": "keyyo.actions.v1",
+    "action-results": "keyyo.action-results.v1",
 }
 
 
@@ -49,6 +51,15 @@ def render(value: dict[str, Any]) -> str:
                 f"voicemail={value.get('voicemail')} sl={'-' if sl is None else f'{sl:.0%}'} "
                 f"asa={value.get('asa_seconds')}s rev={value.get('revision')}"
                 f"{' final' if value.get('final') else ''}")
+    if schema == "keyyo.action.v1":
+        what = value.get("message") or value.get("profile") or value.get("callee_name") or ""
+        return (f"{value.get('created_at')} {value.get('tenant'):<10} {value.get('kind'):<7} "
+                f"{value.get('account')} -> {value.get('callee') or '-'} {what!r} "
+                f"id={value.get('action_id')} origin={orjson.dumps(value.get('origin')).decode()}")
+    if schema == "keyyo.action-result.v1":
+        return (f"{value.get('at')} {value.get('tenant'):<10} {value.get('kind'):<7} "
+                f"{value.get('status'):<10} attempts={value.get('attempts')} http={value.get('http_status')} "
+                f"id={value.get('action_id')} {value.get('reason')}")
     return orjson.dumps(value).decode()
 
 

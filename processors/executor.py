@@ -285,7 +285,8 @@ class Executor:
                         self._journal(part, rec.value)
         finally:
             await reader.stop()
-        log.info("journal read", extra={"partition": part.tp.partition, "records": count,
+        log.info("journal of partition %d read: %d actions", part.tp.partition, len(part.journal),
+                 extra={"partition": part.tp.partition, "records": count,
                                         "actions": len(part.journal),
                                         "seconds": round(time.monotonic() - started, 2)})
         part.ready.set()
@@ -451,8 +452,9 @@ class Executor:
         part.in_flight.pop(action.action_id, None)
         part.unresolved.discard(item.offset)
         self.metrics.actions.labels(self.metrics.group, action.kind, status).inc()
-        log.info("action finished", extra={"action_id": action.action_id, "tenant": action.tenant,
-                                           "kind": action.kind, "status": status, "attempts": item.attempts})
+        log.info("action %s %s of %s: %s", action.kind, action.action_id, action.tenant, status,
+                 extra={"action_id": action.action_id, "tenant": action.tenant, "kind": action.kind,
+                        "status": status, "attempts": item.attempts})
 
     async def _write(self, part: _Part, aid: str, value: bytes) -> None:
         """A result into the results partition of the action's partition, acknowledged; retried
