@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars run test lint unit bench-ingest bench-call-records bench-acd-stats bench-scaling clean
+.PHONY: setup kafka-jars run test lint unit bench-ingest bench-call-records bench-acd-stats bench-actions bench-scaling clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is needed"; exit 1; }
@@ -46,6 +46,9 @@ bench-call-records: kafka-jars
 
 bench-acd-stats: kafka-jars
 	$(BIN)/python -m devtools.bench_acd_stats
+
+bench-actions: kafka-jars
+	$(BIN)/python -m devtools.bench_actions
 
 bench-scaling: kafka-jars
 	$(BIN)/python -m devtools.bench_scaling

@@ -43,6 +43,7 @@ from devtools.simulator import Chaos, Planner, plan_traffic, schedule
 from ingest.config import hash_secret
 from ingest.parsing import Refusal, parse_notification
 from processors.call_records import CallRecords, CallRecordsConfig
+from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from processors.registry import ProcessorSpec
@@ -103,13 +104,15 @@ async def raw_consume(bootstrap: str, topic: str, expected: int) -> float:
 
 
 async def processor_throughput(bootstrap: str, prefix: str, expected: int,
-                               spec: ProcessorSpec = SPEC, **overrides: Any) -> dict[str, Any]:
-    """Drain the topic with one runtime of ``spec`` (replay mode, EOS); records/s."""
+                               spec: ProcessorSpec = SPEC, logic: Logic[Any] | None = None,
+                               **overrides: Any) -> dict[str, Any]:
+    """Drain the topic with one runtime of ``spec`` (replay mode, EOS; its default logic unless
+    given); records/s."""
     group = f"{prefix}bench.{spec.name}"
     await provision_processor(bootstrap, spec, prefix, prefix, group)
     settings = spec.settings(bootstrap, prefix, group=group, mode="replay", until_idle_s=2.0, **overrides)
     metrics = ProcessorMetrics(group)
-    runtime = Runtime(settings, spec.logic(), metrics)
+    runtime = Runtime(settings, logic or spec.logic(), metrics)
     launched = time.perf_counter()
     task = asyncio.create_task(runtime.run())
     started = None
