@@ -201,7 +201,7 @@ def main() -> int:
             async with aiohttp.ClientSession() as s:
                 await (await s.delete(f"{url}/_sandbox/requests")).read()
             print("executor ...", flush=True)
-            ex = await executor_rate(bootstrap, prefix, config, url,
+            ex = await executor_rate(bootstrap, prefix + "send.", config, url,
                                      actions_for(lines, args.per_line, now + 1))
             async with aiohttp.ClientSession() as s, s.get(f"{url}/_sandbox/requests") as r:
                 requests = await r.json()

@@ -143,11 +143,13 @@ class ActionRulesLogic:
                 store.wake(skey, at)
         outputs.extend(self._cancellations(store, call, now_ms))
         for rule in tr.rules:
+            matches = self._matches(rule, call)
+            if not matches and call.revision == 1:
+                continue  # nothing can have been decided for this call by this rule
             aid = action_id(t, "rule", rule.name, call.record_id)
             dkey = f"d/{t}/{aid}"
             raw = store.get(dkey)
             decided = orjson.loads(raw) if raw is not None else None
-            matches = self._matches(rule, call)
             if decided is not None:
                 if decided["s"] == "pending" and not matches and call.revision > decided["rev"]:
                     outputs.extend(self._cancel(store, t, aid, decided, now_ms,

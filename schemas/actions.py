@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -105,7 +105,7 @@ class Action:
 
     def to_json(self) -> bytes:
         """The wire value."""
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson writes a dataclass's fields in order
 
     @property
     def not_before_ms(self) -> int:
@@ -246,10 +246,14 @@ def result(action: Action | dict[str, Any], status: str, at_ms: int, *, reason: 
            attempts: int = 0, http_status: int | None = None, body: str | None = None,
            first_attempt_ms: int | None = None, offset: int | None = None) -> bytes:
     """A ``keyyo.action-result.v1`` value."""
-    a = asdict(action) if isinstance(action, Action) else action
+    if isinstance(action, Action):
+        head = {"action_id": action.action_id, "tenant": action.tenant, "kind": action.kind,
+                "account": action.account, "callee": action.callee, "origin": action.origin}
+    else:
+        head = {name: action.get(name)
+                for name in ("action_id", "tenant", "kind", "account", "callee", "origin")}
     return orjson.dumps({
-        "schema": RESULT_SCHEMA, "action_id": a["action_id"], "tenant": a["tenant"], "kind": a["kind"],
-        "account": a["account"], "callee": a.get("callee"), "origin": a.get("origin"),
+        "schema": RESULT_SCHEMA, **head,
         "status": status, "final": status in FINAL_STATUSES, "attempts": attempts, "http_status": http_status,
         "body": body[:500] if body is not None else None, "reason": reason[:1000],
         "first_attempt_at": rfc3339_ms(first_attempt_ms) if first_attempt_ms is not None else None,
