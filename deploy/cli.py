@@ -173,7 +173,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     """Run the action executor (one process of its consumer group)."""
-    from processors.executor import ExecutorSettings
+    from processors.executor import HEALTH_PORT, ExecutorSettings
     from processors.keyyo_api import ExecutorConfigError, load_executor_config
     from processors.service import serve_executor
     from schemas.topics import ACTION_RESULTS, ACTIONS
@@ -198,7 +198,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
         await create_topics(bootstrap, prefix, topics=(ACTIONS,))
         await create_topics(bootstrap, out_prefix, topics=(ACTION_RESULTS,))
         await serve_executor(settings, config, args.health_host,
-                             args.health_port if args.health_port is not None else 9131,
+                             args.health_port if args.health_port is not None else HEALTH_PORT,
                              next_free=0 if args.health_port is not None else 100)
 
     _use_uvloop(args.uvloop)

@@ -45,6 +45,9 @@ from schemas.notification import parse_rfc3339_ms
 
 log = logging.getLogger("keyyo.executor")
 
+HEALTH_PORT = 9131
+"""The executor's preferred side port (the next free one when it is busy)."""
+
 
 def wall_ms() -> int:
     """The default clock."""

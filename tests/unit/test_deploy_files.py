@@ -19,6 +19,9 @@ from deploy.cli import build_parser
 from ingest.app import build_app
 from ingest.config import load_settings
 from processors.acd_config import load_acd_config
+from processors.action_rules_config import load_rules, parse_rules
+from processors.executor import HEALTH_PORT as EXECUTOR_PORT
+from processors.keyyo_api import load_executor_config
 from processors.observability import ProcessorMetrics, health_server
 from processors.registry import PROCESSORS
 
@@ -31,6 +34,8 @@ def served_port(args: argparse.Namespace) -> int:
     """The port a parsed command serves its health endpoints on."""
     if args.command == "ingest":
         return int(args.port)
+    if args.command == "execute":
+        return int(args.health_port if args.health_port is not None else EXECUTOR_PORT)
     return int(args.health_port if args.health_port is not None else PROCESSORS[args.name].health_port)
 
 
@@ -53,9 +58,10 @@ def test_compose_commands_parse_and_healthchecks_hit_served_ports() -> None:
     services = compose()["services"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     ours = {name: s for name, s in services.items() if s.get("image") == "keyyo-stream:latest"}
-    assert set(ours) == {"topics", "ingest", "call-records", "acd-stats"}
+    assert set(ours) == {"topics", "ingest", "call-records", "acd-stats", "action-rules", "execute-actions"}
     assert {n: s.get("deploy", {}).get("replicas", 1) for n, s in ours.items()} == {
-        "topics": 1, "ingest": 1, "call-records": 2, "acd-stats": 2}
+        "topics": 1, "ingest": 1, "call-records": 2, "acd-stats": 2, "action-rules": 2,
+        "execute-actions": 2}
     for name, service in ours.items():
         args = build_parser().parse_args(service["command"])
         if name == "topics":
@@ -64,17 +70,18 @@ def test_compose_commands_parse_and_healthchecks_hit_served_ports() -> None:
         port, path = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", check).groups()  # type: ignore[union-attr]
         assert int(port) == served_port(args), name
         assert path in {"/readyz", "/healthz"} and (name != "ingest" or path in EDGE_PATHS)
-        if args.command == "process":
+        if args.command in ("process", "execute"):
             assert args.health_host == "0.0.0.0"  # noqa: S104 - reachable from the probe's side
 
 
 def test_kubernetes_args_parse_and_probes_hit_served_ports() -> None:
     kinds = sorted(d["kind"] for d in k8s())
-    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Deployment", "Job", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Deployment", "Deployment", "Deployment",
+                     "Job", "Secret", "Service"]
     seen = []
     for where, container in containers():
         args = build_parser().parse_args(container["args"])
-        seen.append(args.command if args.command != "process" else args.name)
+        seen.append(args.name if args.command == "process" else args.command)
         for probe in ("readinessProbe", "livenessProbe"):
             if probe in container:
                 get = container[probe]["httpGet"]
@@ -85,7 +92,7 @@ def test_kubernetes_args_parse_and_probes_hit_served_ports() -> None:
         declared = {p["containerPort"] for p in container.get("ports", [])}
         if args.command != "topics":
             assert served_port(args) in declared, where
-    assert sorted(seen) == ["acd-stats", "call-records", "ingest", "topics"]
+    assert sorted(seen) == ["acd-stats", "action-rules", "call-records", "execute", "ingest", "topics"]
 
 
 def test_the_example_configurations_load() -> None:
@@ -94,6 +101,14 @@ def test_the_example_configurations_load() -> None:
     config_map = next(d for d in k8s() if d["kind"] == "ConfigMap")["data"]
     assert tomllib.loads(config_map["ingest.toml"])["tenants"]
     assert tomllib.loads(config_map["acd.toml"])["acd"]["interval_minutes"] == 15
+    assert parse_rules(tomllib.loads(config_map["rules.toml"])).tenants["acme"].rules
+    assert load_rules(DEPLOY / "rules.example.toml").tenants["acme"].schedules
+    executor = load_executor_config(DEPLOY / "executor.example.toml")
+    assert executor.passwords == {"33123456789": "change-me"}  # from the secrets file it names
+    secret = next(d for d in k8s() if d["kind"] == "Secret")["stringData"]
+    assert tomllib.loads(secret["executor-secrets.toml"])["lines"]
+    keyyo = tomllib.loads(config_map["executor.toml"])["keyyo"]
+    assert keyyo["secrets_file"] == "/secrets/executor-secrets.toml"
 
 
 def test_the_dockerfile_installs_the_project_and_runs_as_a_user() -> None:
