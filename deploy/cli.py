@@ -201,10 +201,12 @@ def cmd_execute(args: argparse.Namespace) -> int:
                              args.health_port if args.health_port is not None else HEALTH_PORT,
                              next_free=0 if args.health_port is not None else 100)
 
+    from aiokafka.errors import KafkaError
+
     _use_uvloop(args.uvloop)
     try:
         asyncio.run(main())
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, KafkaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

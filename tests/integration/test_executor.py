@@ -175,3 +175,29 @@ async def test_an_attempt_without_a_result_is_reported_unknown_after_a_restart(
     assert got[started.action_id]["status"] == "unknown"
     assert got[profile.action_id]["status"] == "sent"  # a profile switch is idempotent: sent again
     assert [r["kind"] for r in sb.requests if r["executed"]] == ["profile"]
+
+
+async def test_ip_source_lines_and_a_results_topic_too_small(broker: Broker, prefix: str) -> None:
+    """IP-source auth sends without credentials; a results topic with fewer partitions than the
+    actions (it could not be the journal) stops the executor with one clear reason."""
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=2)
+    sb = Sandbox(passwords={})  # every line accepted by its source address
+    a = sms(1, "33999999999")
+    async with running(sb) as url:
+        await publish(broker.bootstrap, prefix, [a])
+        async with executor(broker.bootstrap, prefix, url, auth="ip"):
+            async def sent() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return bool(got.get(a.action_id, {}).get("status") == "sent")
+
+            await wait_for(sent, 30, interval=0.2, what="the SMS sent by IP source")
+    assert [r["status"] for r in sb.requests] == [200]  # no challenge round trip
+    small = prefix + "small."
+    await create_topics(broker.bootstrap, small, topics=(ACTIONS,), partitions=3)
+    await create_topics(broker.bootstrap, small, topics=(ACTION_RESULTS,), partitions=1)
+    settings = ExecutorSettings(bootstrap=broker.bootstrap, group=f"{small}g",
+                                actions_topic=ACTIONS.full_name(small),
+                                results_topic=ACTION_RESULTS.full_name(small))
+    ex = Executor(settings, ExecutorConfig(), ExecutorMetrics(settings.group))
+    with pytest.raises(RuntimeError, match="fewer than the 3"):
+        await asyncio.wait_for(ex.run(), 30)
