@@ -49,6 +49,8 @@ class Faults:
 
     latency_ms: int = 0
     """Added before every answer."""
+    slow_accounts: dict[str, float] = field(default_factory=dict)
+    """Seconds added before answering these lines' requests (a slow line)."""
     fail_rate: float = 0.0
     """Share of authorised, in-rate requests answered ``KO`` (not executed)."""
     hang_rate: float = 0.0
@@ -146,6 +148,8 @@ async def handle_action(request: web.Request) -> web.Response:
     sb.requests.append(entry)
     if sb.faults.latency_ms:
         await asyncio.sleep(sb.faults.latency_ms / 1000)
+    if account in sb.faults.slow_accounts:
+        await asyncio.sleep(sb.faults.slow_accounts[account])
     if not _authorised(sb, request, account):
         entry.update(status=401, body="Unauthorized", authorised=False)
         challenge = (f'Digest realm="{REALM}", nonce="{sb.nonce}", qop="auth", algorithm=MD5, '

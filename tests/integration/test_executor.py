@@ -201,3 +201,24 @@ async def test_ip_source_lines_and_a_results_topic_too_small(broker: Broker, pre
     ex = Executor(settings, ExecutorConfig(), ExecutorMetrics(settings.group))
     with pytest.raises(RuntimeError, match="fewer than the 3"):
         await asyncio.wait_for(ex.run(), 30)
+
+
+async def test_a_slow_line_holds_up_no_other(broker: Broker, prefix: str) -> None:
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=1)
+    slow, fast = LINES[0], LINES[1]
+    sb = Sandbox(passwords=PASSWORDS, faults=Faults(slow_accounts={slow: 3.0}))
+    # one partition: the slow line's actions come first in it
+    actions = [sms(1, slow), sms(2, slow), sms(3, fast), sms(4, fast), sms(5, fast)]
+    async with running(sb) as url:
+        await publish(broker.bootstrap, prefix, actions)
+        async with executor(broker.bootstrap, prefix, url):
+            async def settled() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return len(got) == 5 and all(r["status"] == "sent" for r in got.values())
+
+            await wait_for(settled, 60, interval=0.2, what="all five sent")
+    executed = [r for r in sb.requests if r["executed"]]
+    slow_first = min(r["at"] for r in executed if r["account"] == slow)
+    fast_last = max(r["at"] for r in executed if r["account"] == fast)
+    # the fast line's three SMS (2.2 s of pacing) all left while the slow line's first was answered
+    assert fast_last < slow_first + 3.0
