@@ -128,12 +128,13 @@ def _check_template(where: str, message: Any) -> str:
     if not isinstance(message, str) or not message:
         raise RulesError(f"{where}.message: required for an sms rule")
     try:
-        for _, name, spec, conversion in string.Formatter().parse(message):
-            if name is not None and (name not in TEMPLATE_FIELDS or spec or conversion):
-                raise RulesError(f"{where}.message: unknown field {{{name}}} (use "
-                                 f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)})")
+        parts = list(string.Formatter().parse(message))
     except ValueError as exc:
         raise RulesError(f"{where}.message: {exc} (write {{{{ and }}}} for braces)") from None
+    for _, name, spec, conversion in parts:
+        if name is not None and (name not in TEMPLATE_FIELDS or spec or conversion):
+            raise RulesError(f"{where}.message: unknown field {{{name}}} (use "
+                             f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)})")
     longest = message.format_map(TEMPLATE_FIELDS)
     if len(longest) > MAX_MESSAGE:
         raise RulesError(f"{where}.message: may render to {len(longest)} characters, more than "
