@@ -1,11 +1,13 @@
 """Ingest benchmark: the edge (every 200 backed by an acks=all write) against a no-op aiohttp handler.
 
 Both servers run as separate processes, served the same way (uvloop, no access log), measured in
-the same run with the same load generator (wrk, at 64 and 256 keep-alive connections). Then the
-edge is paced at half its measured maximum (each connection waits 20 ms between requests) to read
-its latency under load. Prints a table and writes JSON to ``bench-results/ingest-<time>.json``.
+the same run with the same load generator (wrk, at 64 and 256 keep-alive connections), first as
+one process each, then as N processes each sharing the port (``--workers``: ``ingest --workers N``
+and the no-op server's own). Then the single edge is paced at half its measured maximum (each
+connection waits 20 ms between requests) to read its latency under load. Prints a table and writes
+JSON to ``bench-results/ingest-<time>.json``.
 
-    python -m devtools.bench_ingest [--duration 10] [--connections 64,256]
+    python -m devtools.bench_ingest [--duration 10] [--connections 64,256] [--workers 1,2]
 
 Kafka: ``KAFKA_BOOTSTRAP_SERVERS``, else a local broker started (and stopped) for the run.
 """
@@ -47,7 +49,8 @@ request = function()
   local path = "/v1/keyyo/bench/notifications?key=bench-secret&account=33123456789"
     .. "&caller=33612345678&callee=33123456789&callref=" .. math.floor(n / 3)
     .. "&type=" .. types[(n % 3) + 1] .. "&version=1&dref=" .. string.format("%032x", math.floor(n / 3))
-    .. "&dref_replace=&session_id=&is_acd=0&redirecting_number=&tsms=1795000000000"
+    .. "&dref_replace=&session_id=&is_acd=0&redirecting_number="
+    .. "&tsms=" .. string.format("%d", os.time() * 1000)
   return wrk.format("GET", path)
 end
 done = function(summary, latency, requests)
@@ -73,8 +76,16 @@ def _wait_port(port: int, within_s: float = 30.0) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and of its live children (the workers of a supervisor)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name_end = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or name_end[1] == str(pid):
+            total += int(name_end[11]) + int(name_end[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -135,11 +146,18 @@ async def topic_size(bootstrap: str, topic: str) -> int:
 
 def main() -> int:
     """Run the benchmark; print the table; write the JSON results."""
+
+    def rps(server: str, workers: int, connections: int) -> float:
+        return float(next(r["rps"] for r in results["runs"] if r["server"] == server
+                          and r["workers"] == workers and r["connections"] == connections))
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--connections", default="64,256", help="wrk connection counts")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
+    parser.add_argument("--workers", default="1,2",
+                        help="process counts of each server to measure (the first is the reference)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
@@ -153,39 +171,47 @@ def main() -> int:
         script = Path(tmp) / "bench.lua"
         script.write_text(WRK_SCRIPT)
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KEYYO_TOPIC_PREFIX": prefix}
-        edge_port, noop_port = free_port(), free_port()
-        edge_cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "warning", "ingest",
-                    "--config", str(config), "--port", str(edge_port)]
-        noop_cmd = [sys.executable, "-m", "devtools.noop_server", "--port", str(noop_port)]
         results: dict[str, Any] = {"runs": []}
-        with _process(edge_cmd, env, edge_port) as edge, _process(noop_cmd, env, noop_port) as noop:
-            print(f"warming up ({bootstrap}, topics {prefix}*)", flush=True)
-            run_wrk(edge_port, 64, 3, script, edge.pid)
-            run_wrk(noop_port, 64, 3, script, noop.pid)
-            ok_total = 0
-            for c in conns:
-                for name, port, pid in (("noop", noop_port, noop.pid), ("edge", edge_port, edge.pid)):
-                    print(f"wrk {name} c={c} {args.duration:.0f}s ...", flush=True)
-                    run = run_wrk(port, c, args.duration, script, pid)
-                    run["server"] = name
-                    results["runs"].append(run)
-                    if name == "edge":
-                        ok_total += run["ok"]
-            edge_max = max(r["rps"] for r in results["runs"] if r["server"] == "edge")
-            # Half the max: each connection waits 20 ms between requests; a short calibration
-            # run tells how many connections give the target rate (latency adds to the pause).
-            delay_ms, target = 20, edge_max / 2
-            paced = paced_script(script, delay_ms)
-            conns_half = max(4, round(target * delay_ms / 1000))
-            probe = run_wrk(edge_port, conns_half, 3, paced, edge.pid)
-            ok_total += probe["ok"]
-            conns_half = max(4, round(conns_half * target / max(probe["rps"], 1.0)))
-            print(f"edge paced at half its max ({target:.0f}/s: {conns_half} connections, "
-                  f"one request per {delay_ms} ms + latency each) ...", flush=True)
-            half = run_wrk(edge_port, conns_half, args.duration, paced, edge.pid)
-            half["target_rps"] = round(edge_max / 2, 1)
-            ok_total += half["ok"]
-            results["half_rate"] = half
+        ok_total = 0
+        half: dict[str, Any] = {}
+        for workers in [int(w) for w in args.workers.split(",")]:
+            edge_port, noop_port, metrics_port = free_port(), free_port(), free_port()
+            edge_cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "warning", "ingest",
+                        "--config", str(config), "--port", str(edge_port), "--workers", str(workers),
+                        "--metrics-port", str(metrics_port)]
+            noop_cmd = [sys.executable, "-m", "devtools.noop_server", "--port", str(noop_port),
+                        "--workers", str(workers)]
+            with _process(edge_cmd, env, edge_port) as edge, _process(noop_cmd, env, noop_port) as noop:
+                print(f"{workers} process(es) each: warming up ({bootstrap}, topics {prefix}*)", flush=True)
+                ok_total += run_wrk(edge_port, 64, 3, script, edge.pid)["ok"]
+                run_wrk(noop_port, 64, 3, script, noop.pid)
+                for c in conns:
+                    for name, port, pid in (("noop", noop_port, noop.pid), ("edge", edge_port, edge.pid)):
+                        print(f"wrk {name} x{workers} c={c} {args.duration:.0f}s ...", flush=True)
+                        run = run_wrk(port, c, args.duration, script, pid)
+                        run["server"] = name
+                        run["workers"] = workers
+                        results["runs"].append(run)
+                        if name == "edge":
+                            ok_total += run["ok"]
+                if half:
+                    continue
+                edge_max = max(r["rps"] for r in results["runs"] if r["server"] == "edge")
+                # Half the max: each connection waits 20 ms between requests; a short calibration
+                # run tells how many connections give the target rate (latency adds to the pause).
+                delay_ms, target = 20, edge_max / 2
+                paced = paced_script(script, delay_ms)
+                conns_half = max(4, round(target * delay_ms / 1000))
+                probe = run_wrk(edge_port, conns_half, 3, paced, edge.pid)
+                ok_total += probe["ok"]
+                conns_half = max(4, round(conns_half * target / max(probe["rps"], 1.0)))
+                print(f"edge paced at half its max ({target:.0f}/s: {conns_half} connections, "
+                      f"one request per {delay_ms} ms + latency each) ...", flush=True)
+                half = run_wrk(edge_port, conns_half, args.duration, paced, edge.pid)
+                half["target_rps"] = round(edge_max / 2, 1)
+                half["workers"] = workers
+                ok_total += half["ok"]
+                results["half_rate"] = half
         topic = prefix + "keyyo.notifications.v1"
         in_topic = asyncio.run(topic_size(bootstrap, topic))
     warmup_note = "warm-up requests (3 s per server) also land in the topic"
@@ -195,19 +221,19 @@ def main() -> int:
         "edge_200s_measured": ok_total,
         "records_in_topic": in_topic, "records_note": warmup_note,
         "ratios": {
-            str(c): round(
-                next(r["rps"] for r in results["runs"] if r["server"] == "edge" and r["connections"] == c)
-                / next(r["rps"] for r in results["runs"] if r["server"] == "noop" and r["connections"] == c),
-                3)
-            for c in conns
+            f"{w}x{c}": round(rps("edge", w, c) / rps("noop", w, c), 3)
+            for w in sorted({r["workers"] for r in results["runs"]}) for c in conns
         },
     })
-    print(f"\n{'server':6} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cores':>5} {'non2xx':>6}")
+    print(f"\n{'server':6} {'procs':>5} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cores':>5} "
+          f"{'non2xx':>6}")
     for r in results["runs"]:
-        print(f"{r['server']:6} {r['connections']:>5} {r['rps']:>9.0f} {r['p50_ms']:>7.2f} "
+        print(f"{r['server']:6} {r['workers']:>5} {r['connections']:>5} {r['rps']:>9.0f} {r['p50_ms']:>7.2f} "
               f"{r['p99_ms']:>7.2f} {r['server_cores']:>5} {r['non2xx']:>6}")
-    for c, ratio in results["ratios"].items():
-        print(f"edge / no-op throughput at {c} connections: {ratio:.2f}x (target >= 0.5x)")
+    for key, ratio in results["ratios"].items():
+        w, c = key.split("x")
+        print(f"edge / no-op throughput, {w} process(es) each, {c} connections: {ratio:.2f}x "
+              "(target >= 0.5x)")
     print(f"edge at half its max: target {half['target_rps']}/s, achieved {half['rps']}/s, "
           f"p50 {half['p50_ms']} ms, p99 {half['p99_ms']} ms (target p99 < 50 ms), "
           f"non-2xx {half['non2xx']}, server cores {half['server_cores']}")

@@ -77,7 +77,19 @@ def test_compose_commands_parse_and_healthchecks_hit_served_ports() -> None:
 def test_kubernetes_args_parse_and_probes_hit_served_ports() -> None:
     kinds = sorted(d["kind"] for d in k8s())
     assert kinds == ["ConfigMap", "Deployment", "Deployment", "Deployment", "Deployment", "Deployment",
-                     "Job", "Secret", "Service"]
+                     "HorizontalPodAutoscaler", "Job", "PodDisruptionBudget", "Secret", "Service"]
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert all((DEPLOY / "k8s" / r).exists() for r in kustomization["resources"])
+    by_kind = {d["kind"]: d for d in k8s()}
+    deployments = {d["metadata"]["name"]: d for d in k8s() if d["kind"] == "Deployment"}
+    hpa = by_kind["HorizontalPodAutoscaler"]["spec"]
+    edge = deployments[hpa["scaleTargetRef"]["name"]]
+    assert edge["spec"]["template"]["spec"]["containers"][0]["args"][0] == "ingest"
+    assert edge["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+    pdb = by_kind["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"]["matchLabels"] == edge["spec"]["selector"]["matchLabels"]
+    service = by_kind["Service"]["spec"]
+    assert service["selector"] == edge["spec"]["template"]["metadata"]["labels"]
     seen = []
     for where, container in containers():
         args = build_parser().parse_args(container["args"])
@@ -89,6 +101,10 @@ def test_kubernetes_args_parse_and_probes_hit_served_ports() -> None:
                 assert get["path"] in {"/readyz", "/healthz"}
                 if args.command == "ingest":
                     assert get["path"] in EDGE_PATHS
+        if args.command == "process":  # more replicas than input partitions would only stand by
+            doc = next(d for d in k8s() if f"{d['kind']}/{d['metadata']['name']}" == where)
+            replicas = doc["spec"]["replicas"]
+            assert replicas <= PROCESSORS[args.name].input.partitions, where
         declared = {p["containerPort"] for p in container.get("ports", [])}
         if args.command != "topics":
             assert served_port(args) in declared, where
