@@ -372,9 +372,10 @@ class Executor:
             now = self.clock()
             wait_ms = max(item.due_ms, line.last_request_ms + int(self.config.min_interval_s * 1000)) - now
             if wait_ms > 0 and now < item.action.expires_ms:
-                line.wakeup.clear()
+                line.wakeup.clear()  # woken early by an action due sooner, or by closing
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(line.wakeup.wait(), min(wait_ms, 60_000) / 1000)
+                    await asyncio.wait_for(line.wakeup.wait(),
+                                           min(wait_ms, item.action.expires_ms - now, 60_000) / 1000)
                 continue
             heapq.heappop(line.heap)
             line.busy = True
