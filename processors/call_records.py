@@ -4,8 +4,8 @@
 and stage state in a :class:`~processors.state.Store` and return the outputs to write. Time is
 event time (ms); ``now_ms`` is the partition's stream time.
 
-State keys (per tenant ``t``): ``c/t/<call id>`` the call; ``i/t/d/<dref>``, ``i/t/s/<session>``,
-``i/t/c/<callref>`` indexes to the call. Legs sharing a session, a callref, or linked by
+State keys (per tenant ``t``): ``c/t/<call id>`` the call (:func:`pack_call`); ``i/t/d/<dref>``,
+``i/t/s/<session>``, ``i/t/c/<callref>`` indexes to the call. Legs sharing a session, a callref, or linked by
 DREF_REPLACE -> DREF are one call.
 
 Notifications without a DREF (Keyyo's minimal URL template) are paired by line and numbers in
@@ -20,6 +20,7 @@ shown with a null ``dref``, and its record says ``correlation: approximate``.
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -57,6 +58,34 @@ class CallRecordsConfig:
     and dead-lettered, and the call stops growing."""
     max_events: int = 256
     """A call folds at most this many distinct notifications; later ones are refused likewise."""
+
+
+_LEG_FIELDS = ("dref", "callref", "account", "caller", "callee", "setup_at", "connect_at", "release_at",
+               "replaces", "session_id", "is_acd", "redirecting_number", "first_at", "voicemail", "approx")
+
+
+_LEG_VALUES = operator.itemgetter(*_LEG_FIELDS[:-1])
+
+
+def pack_call(call: Call) -> bytes:
+    """A call's state value: a JSON array, legs as arrays (field names once, in the code, not in
+    every value: ≈ 200 bytes for a one-leg call instead of ≈ 540); its id and tenant are in its key."""
+    return orjson.dumps([
+        1, call["revision"], call["closed"], call["closed_by"], call["closed_at"], call["last_event"],
+        call["events"], [(*_LEG_VALUES(leg), leg.get("approx", False)) for leg in call["legs"].values()]])
+
+
+def unpack_call(raw: bytes, tenant: str, call_id: str) -> Call:
+    """The call of a state value (also of the object form written before the compact one)."""
+    data = orjson.loads(raw)
+    if type(data) is dict:
+        return data
+    _, revision, closed, closed_by, closed_at, last_event, events, legs = data
+    fields = _LEG_FIELDS
+    return {"id": call_id, "tenant": tenant, "legs": {leg[0]: dict(zip(fields, leg))  # noqa: B905 - packed by pack_call
+                                                      for leg in legs},
+            "events": events, "closed": closed, "revision": revision, "closed_by": closed_by,
+            "closed_at": closed_at, "last_event": last_event}
 
 
 def _call_id(tenant: str, dref: str) -> str:
@@ -266,7 +295,8 @@ class CallRecords:
         if key.startswith("p/"):
             store.delete(key)
             return []
-        call: Call = orjson.loads(raw)
+        _, tenant, call_id = key.split("/", 2)
+        call = unpack_call(raw, tenant, call_id)
         cfg = self.config
         if call["closed"]:
             if now_ms >= call["closed_at"] + cfg.retention_ms:
@@ -317,10 +347,10 @@ class CallRecords:
 
     def _load(self, store: Store, tenant: str, call_id: str) -> Call | None:
         raw = store.get(f"c/{tenant}/{call_id}")
-        return orjson.loads(raw) if raw is not None else None
+        return unpack_call(raw, tenant, call_id) if raw is not None else None
 
     def _save(self, store: Store, call: Call) -> None:
-        store.put(f"c/{call['tenant']}/{call['id']}", orjson.dumps(call))
+        store.put(f"c/{call['tenant']}/{call['id']}", pack_call(call))
 
     @staticmethod
     def _index_keys(call: Call) -> list[str]:

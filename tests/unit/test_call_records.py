@@ -7,9 +7,12 @@ import random
 from importlib import resources
 
 import jsonschema
+import orjson
 import pytest
 
-from processors.call_records import CallRecordsConfig
+from processors.call_records import CallRecords, CallRecordsConfig, pack_call, unpack_call
+from processors.driver import Driver
+from schemas.notification import parse_rfc3339_ms
 from tests.scenarios import EXTERNAL, incoming_call, outgoing_call, run
 
 A, B, C = "33100000001", "33100000002", "33100000003"
@@ -221,3 +224,21 @@ def test_the_pairing_of_a_line_is_bounded_and_forgotten() -> None:
     result = run(flood.events, CallRecordsConfig(ring_timeout_ms=60_000))
     assert len(result.records) == 100 and {r["closed_by"] for r in result.records} == {"timeout"}
     assert not [k for k in result.store.processor_keys() if k.startswith("p/")]
+
+
+def test_call_state_is_compact_and_reads_back_the_same_and_the_older_form() -> None:
+    """A call's state value is an array (field names not repeated); it reads back to the same
+    call, and a value written in the earlier object form (old changelogs, checkpoints) still reads."""
+    driver = Driver(CallRecords())
+    flow = incoming_call(acd_session="s9").rings("33100000001").rings("33100000002").answers("33100000002")
+    for n in flow.events:
+        driver.send(b"acme", n.to_json(), parse_rfc3339_ms(n.event_time))
+    [key] = [k for k in driver.store.processor_keys() if k.startswith("c/")]
+    _, tenant, call_id = key.split("/", 2)
+    raw = driver.store.get(key)
+    assert raw is not None and raw.startswith(b"[1,")
+    call = unpack_call(raw, tenant, call_id)
+    assert call["id"] == call_id and call["tenant"] == tenant and len(call["legs"]) == 2
+    assert pack_call(call) == raw
+    assert unpack_call(orjson.dumps(call), tenant, call_id) == call  # the older object form
+    assert len(raw) < 450  # two legs; the object form took ≈ 1,000 bytes
