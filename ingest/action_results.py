@@ -56,11 +56,12 @@ class ActionResults:
         self._task = asyncio.create_task(self._follow(), name="action-results")
 
     async def stop(self) -> None:
-        """Stop following."""
+        """Stop following (bounded: a consumer stopped halfway through its start may not close
+        cleanly, and the edge's shutdown must not wait on it)."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, 5)
 
     async def _follow(self) -> None:
         while True:
@@ -89,5 +90,5 @@ class ActionResults:
                 log.warning("action results not readable yet; retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(5)
             finally:
-                with contextlib.suppress(KafkaError):
-                    await consumer.stop()
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    await asyncio.wait_for(consumer.stop(), 5)

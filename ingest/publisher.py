@@ -152,9 +152,10 @@ class Publisher:
             await asyncio.wait_for(self._producer.flush(), timeout=self.budget_s * 5)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:  # bounded: a background task must never hold the shutdown up
+            _, stuck = await asyncio.wait(self._tasks, timeout=10)
+            for task in stuck:
+                log.error("background task %s did not stop; abandoned", task.get_name())
         # Records still queued for the spool were never answered 200: fail them.
         if self._spool is not None:
             for pending in self._spool.queue:
@@ -183,10 +184,14 @@ class Publisher:
         started = self.kafka_ok
         while True:
             try:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+                # that comes as its inner call completes, and stop() then waits on this task forever.
                 if not started:
-                    await asyncio.wait_for(self._producer.start(), timeout=5.0)
+                    async with asyncio.timeout(5.0):
+                        await self._producer.start()
                     started = True
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout=3.0)
+                async with asyncio.timeout(3.0):
+                    await self._producer.client.fetch_all_metadata()
                 self.kafka_ok = True
                 for topic in list(self._partitions):
                     partitions = sorted(await self._producer.partitions_for(topic))

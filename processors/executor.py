@@ -287,7 +287,8 @@ class Executor:
                         count += 1
                         self._journal(part, rec.value)
         finally:
-            await reader.stop()
+            with contextlib.suppress(KafkaError, TimeoutError):  # bounded, even when cancelled mid-start
+                await asyncio.wait_for(reader.stop(), 5)
         log.info("journal of partition %d read: %d actions", part.tp.partition, len(part.journal),
                  extra={"partition": part.tp.partition, "records": count,
                                         "actions": len(part.journal),
@@ -374,8 +375,8 @@ class Executor:
             if wait_ms > 0 and now < item.action.expires_ms:
                 line.wakeup.clear()  # woken early by an action due sooner, or by closing
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(line.wakeup.wait(),
-                                           min(wait_ms, item.action.expires_ms - now, 60_000) / 1000)
+                    async with asyncio.timeout(min(wait_ms, item.action.expires_ms - now, 60_000) / 1000):
+                        await line.wakeup.wait()
                 continue
             heapq.heappop(line.heap)
             line.busy = True

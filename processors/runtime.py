@@ -301,7 +301,8 @@ class Runtime:
         while not part.closing:
             if not part.queue:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(part.wakeup.wait(), s.poll_ms / 1000)
+                    async with asyncio.timeout(s.poll_ms / 1000):  # not wait_for: see publisher._probe
+                        await part.wakeup.wait()
                 part.wakeup.clear()
                 if part.closing:
                     break
