@@ -47,6 +47,12 @@ log = logging.getLogger("keyyo.executor")
 
 HEALTH_PORT = 9131
 """The executor's preferred side port (the next free one when it is busy)."""
+STOP_WRITE_S = 30.0
+"""While stopping, how long a result write waits for an absent Kafka before it is abandoned."""
+
+
+class _Abandoned(Exception):
+    """A result could not be written before shutdown; the action stays unfinished."""
 
 
 def wall_ms() -> int:
@@ -260,8 +266,7 @@ class Executor:
         part.closing = True
         if part.restore_task is not None and not part.restore_task.done():
             part.restore_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await part.restore_task
+            await asyncio.wait({part.restore_task}, timeout=10)
         for line in part.lines.values():
             line.wakeup.set()
         tasks = [line.task for line in part.lines.values() if line.task is not None]
@@ -317,6 +322,10 @@ class Executor:
 
     async def _dispatch(self, part: _Part, rec: Any) -> None:
         """One action read from the partition: skip it, settle it, or queue it on its line."""
+        with contextlib.suppress(_Abandoned):  # stopping with Kafka away: the next owner decides
+            await self._dispatch_one(part, rec)
+
+    async def _dispatch_one(self, part: _Part, rec: Any) -> None:
         part.next_offset = rec.offset + 1
         try:
             action = action_from_wire(rec.key, rec.value)
@@ -382,6 +391,8 @@ class Executor:
             line.busy = True
             try:
                 await self._attempt(part, line, item)
+            except _Abandoned:
+                return  # stopping with Kafka away: left unfinished, for the next owner
             finally:
                 line.busy = False
 
@@ -463,9 +474,12 @@ class Executor:
 
     async def _write(self, part: _Part, aid: str, value: bytes) -> None:
         """A result into the results partition of the action's partition, acknowledged; retried
-        while Kafka is away (nothing proceeds until it is written)."""
+        while Kafka is away (nothing proceeds until it is written). While stopping, given up after
+        :data:`STOP_WRITE_S`: the journal then shows the attempt without its result, so the next
+        owner reports it ``unknown`` (never sends it again), which is the safe side."""
         assert self._producer is not None
         delay = 0.2
+        stopping_since: float | None = None
         while True:
             try:
                 await self._producer.send_and_wait(self.settings.results_topic, value, key=aid.encode(),
@@ -473,6 +487,11 @@ class Executor:
                 return
             except KafkaError as exc:
                 log.warning("result not written yet; retrying", extra={"error": repr(exc)})
+                if self._stopping.is_set():
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > STOP_WRITE_S:
+                        log.error("result abandoned at shutdown, Kafka away", extra={"action_id": aid})
+                        raise _Abandoned from exc
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 
