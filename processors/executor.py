@@ -298,10 +298,13 @@ class Executor:
                  extra={"partition": part.tp.partition, "records": count,
                                         "actions": len(part.journal),
                                         "seconds": round(time.monotonic() - started, 2)})
+        # Records fetched meanwhile first, in order; ready only once none is left (records keep
+        # arriving in the backlog until then), so no later offset is dispatched, or committed, first.
+        while part.backlog:
+            backlog, part.backlog = part.backlog, []
+            for rec in backlog:
+                await self._dispatch(part, rec)
         part.ready.set()
-        backlog, part.backlog = part.backlog, []
-        for rec in backlog:
-            await self._dispatch(part, rec)
 
     def _journal(self, part: _Part, value: bytes | None) -> None:
         if value is None:
@@ -326,7 +329,7 @@ class Executor:
             await self._dispatch_one(part, rec)
 
     async def _dispatch_one(self, part: _Part, rec: Any) -> None:
-        part.next_offset = rec.offset + 1
+        part.next_offset = max(part.next_offset or 0, rec.offset + 1)
         try:
             action = action_from_wire(rec.key, rec.value)
         except ActionInvalid as exc:
