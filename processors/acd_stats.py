@@ -28,16 +28,12 @@ from typing import Any
 import orjson
 
 from processors.acd_config import AcdConfig, TenantAcd
-from processors.contract import Invalid, Output, Refused, Store
+from processors.contract import Invalid, Output, Refused, Store, json_object
 from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, interval_start, stats_key
-from schemas.call_record import CALL_RECORD_SCHEMA
+from schemas.call_record import CALL_RECORD_SCHEMA, RECORD_ID, RECORD_NUMBER, RECORD_TIME
 from schemas.notification import TENANT_ID, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
 
-_RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_NUMBER = re.compile(r"\+?[0-9]{0,64}|anonymous")
-"""A number in a call record: as notified, so also empty (hidden) or ``anonymous``."""
-_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
 _OUTCOMES = {"answered": "a", "voicemail": "v", "abandoned": "b", "missed": "b", "no_answer": "b"}
 """An ACD call not answered (abandoned; missed or no_answer from another producer) is abandoned."""
 WITHIN_SL, SHORT = 1, 2
@@ -85,7 +81,7 @@ def _time(rec: dict[str, Any], name: str, nullable: bool = True) -> int | None:
         return None
     if type(value) is str and (ms := _TIMES.get(value)) is not None:
         return ms
-    if type(value) is not str or not _TIME.fullmatch(value):
+    if type(value) is not str or not RECORD_TIME.fullmatch(value):
         raise Invalid(f"{name}: not an RFC 3339 UTC time")
     try:
         ms = parse_rfc3339_ms(value)
@@ -116,16 +112,7 @@ def decode_record(key: bytes | None, value: bytes | None) -> AcdCall:
     Every record is checked for what moves its tenant's clock (schema, tenant = key, ``is_acd``,
     its times); an ACD call also for everything its figures use.
     """
-    if value is None:
-        raise Invalid("value: missing (a tombstone)")
-    try:
-        rec = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise Invalid(f"value: not JSON ({exc})") from None
-    if type(rec) is not dict:
-        raise Invalid("value: not a JSON object")
-    if rec.get("schema") != CALL_RECORD_SCHEMA:
-        raise Invalid(f"schema: expected {CALL_RECORD_SCHEMA!r}")
+    rec = json_object(value, CALL_RECORD_SCHEMA)
     tenant = rec.get("tenant")
     if key is None or key not in _KNOWN_TENANTS:
         tenant = _str(rec, "tenant", TENANT_ID)
@@ -158,16 +145,16 @@ def decode_record(key: bytes | None, value: bytes | None) -> AcdCall:
         if type(leg) is not dict:
             raise Invalid(f"legs[{i}]: not an object")
         try:
-            line = _str(leg, "account", _NUMBER)
+            line = _str(leg, "account", RECORD_NUMBER)
             connect = _time(leg, "connect_at")
             legs.append((line, connect, _time(leg, "release_at") if connect is not None else None))
         except Invalid as exc:
             raise Invalid(f"legs[{i}].{exc}") from None
     return AcdCall(
-        tenant, _str(rec, "record_id", _RECORD_ID), revision, True, outcome, started,  # type: ignore[arg-type]
+        tenant, _str(rec, "record_id", RECORD_ID), revision, True, outcome, started,  # type: ignore[arg-type]
         ended if ended is not None else started,  # type: ignore[arg-type]
         _time(rec, "answered_at"), _seconds_ms(rec, "wait_seconds"), _seconds_ms(rec, "talk_seconds"),
-        _str(rec, "callee", _NUMBER), _str(rec, "redirecting_number", _NUMBER, nullable=True),
+        _str(rec, "callee", RECORD_NUMBER), _str(rec, "redirecting_number", RECORD_NUMBER, nullable=True),
         tuple(legs))
 
 

@@ -16,7 +16,6 @@ State keys (tenant ``t``):
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
 from typing import Any
@@ -24,18 +23,15 @@ from typing import Any
 import orjson
 
 from processors.action_rules_config import RulesConfig, Schedule, TenantRules, is_mobile
-from processors.contract import Invalid, Output, Store
-from schemas.actions import Action, action_id, normalise_phone, result
-from schemas.call_record import CALL_RECORD_SCHEMA
+from processors.contract import Invalid, Output, Store, json_object
+from schemas.actions import ACCOUNT, PHONE, Action, action_id, normalise_phone, result
+from schemas.call_record import CALL_RECORD_SCHEMA, RECORD_ID, RECORD_NUMBER, RECORD_TIME
 from schemas.notification import TENANT_ID, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACTION_RESULTS, ACTIONS
 
 REMEMBER_MS = 48 * 3600_000
 """How long a (rule, call) decision is remembered: far past call-records' restatement window."""
 HOUR_MS = 3600_000
-_RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_NUMBER = re.compile(r"\+?[0-9]{0,64}|anonymous")
-_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
 _DIRECTIONS = frozenset({"inbound", "outbound", "internal"})
 _OUTCOMES = frozenset({"answered", "missed", "abandoned", "voicemail", "no_answer"})
 
@@ -68,36 +64,27 @@ def _check(rec: dict[str, Any], name: str, ok: bool) -> None:
 
 def decode_record(key: bytes | None, value: bytes | None) -> Call:
     """The call of a ``keyyo.call-record.v1`` record; :class:`Invalid` says which field is wrong."""
-    if value is None:
-        raise Invalid("value: missing (a tombstone)")
-    try:
-        rec = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise Invalid(f"value: not JSON ({exc})") from None
-    if type(rec) is not dict:
-        raise Invalid("value: not a JSON object")
-    if rec.get("schema") != CALL_RECORD_SCHEMA:
-        raise Invalid(f"schema: expected {CALL_RECORD_SCHEMA!r}")
+    rec = json_object(value, CALL_RECORD_SCHEMA)
     tenant = rec.get("tenant")
     _check(rec, "tenant", type(tenant) is str and TENANT_ID.fullmatch(tenant) is not None)
     if key is None or key != tenant.encode():  # type: ignore[union-attr]
         raise Invalid(f"key: the record key must be the tenant {tenant!r}")
     rid = rec.get("record_id")
-    _check(rec, "record_id", type(rid) is str and _RECORD_ID.fullmatch(rid) is not None)
+    _check(rec, "record_id", type(rid) is str and RECORD_ID.fullmatch(rid) is not None)
     rev = rec.get("revision")
     _check(rec, "revision", type(rev) is int and 1 <= rev <= 1_000_000)
     _check(rec, "direction", rec.get("direction") in _DIRECTIONS)
     _check(rec, "outcome", rec.get("outcome") in _OUTCOMES)
     for name in ("caller", "callee"):
         v = rec.get(name)
-        _check(rec, name, type(v) is str and _NUMBER.fullmatch(v) is not None)
+        _check(rec, name, type(v) is str and RECORD_NUMBER.fullmatch(v) is not None)
     v = rec.get("answered_by")
-    _check(rec, "answered_by", v is None or (type(v) is str and _NUMBER.fullmatch(v) is not None))
+    _check(rec, "answered_by", v is None or (type(v) is str and RECORD_NUMBER.fullmatch(v) is not None))
     for name, nullable in (("started_at", False), ("ended_at", True)):
         v = rec.get(name)
         if v is None and nullable:
             continue
-        _check(rec, name, type(v) is str and _TIME.fullmatch(v) is not None)
+        _check(rec, name, type(v) is str and RECORD_TIME.fullmatch(v) is not None)
     try:
         return Call(rec)
     except ValueError:
@@ -200,9 +187,9 @@ class ActionRulesLogic:
         why = None
         if _anonymous(customer):
             why = "the caller's number is hidden"
-        elif not re.fullmatch(r"\+?[0-9]{3,20}", customer):
+        elif not PHONE.fullmatch(customer):
             why = f"{customer!r} is not a number that can be called or texted"
-        elif not re.fullmatch(r"[0-9]{6,20}", account):
+        elif not ACCOUNT.fullmatch(account):
             why = f"{account!r} is not a Keyyo line that can act"
         elif rule.action == "sms" and not rule.sms_to_landlines and \
                 not is_mobile(customer, tr.mobile_prefixes):

@@ -30,12 +30,14 @@ The rules, which the logic may rely on and must keep:
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from processors.output import Output
 from processors.state import Store
 
-__all__ = ["Invalid", "Logic", "Output", "Refused", "Store"]
+__all__ = ["Invalid", "Logic", "Output", "Refused", "Store", "json_object"]
 
 E = TypeVar("E")
 
@@ -46,6 +48,21 @@ class Invalid(ValueError):
 
 class Refused(Exception):
     """An event the logic will not fold (for example a bound exceeded); the message says why."""
+
+
+def json_object(value: bytes | None, schema: str) -> dict[str, Any]:
+    """A record value that must be a JSON object of ``schema``; :class:`Invalid` otherwise."""
+    if value is None:
+        raise Invalid("value: missing (a tombstone)")
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(f"value: not JSON ({exc})") from None
+    if type(data) is not dict:
+        raise Invalid("value: not a JSON object")
+    if data.get("schema") != schema:
+        raise Invalid(f"schema: expected {schema!r}")
+    return data
 
 
 class Logic(Protocol[E]):

@@ -6,10 +6,18 @@ Typed models of ``keyyo.call-record.v1`` (topic ``keyyo.call-records.v1``) and
 
 from __future__ import annotations
 
+import re
 from typing import Literal, TypedDict
 
 CALL_RECORD_SCHEMA = "keyyo.call-record.v1"
 CALL_UPDATE_SCHEMA = "keyyo.call-update.v1"
+
+RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""A ``record_id`` as readers of the records check it."""
+RECORD_NUMBER = re.compile(r"\+?[0-9]{0,64}|anonymous")
+"""A number in a call record: as notified, so also empty (hidden) or ``anonymous``."""
+RECORD_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z")
+"""A time in a call record: RFC 3339 UTC."""
 
 
 class LegOut(TypedDict):
