@@ -37,16 +37,14 @@ import aiohttp
 
 from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
 from deploy.topics import create_topics, provision_processor
-from devtools.bench_acd_stats import simulated_records
+from devtools.bench_acd_stats import logic_alone, simulated_records
 from devtools.bench_call_records import fill, processor_throughput, raw_consume
 from devtools.bench_results import write_results
 from processors.action_rules import ActionRulesLogic
 from processors.action_rules_config import parse_rules
 from processors.executor import Executor, ExecutorMetrics, ExecutorSettings
 from processors.keyyo_api import load_executor_config
-from processors.output import Output, coalesce
 from processors.registry import ACTION_RULES_SPEC as SPEC
-from processors.state import Store
 from schemas.actions import Action, action_id
 from schemas.notification import rfc3339_ms
 from schemas.topics import ACTION_RESULTS, ACTIONS, CALL_RECORDS
@@ -62,29 +60,6 @@ def rules_text(tenants: int) -> str:
         'action = "sms"\nmessage = "Bonjour, nous avons manqué votre appel de {time}."\n'
         f'[[tenants.tenant{i:03d}.rules]]\nname = "acd-callback"\nwhen = ["abandoned"]\n'
         f'action = "connect"\nagent = "33{100 + i:03d}000000"\n\n' for i in range(tenants))
-
-
-def logic_alone(items: list[tuple[bytes, bytes]], rules: str) -> dict[str, Any]:
-    """The pure logic over the records, one transaction per 500 records."""
-    logic = ActionRulesLogic(parse_rules(tomllib.loads(rules)))
-    store = Store()
-    outputs: list[Output] = []
-    decided = 0
-    started = time.perf_counter()
-    for i, (key, value) in enumerate(items):
-        call = logic.decode(key, value)
-        store.advance(call.tenant, call.event_ms)
-        store.domain = call.tenant
-        outputs.extend(logic.on_event(store, call, store.time(call.tenant)))
-        if i % 500 == 499:
-            decided += len(coalesce(outputs))
-            outputs = []
-            store.commit()
-    decided += len(coalesce(outputs))
-    store.commit()
-    seconds = time.perf_counter() - started
-    return {"records": len(items), "outputs": decided, "us_per_record": round(seconds / len(items) * 1e6, 2),
-            "records_per_s": round(len(items) / seconds, 1)}
 
 
 def actions_for(lines: list[str], per_line: int, now_ms: int) -> list[Action]:
@@ -162,7 +137,7 @@ def main() -> int:
     items = simulated_records(args.records, TENANTS, 4.0, 11, start_ms)
     rules = rules_text(TENANTS)
     print("logic alone ...", flush=True)
-    results["logic"] = logic_alone(items, rules)
+    results["logic"] = logic_alone(items, ActionRulesLogic(parse_rules(tomllib.loads(rules))))
     lines = [f"33{200 + i // 1000:03d}{i % 1000:06d}" for i in range(args.lines)]
     with bootstrap_or_temporary_broker() as bootstrap, TemporaryDirectory() as tmp:
         prefix = f"benchact{uuid.uuid4().hex[:6]}."
