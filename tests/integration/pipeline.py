@@ -63,17 +63,23 @@ async def run_to_end(bootstrap: str, prefix: str, **overrides: Any) -> None:
     await asyncio.wait_for(runtime.run(), 120)
 
 
+def cli_process(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``keyyo-stream ARGS`` as a child process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "deploy.cli", "--log-level", "info", *args],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 def processor_process(bootstrap: str, prefix: str, log: Path, *extra: str,
                       any_port: bool = True, name: str = SPEC.name) -> subprocess.Popen[bytes]:
     """``keyyo-stream process NAME`` (call-records with fast clocks by default) as a child process
     (side port: any free one, or the default with ``any_port=False``)."""
-    cmd = [sys.executable, "-m", "deploy.cli", "--log-level", "info", "process", name,
-           "--bootstrap", bootstrap, "--prefix", prefix, *(["--health-port", "0"] if any_port else []),
-           "--state-dir", str(log.parent / "checkpoints"),  # the test's own "host"
-           *(FAST_ARGS if name == SPEC.name else []), *extra]
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return cli_process(
+        log, "process", name, "--bootstrap", bootstrap, "--prefix", prefix,
+        *(["--health-port", "0"] if any_port else []),
+        "--state-dir", str(log.parent / "checkpoints"),  # the test's own "host"
+        *(FAST_ARGS if name == SPEC.name else []), *extra)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> int:

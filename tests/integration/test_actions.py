@@ -9,11 +9,8 @@ twice, every action ends with a result, and no line is sent more than one reques
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,30 +18,26 @@ from typing import Any
 import aiohttp
 import pytest
 
+from deploy.kafka_local import free_port, port_open
 from devtools.simulate import HttpSender, wall_ms
 from devtools.simulator import Chaos, play
 from processors.registry import ACTION_RULES_SPEC
-from schemas.topics import ACTION_RESULTS, ACTIONS
+from schemas.topics import ACTIONS
 from tests.integration.edge import SECRET, TENANTS, running_edge
-from tests.integration.pipeline import processor_process, provision, running_processor, stop_process, traffic
+from tests.integration.pipeline import (
+    cli_process,
+    processor_process,
+    provision,
+    running_processor,
+    stop_process,
+    traffic,
+)
+from tests.integration.test_executor import final_results
 from tests.kafka import Broker, read_values, wait_for
 from tests.truth import expected_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 MESSAGE = "Bonjour, nous avons manqué votre appel. Nous vous rappelons vite."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child(log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "deploy.cli", "--log-level", "info", *args],
-                                stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 async def sandbox_requests(url: str) -> list[dict[str, Any]]:
@@ -72,7 +65,7 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
     config.write_text("".join(f'[lines."{line}"]\npassword = "pw-{line}"\n' for line in sorted(lines)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    sandbox = child(tmp_path / "sandbox.log", "sandbox", "--port", str(port), "--config", str(config),
+    sandbox = cli_process(tmp_path / "sandbox.log", "sandbox", "--port", str(port), "--config", str(config),
                     "--closed")
     executor_args = ["execute", "actions", "--config", str(config), "--base-url", url, "--bootstrap",
                      broker.bootstrap, "--prefix", prefix, "--health-port", "0"]
@@ -81,9 +74,10 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
     try:
         rules_proc = processor_process(broker.bootstrap, prefix, tmp_path / "rules-1.log", *rules_args,
                                        name="action-rules")
-        executor = child(tmp_path / "executor-1.log", *executor_args)
+        executor = cli_process(tmp_path / "executor-1.log", *executor_args)
         procs += [rules_proc, executor]
-        await wait_for(lambda: sandbox.poll() is None and _answers(url), 30, interval=0.2, what="the sandbox")
+        await wait_for(lambda: sandbox.poll() is None and port_open("127.0.0.1", port), 30, interval=0.2,
+                       what="the sandbox")
         async with running_edge(broker.bootstrap, prefix, create=False) as edge, \
                 running_processor(broker.bootstrap, prefix):
             sender = HttpSender(str(edge.client.make_url("")), dict.fromkeys(TENANTS, SECRET))
@@ -110,12 +104,12 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
                 await wait_for(half_sent, 60, interval=0.2, what="half the SMS sent")
                 executor.send_signal(signal.SIGKILL)
                 executor.wait()
-                executor = child(tmp_path / "executor-2.log", *executor_args)
+                executor = cli_process(tmp_path / "executor-2.log", *executor_args)
                 procs.append(executor)
                 assert await player == {"200": len(sends)}
 
             async def settled() -> bool:
-                results = await latest_results(broker.bootstrap, prefix)
+                results = await final_results(broker.bootstrap, prefix)
                 return len(results) == sum(expected.values()) and all(r["final"] for r in results.values())
 
             await wait_for(settled, 120, interval=0.5, what="a final result for every missed caller")
@@ -131,7 +125,7 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
     assert len({a["action_id"] for a in actions}) == len(actions), "an action decided twice"
     assert Counter((a["tenant"], a["callee"]) for a in actions) == expected
     assert all(a["message"] == MESSAGE and a["account"] in lines for a in actions)
-    results = await latest_results(broker.bootstrap, prefix)
+    results = await final_results(broker.bootstrap, prefix)
     statuses = Counter(r["status"] for r in results.values())
     assert set(statuses) <= {"sent", "unknown"}, statuses
     executed = Counter((r["account"], r["params"]["CALLEE"]) for r in requests if r["executed"])
@@ -142,18 +136,3 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
         assert sent_here == 1 if results[a["action_id"]]["status"] == "sent" else sent_here <= 1
     assert statuses["unknown"] <= len(lines)
     assert not [r for r in requests if r["status"] == 500], "a line got more than one request per second"
-
-
-def _answers(url: str) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-async def latest_results(bootstrap: str, prefix: str) -> dict[str, dict[str, Any]]:
-    latest: dict[str, dict[str, Any]] = {}
-    for r in await read_values(bootstrap, ACTION_RESULTS.full_name(prefix)):
-        latest[str(r["action_id"])] = r
-    return latest

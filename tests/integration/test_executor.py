@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from deploy.topics import create_topics
 from devtools.sandbox import Faults, Sandbox, running
+from devtools.simulate import wall_ms
 from processors.executor import Executor, ExecutorMetrics, ExecutorSettings
 from processors.keyyo_api import ExecutorConfig
 from schemas.actions import SENDING, Action, action_id, result
@@ -27,15 +28,9 @@ LINES = [f"3310000{i:04d}" for i in range(4)]
 PASSWORDS = {line: f"pw-{line}" for line in LINES}
 
 
-def ms() -> int:
-    import time
-
-    return time.time_ns() // 1_000_000
-
-
 def sms(n: int, line: str = LINES[0], *, tenant: str = "acme", expires_in_ms: int = 600_000,
         not_before: int | None = None) -> Action:
-    now = ms()
+    now = wall_ms()
     return Action(action_id=action_id(tenant, "test", str(n)), tenant=tenant, kind="sms", account=line,
                   callee=f"3361234{n:04d}", caller=None, callee_name=None, message=f"message {n}",
                   profile=None, not_before=rfc3339_ms(not_before or now),
@@ -159,8 +154,8 @@ async def test_an_attempt_without_a_result_is_reported_unknown_after_a_restart(
     try:  # the journal a killed executor leaves: `sending` written, no result after it
         for a in (started, profile):
             await producer.send_and_wait(ACTION_RESULTS.full_name(prefix), result(
-                a, SENDING, ms(), reason="request leaving", attempts=1, offset=0), key=a.action_id.encode(),
-                partition=0)
+                a, SENDING, wall_ms(), reason="request leaving", attempts=1, offset=0),
+                key=a.action_id.encode(), partition=0)
     finally:
         await producer.stop()
     async with running(sb) as url:

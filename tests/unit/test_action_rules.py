@@ -75,22 +75,19 @@ class Rules:
         self.driver.tick(wall_ms)
 
     def actions(self) -> list[dict[str, Any]]:
-        out = []
-        for o in self.driver.outputs:
-            if o.topic == ACTIONS.name:
-                value = orjson.loads(o.rendered())
-                ACTION.validate(value)
-                assert o.key == value["tenant"].encode()
-                out.append(value)
-        return out
+        return self._written(ACTIONS.name, ACTION, "tenant")
 
     def results(self) -> list[dict[str, Any]]:
+        return self._written(ACTION_RESULTS.name, RESULT, "action_id")
+
+    def _written(self, topic: str, schema: Any, key_field: str) -> list[dict[str, Any]]:
+        """Values written to ``topic``, each valid against its schema and keyed by ``key_field``."""
         out = []
         for o in self.driver.outputs:
-            if o.topic == ACTION_RESULTS.name:
+            if o.topic == topic:
                 value = orjson.loads(o.rendered())
-                RESULT.validate(value)
-                assert o.key == value["action_id"].encode()
+                schema.validate(value)
+                assert o.key == value[key_field].encode()
                 out.append(value)
         return out
 
