@@ -114,7 +114,6 @@ class _Line:
     heap: list[_Item] = field(default_factory=list)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    busy: bool = False
 
 
 @dataclass(eq=False)
@@ -391,13 +390,10 @@ class Executor:
                         await line.wakeup.wait()
                 continue
             heapq.heappop(line.heap)
-            line.busy = True
             try:
                 await self._attempt(part, line, item)
             except _Abandoned:
                 return  # stopping with Kafka away: left unfinished, for the next owner
-            finally:
-                line.busy = False
 
     async def _attempt(self, part: _Part, line: _Line, item: _Item) -> None:
         action = item.action
