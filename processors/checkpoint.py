@@ -68,8 +68,10 @@ def write(path: Path, topic: str, partition: int, offset: int, entries: dict[str
     return len(body) + 4
 
 
-def read(path: Path, topic: str, partition: int, max_age_ms: int) -> tuple[Checkpoint | None, str]:
-    """The checkpoint at ``path`` if it is usable, else None; and why (for the log)."""
+def read(path: Path, topic: str, partition: int, max_age_ms: int,
+         now_ms: int | None = None) -> tuple[Checkpoint | None, str]:
+    """The checkpoint at ``path`` if it is usable at ``now_ms`` (default: the wall clock), else
+    None; and why (for the log)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -86,7 +88,7 @@ def read(path: Path, topic: str, partition: int, max_age_ms: int) -> tuple[Check
         return None, "checkpoint damaged (header)"
     if (header.get("version"), header.get("topic"), header.get("partition")) != (VERSION, topic, partition):
         return None, "checkpoint of another version, topic or partition"
-    age = time.time_ns() // 1_000_000 - int(header["written_at"])
+    age = (time.time_ns() // 1_000_000 if now_ms is None else now_ms) - int(header["written_at"])
     if age > max_age_ms:
         return None, f"checkpoint stale ({age // 1000} s old: tombstones may have been compacted away)"
     entries: dict[str, bytes] = {}
