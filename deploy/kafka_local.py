@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -89,11 +90,42 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive TCP ports on loopback that nothing listens on now.
+
+    Taken below the kernel's ephemeral range (10000 up to it), never twice by one process: a port
+    the kernel hands out is also what it gives outgoing connections, so one picked there can be
+    taken by a client socket before the server that was to listen on it starts.
+    """
+    low, high = 10_000, _ephemeral_low() - count
+    rng = random.Random()  # noqa: S311 - spreading picks, not a secret
+    for _ in range(1000):
+        first = rng.randrange(low, high)
+        ports = range(first, first + count)
+        if _handed_out.intersection(ports) or not all(_bindable(p) for p in ports):
+            continue
+        _handed_out.update(ports)
+        return first
+    raise RuntimeError(f"no {count} free consecutive ports between {low} and {high}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def broker_answers(bootstrap: str, wait_s: float = 5.0) -> bool:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from deploy.kafka_local import LocalCluster, free_port, port_open
+from deploy.kafka_local import LocalCluster, free_port
 from devtools.simulate import HttpSender, wall_ms
 from devtools.simulator import Chaos, play
 from ingest.parsing import parse_notification
@@ -35,17 +35,10 @@ pytestmark = [
 ]
 
 
-def three_free_ports() -> int:
-    while True:
-        port = free_port()
-        if port + 2 < 65535 and not port_open("127.0.0.1", port + 1) and not port_open("127.0.0.1", port + 2):
-            return port
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     home = Path(tempfile.mkdtemp(prefix="keyyo-cluster-"))
-    nodes = LocalCluster(home=home, port=three_free_ports(), brokers=3)
+    nodes = LocalCluster(home=home, port=free_port(3), brokers=3)
     nodes.start(progress=False)
     try:
         yield nodes
