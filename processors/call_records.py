@@ -6,7 +6,9 @@ event time (ms); ``now_ms`` is the partition's stream time.
 
 State keys (per tenant ``t``): ``c/t/<call id>`` the call (:func:`pack_call`); ``i/t/d/<dref>``,
 ``i/t/s/<session>``, ``i/t/c/<callref>`` indexes to the call. Legs sharing a session, a callref, or linked by
-DREF_REPLACE -> DREF are one call.
+DREF_REPLACE -> DREF are one call. A call's id is derived from the DREF of its first leg
+(:func:`_call_id`), so that DREF needs no index entry: a DREF without one is looked up as the
+call of its derived id (an entry is written for it only once its call is merged into another).
 
 Notifications without a DREF (Keyyo's minimal URL template) are paired by line and numbers in
 arrival order: ``p/t/<line> <caller> <callee>`` holds the open legs of that line and pair of
@@ -20,7 +22,6 @@ shown with a null ``dref``, and its record says ``correlation: approximate``.
 from __future__ import annotations
 
 import hashlib
-import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,14 +32,17 @@ from schemas.call_record import CALL_RECORD_SCHEMA, CALL_UPDATE_SCHEMA
 from schemas.notification import (
     ContractViolation,
     Notification,
-    notification_from_wire,
+    notification_from_json,
     parse_rfc3339_ms,
     rfc3339_ms,
 )
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 
 Call = dict[str, Any]
-Leg = dict[str, Any]
+Leg = list[Any]
+"""A leg, in state and here: a list, its fields at the positions below (named once, in the code)."""
+(DREF, CALLREF, ACCOUNT, CALLER, CALLEE, SETUP_AT, CONNECT_AT, RELEASE_AT, REPLACES, SESSION_ID, IS_ACD,
+ REDIRECTING, FIRST_AT, VOICEMAIL, APPROX) = range(15)
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,7 @@ class CallRecordsConfig:
 
 _LEG_FIELDS = ("dref", "callref", "account", "caller", "callee", "setup_at", "connect_at", "release_at",
                "replaces", "session_id", "is_acd", "redirecting_number", "first_at", "voicemail", "approx")
-
-
-_LEG_VALUES = operator.itemgetter(*_LEG_FIELDS[:-1])
+"""The names of a leg's positions (those of the object form written before the compact one)."""
 
 
 def pack_call(call: Call) -> bytes:
@@ -72,18 +74,18 @@ def pack_call(call: Call) -> bytes:
     every value: ≈ 200 bytes for a one-leg call instead of ≈ 540); its id and tenant are in its key."""
     return orjson.dumps([
         1, call["revision"], call["closed"], call["closed_by"], call["closed_at"], call["last_event"],
-        call["events"], [(*_LEG_VALUES(leg), leg.get("approx", False)) for leg in call["legs"].values()]])
+        call["events"], list(call["legs"].values())])
 
 
 def unpack_call(raw: bytes, tenant: str, call_id: str) -> Call:
     """The call of a state value (also of the object form written before the compact one)."""
     data = orjson.loads(raw)
     if type(data) is dict:
+        data["legs"] = {dref: [leg.get(name, False) for name in _LEG_FIELDS]
+                        for dref, leg in data["legs"].items()}
         return data
     _, revision, closed, closed_by, closed_at, last_event, events, legs = data
-    fields = _LEG_FIELDS
-    return {"id": call_id, "tenant": tenant, "legs": {leg[0]: dict(zip(fields, leg))  # noqa: B905 - packed by pack_call
-                                                      for leg in legs},
+    return {"id": call_id, "tenant": tenant, "legs": {leg[DREF]: leg for leg in legs},
             "events": events, "closed": closed, "revision": revision, "closed_by": closed_by,
             "closed_at": closed_at, "last_event": last_event}
 
@@ -116,9 +118,7 @@ class CallRecords:
         if value is None:
             raise Invalid("value: missing (a tombstone)")
         try:
-            n = notification_from_wire(orjson.loads(value))
-        except orjson.JSONDecodeError as exc:
-            raise Invalid(f"value: not JSON ({exc})") from None
+            n = notification_from_json(value)
         except ContractViolation as exc:
             raise Invalid(str(exc)) from None
         if key is None or key != n.tenant.encode():
@@ -147,7 +147,10 @@ class CallRecords:
             if paired is None:
                 return []  # a duplicate delivery
             n = replace(n, dref=paired)
-        index_keys = [f"i/{t}/d/{n.dref}"]
+        dref: str = n.dref  # type: ignore[assignment]
+        own_id = _call_id(t, dref)
+        own_key = f"i/{t}/d/{dref}"
+        index_keys = [own_key]
         if n.dref_replace:
             index_keys.append(f"i/{t}/d/{n.dref_replace}")
         if n.session_id:
@@ -157,37 +160,47 @@ class CallRecords:
         ids: list[str] = []
         for key in index_keys:
             raw = store.get(key)
-            if raw is not None and raw.decode() not in ids:
-                ids.append(raw.decode())
+            if raw is not None:
+                found = raw.decode()
+            elif key is own_key or key[len(t) + 3] == "d":  # a DREF's own call needs no entry
+                found = own_id if key is own_key else _call_id(t, key[len(t) + 5:])
+                if store.get(f"c/{t}/{found}") is None:
+                    continue
+            else:
+                continue
+            if found not in ids:
+                ids.append(found)
         calls = [c for c in (self._load(store, t, i) for i in ids) if c is not None]
-        self._check_bounds(calls, n)
+        self._check_bounds(calls, dref)
         if not calls:
-            call = self._new_call(t, n.dref)  # type: ignore[arg-type]
+            call = self._new_call(t, own_id)
         else:
             call = self._merge(store, calls) if len(calls) > 1 else calls[0]
+        events = call["events"]
         short_id = n.event_id[:12]
-        if short_id in call["events"]:
+        if short_id in events:
             return []  # an exact duplicate
-        if len(call["events"]) >= self.config.max_events:
-            raise Refused(f"the call already holds {len(call['events'])} events, max_events is "
+        if len(events) >= self.config.max_events:
+            raise Refused(f"the call already holds {len(events)} events, max_events is "
                           f"{self.config.max_events}")
-        call["events"].append(short_id)
+        events.append(short_id)
         event_ms = parse_rfc3339_ms(n.event_time)
-        self._fold(call, n, event_ms)
+        leg = self._fold(call, n, dref, event_ms)
         if approximate:
-            call["legs"][n.dref]["approx"] = True
-        outputs: list[Output] = []
-        if call["closed"]:
-            call["closed"] = False  # reopened: the next close restates it with revision + 1
-        call_ref = call["id"].encode()
-        index_keys.extend(f"i/{t}/d/{leg['replaces']}" for leg in call["legs"].values() if leg["replaces"])
+            leg[APPROX] = True
+        call["closed"] = False  # if it was closed, the next close restates it with revision + 1
+        call_id = call["id"]
+        call_ref = call_id.encode()
+        index_keys.extend(f"i/{t}/d/{other[REPLACES]}" for other in call["legs"].values()
+                          if other[REPLACES] and _call_id(t, other[REPLACES]) != call_id)
         for key in index_keys:
+            if key is own_key and own_id == call_id:
+                continue  # derived from the id
             if store.get(key) != call_ref:  # unchanged entries cost no changelog write
                 store.put(key, call_ref)
-        outputs.append(self._update(call, n.event_id, event_ms))
         self._save(store, call)
         self._arm(store, call)
-        return outputs
+        return [self._update(call, n.event_id, event_ms)]
 
     MAX_PAIRING = 64
     """Open legs (and recent notifications) kept per line and pair of numbers without a DREF."""
@@ -226,49 +239,56 @@ class CallRecords:
                    + self.config.retention_ms)
         return leg
 
-    def _check_bounds(self, calls: list[Call], n: Notification) -> None:
-        legs = {dref for c in calls for dref in c["legs"]}
-        legs.add(n.dref)
+    def _check_bounds(self, calls: list[Call], dref: str) -> None:
+        if len(calls) == 1 and len(calls[0]["legs"]) < self.config.max_legs:
+            return  # the common case: one call, room for one more leg
+        legs = {d for c in calls for d in c["legs"]}
+        legs.add(dref)
         if len(legs) > self.config.max_legs:
             raise Refused(f"the call would hold {len(legs)} legs, more than max_legs "
                           f"{self.config.max_legs}")
 
-    def _new_call(self, tenant: str, dref: str) -> Call:
-        return {"id": _call_id(tenant, dref), "tenant": tenant, "legs": {}, "events": [],
+    @staticmethod
+    def _new_call(tenant: str, call_id: str) -> Call:
+        return {"id": call_id, "tenant": tenant, "legs": {}, "events": [],
                 "closed": False, "revision": 0, "closed_by": None, "closed_at": None,
                 "last_event": None}
 
-    def _fold(self, call: Call, n: Notification, event_ms: int) -> None:
-        leg = call["legs"].get(n.dref)
+    @staticmethod
+    def _fold(call: Call, n: Notification, dref: str, event_ms: int) -> Leg:
+        legs = call["legs"]
+        leg: Leg | None = legs.get(dref)
         if leg is None:
-            leg = call["legs"][n.dref] = {
-                "dref": n.dref, "callref": n.callref, "account": n.account, "caller": n.caller,
-                "callee": n.callee, "setup_at": None, "connect_at": None, "release_at": None,
-                "replaces": n.dref_replace, "session_id": n.session_id, "is_acd": n.is_acd,
-                "redirecting_number": n.redirecting_number, "first_at": event_ms,
-                "voicemail": False,
-            }
-        if n.type == "SETUP":
+            new: Leg = [dref, n.callref, n.account, n.caller, n.callee, None, None, None,
+                        n.dref_replace, n.session_id, n.is_acd, n.redirecting_number, event_ms, False, False]
+            leg = legs[dref] = new
+        kind = n.type
+        if kind == "SETUP":
             # SETUP describes the dialog best: its values win over those of an earlier CONNECT.
-            leg.update(callref=n.callref, caller=n.caller, callee=n.callee,
-                       replaces=n.dref_replace or leg["replaces"])
-            leg["setup_at"] = event_ms if leg["setup_at"] is None else min(leg["setup_at"], event_ms)
-        elif n.type == "CONNECT":
-            leg["connect_at"] = event_ms if leg["connect_at"] is None else min(leg["connect_at"], event_ms)
+            leg[CALLREF], leg[CALLER], leg[CALLEE] = n.callref, n.caller, n.callee
+            leg[REPLACES] = n.dref_replace or leg[REPLACES]
+            if leg[SETUP_AT] is None or event_ms < leg[SETUP_AT]:
+                leg[SETUP_AT] = event_ms
+        elif kind == "CONNECT":
+            if leg[CONNECT_AT] is None or event_ms < leg[CONNECT_AT]:
+                leg[CONNECT_AT] = event_ms
             answering = n.callee if n.callee != n.account else ""
             if len(answering) == 22 and answering.isdigit():
-                leg["voicemail"] = True
-        else:
-            leg["release_at"] = event_ms if leg["release_at"] is None else max(leg["release_at"], event_ms)
-        leg["first_at"] = min(leg["first_at"], event_ms)
-        leg["session_id"] = leg["session_id"] or n.session_id
-        leg["is_acd"] = leg["is_acd"] or n.is_acd
-        leg["redirecting_number"] = leg["redirecting_number"] or n.redirecting_number
-        call["last_event"] = event_ms if call["last_event"] is None else max(call["last_event"], event_ms)
+                leg[VOICEMAIL] = True
+        elif leg[RELEASE_AT] is None or event_ms > leg[RELEASE_AT]:
+            leg[RELEASE_AT] = event_ms
+        if event_ms < leg[FIRST_AT]:
+            leg[FIRST_AT] = event_ms
+        leg[SESSION_ID] = leg[SESSION_ID] or n.session_id
+        leg[IS_ACD] = leg[IS_ACD] or n.is_acd
+        leg[REDIRECTING] = leg[REDIRECTING] or n.redirecting_number
+        if call["last_event"] is None or event_ms > call["last_event"]:
+            call["last_event"] = event_ms
+        return leg
 
     def _merge(self, store: Store, calls: list[Call]) -> Call:
         """Several calls turn out to be one: keep the earliest, fold the others into it."""
-        calls.sort(key=lambda c: (min(leg["first_at"] for leg in c["legs"].values()), c["id"]))
+        calls.sort(key=lambda c: (min(leg[FIRST_AT] for leg in c["legs"].values()), c["id"]))
         keep = calls[0]
         for other in calls[1:]:
             for dref, leg in other["legs"].items():
@@ -277,7 +297,7 @@ class CallRecords:
             keep["revision"] = max(keep["revision"], other["revision"])
             if other["last_event"] is not None:
                 keep["last_event"] = max(keep["last_event"] or 0, other["last_event"])
-            for key in self._index_keys(other):
+            for key in self._index_keys(other):  # the merged call's own DREF too: its id is gone
                 store.put(key, keep["id"].encode())
             store.delete(f"c/{other['tenant']}/{other['id']}")
             store.unwake(f"c/{other['tenant']}/{other['id']}")
@@ -321,22 +341,22 @@ class CallRecords:
         return [Output(CALL_RECORDS.name, call["tenant"].encode(), orjson.dumps(record))]
 
     def _deadline(self, leg: Leg) -> int:
-        if leg["connect_at"] is not None:
-            return int(leg["connect_at"]) + self.config.max_duration_ms
-        start = leg["setup_at"] if leg["setup_at"] is not None else leg["first_at"]
+        if leg[CONNECT_AT] is not None:
+            return int(leg[CONNECT_AT]) + self.config.max_duration_ms
+        start = leg[SETUP_AT] if leg[SETUP_AT] is not None else leg[FIRST_AT]
         return int(start) + self.config.ring_timeout_ms
 
     def _wake_at(self, call: Call) -> int:
-        open_legs = [leg for leg in call["legs"].values() if leg["release_at"] is None]
+        legs = call["legs"].values()
+        open_legs = [leg for leg in legs if leg[RELEASE_AT] is None]
         if not open_legs:
-            return int(max(leg["release_at"] for leg in call["legs"].values())) + self.config.linger_ms
+            return int(max(leg[RELEASE_AT] for leg in legs)) + self.config.linger_ms
         return max(self._deadline(leg) for leg in open_legs)
 
     def _closing(self, call: Call, now_ms: int) -> str | None:
-        open_legs = [leg for leg in call["legs"].values() if leg["release_at"] is None]
         if now_ms < self._wake_at(call):
             return None
-        return "timeout" if open_legs else "release"
+        return "timeout" if any(leg[RELEASE_AT] is None for leg in call["legs"].values()) else "release"
 
     def _arm(self, store: Store, call: Call) -> None:
         key, at = f"c/{call['tenant']}/{call['id']}", self._wake_at(call)
@@ -357,37 +377,39 @@ class CallRecords:
         t = call["tenant"]
         keys: list[str] = []
         for leg in call["legs"].values():
-            keys.append(f"i/{t}/d/{leg['dref']}")
-            if leg["replaces"]:
-                keys.append(f"i/{t}/d/{leg['replaces']}")
-            if leg["session_id"]:
-                keys.append(f"i/{t}/s/{leg['session_id']}")
-            if leg["callref"]:
-                keys.append(f"i/{t}/c/{leg['callref']}")
+            keys.append(f"i/{t}/d/{leg[DREF]}")
+            if leg[REPLACES]:
+                keys.append(f"i/{t}/d/{leg[REPLACES]}")
+            if leg[SESSION_ID]:
+                keys.append(f"i/{t}/s/{leg[SESSION_ID]}")
+            if leg[CALLREF]:
+                keys.append(f"i/{t}/c/{leg[CALLREF]}")
         return keys
 
     # -- outputs ------------------------------------------------------------------------
 
     @staticmethod
     def _ordered_legs(call: Call) -> list[Leg]:
-        return sorted(call["legs"].values(),
-                      key=lambda leg: (leg["setup_at"] if leg["setup_at"] is not None
-                                       else leg["first_at"], leg["dref"]))
+        legs = list(call["legs"].values())
+        if len(legs) > 1:
+            legs.sort(key=lambda leg: (leg[SETUP_AT] if leg[SETUP_AT] is not None else leg[FIRST_AT],
+                                       leg[DREF]))
+        return legs
 
     def _update(self, call: Call, event_id: str, event_ms: int) -> Output:
         legs = self._ordered_legs(call)
-        if all(leg["release_at"] is not None for leg in legs):
+        if all(leg[RELEASE_AT] is not None for leg in legs):
             state = "ended"
-        elif any(leg["connect_at"] is not None for leg in legs):
+        elif any(leg[CONNECT_AT] is not None for leg in legs):
             state = "answered"
         else:
             state = "ringing"
         first = legs[0]
         update = {
             "schema": CALL_UPDATE_SCHEMA, "call_id": call["id"], "tenant": call["tenant"],
-            "state": state, "caller": first["caller"], "callee": first["callee"],
-            "is_acd": any(leg["is_acd"] for leg in legs),
-            "session_id": next((leg["session_id"] for leg in legs if leg["session_id"]), None),
+            "state": state, "caller": first[CALLER], "callee": first[CALLEE],
+            "is_acd": any(leg[IS_ACD] for leg in legs),
+            "session_id": next((leg[SESSION_ID] for leg in legs if leg[SESSION_ID]), None),
             "updated_at": rfc3339_ms(event_ms), "event_id": event_id,
             "legs": [self._leg_out(leg) for leg in legs],
         }
@@ -396,58 +418,56 @@ class CallRecords:
     @staticmethod
     def _leg_out(leg: Leg) -> dict[str, Any]:
         return {
-            "dref": None if leg.get("approx") else leg["dref"], "callref": leg["callref"],
-            "account": leg["account"],
-            "caller": leg["caller"], "callee": leg["callee"], "setup_at": _iso(leg["setup_at"]),
-            "connect_at": _iso(leg["connect_at"]), "release_at": _iso(leg["release_at"]),
-            "replaces": leg["replaces"],
+            "dref": None if leg[APPROX] else leg[DREF], "callref": leg[CALLREF],
+            "account": leg[ACCOUNT], "caller": leg[CALLER], "callee": leg[CALLEE],
+            "setup_at": _iso(leg[SETUP_AT]), "connect_at": _iso(leg[CONNECT_AT]),
+            "release_at": _iso(leg[RELEASE_AT]), "replaces": leg[REPLACES],
         }
 
     def record(self, call: Call) -> dict[str, Any]:
         """The call record of a closed call (definitions in the README)."""
         legs = self._ordered_legs(call)
         first = legs[0]
-        accounts = {leg["account"] for leg in legs}
-        setups = [leg["setup_at"] for leg in legs if leg["setup_at"] is not None]
-        started = min(setups) if setups else min(leg["first_at"] for leg in legs)
-        connected = sorted((leg for leg in legs if leg["connect_at"] is not None),
-                           key=lambda leg: (leg["connect_at"], leg["dref"]))
-        answered = connected[0]["connect_at"] if connected else None
-        releases = [leg["release_at"] for leg in legs if leg["release_at"] is not None]
+        accounts = {leg[ACCOUNT] for leg in legs}
+        setups = [leg[SETUP_AT] for leg in legs if leg[SETUP_AT] is not None]
+        started = min(setups) if setups else min(leg[FIRST_AT] for leg in legs)
+        connected = sorted((leg for leg in legs if leg[CONNECT_AT] is not None),
+                           key=lambda leg: (leg[CONNECT_AT], leg[DREF]))
+        answered = connected[0][CONNECT_AT] if connected else None
+        releases = [leg[RELEASE_AT] for leg in legs if leg[RELEASE_AT] is not None]
         if call["closed_by"] == "release" or not releases:
             ended = max(releases) if releases else call["last_event"]
         else:
             ended = call["last_event"]
-        is_acd = any(leg["is_acd"] for leg in legs)
-        if first["caller"] in accounts and first["callee"] in accounts:
+        is_acd = any(leg[IS_ACD] for leg in legs)
+        if first[CALLER] in accounts and first[CALLEE] in accounts:
             direction = "internal"
-        elif first["caller"] == first["account"] and first["callee"] != first["account"]:
+        elif first[CALLER] == first[ACCOUNT] and first[CALLEE] != first[ACCOUNT]:
             direction = "outbound"
         else:
             direction = "inbound"
         if connected:
-            outcome = "voicemail" if connected[0]["voicemail"] else "answered"
+            outcome = "voicemail" if connected[0][VOICEMAIL] else "answered"
         elif is_acd:
             outcome = "abandoned"
         elif direction == "outbound":
             outcome = "no_answer"
         else:
             outcome = "missed"
-        answered_by = connected[0]["account"] if connected and not connected[0]["voicemail"] else None
+        answered_by = connected[0][ACCOUNT] if connected and not connected[0][VOICEMAIL] else None
         return {
             "schema": CALL_RECORD_SCHEMA, "record_id": call["id"], "tenant": call["tenant"],
             "revision": call["revision"], "direction": direction, "outcome": outcome,
-            "caller": first["caller"], "callee": first["callee"], "answered_by": answered_by,
+            "caller": first[CALLER], "callee": first[CALLEE], "answered_by": answered_by,
             "started_at": _iso(started), "answered_at": _iso(answered), "ended_at": _iso(ended),
             "wait_seconds": _secs(started, answered if answered is not None else ended),
             "talk_seconds": _secs(answered, ended) if answered is not None else 0.0,
             "duration_seconds": _secs(started, ended),
             "is_acd": is_acd,
-            "session_id": next((leg["session_id"] for leg in legs if leg["session_id"]), None),
-            "transferred": any(leg["replaces"] for leg in legs),
-            "redirecting_number": next(
-                (leg["redirecting_number"] for leg in legs if leg["redirecting_number"]), None),
+            "session_id": next((leg[SESSION_ID] for leg in legs if leg[SESSION_ID]), None),
+            "transferred": any(leg[REPLACES] for leg in legs),
+            "redirecting_number": next((leg[REDIRECTING] for leg in legs if leg[REDIRECTING]), None),
             "legs": [self._leg_out(leg) for leg in legs],
             "closed_by": call["closed_by"],
-            "correlation": "approximate" if any(leg.get("approx") for leg in legs) else "exact",
+            "correlation": "approximate" if any(leg[APPROX] for leg in legs) else "exact",
         }

@@ -29,13 +29,22 @@ def _day_prefix(epoch_day: int) -> str:
 _EPOCH_DATE = date(1970, 1, 1)
 
 
+_SECONDS: dict[int, str] = {}
+"""Recent seconds as ``YYYY-MM-DDTHH:MM:SS.`` (a call's times are rendered in every update of it)."""
+
+
 def rfc3339_ms(epoch_ms: int) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T03:47:13.123Z`` (the day's part cached)."""
-    day, rest = divmod(epoch_ms, 86_400_000)
-    seconds, millis = divmod(rest, 1000)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    return f"{_day_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-27T03:47:13.123Z`` (the second's part cached)."""
+    second, millis = divmod(epoch_ms, 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= 65_536:
+            _SECONDS.clear()
+        day, rest = divmod(second, 86_400)
+        hours, rest = divmod(rest, 3600)
+        minutes, seconds = divmod(rest, 60)
+        prefix = _SECONDS[second] = f"{_day_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}."
+    return f"{prefix}{millis:03d}Z"
 
 
 class ContractViolation(ValueError):
@@ -47,7 +56,7 @@ _EVENT_ID = re.compile(r"[0-9a-f]{32}")
 _NUMBER = re.compile(r"\+?[0-9]{1,64}")
 _IDENT = re.compile(r"[\x21-\x7e]+")
 _TIMESTAMP = re.compile(
-    r"(19[7-9][0-9]|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+    r"(?:19[7-9][0-9]|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 """Years 1970-2199: a time outside them is a wrong clock, and would overflow once shifted."""
 TENANT_ID = _TENANT
 """A tenant id (the record key of every topic, and part of state keys)."""
@@ -109,6 +118,73 @@ def notification_from_wire(data: object) -> Notification:
     except ValueError as exc:
         raise _violation("event_time", f"not a valid time: {exc}") from None
     return Notification(*_FIELD_VALUES(data))
+
+
+def notification_from_json(raw: bytes) -> Notification:
+    """A :class:`Notification` from its record value, checked against the contract exactly as
+    :func:`notification_from_wire` checks it; raises :class:`ContractViolation` (also for a value
+    that is not JSON).
+
+    A value laid out as the edge writes it (its fields in order, ASCII, no escapes) is read and
+    checked by one regular expression, without building a dict; any other value, valid or not,
+    takes the field-by-field path, which also says what is wrong.
+    """
+    try:
+        match = _CANONICAL.fullmatch(raw.decode("ascii"))
+    except UnicodeDecodeError:
+        match = None
+    if match is not None:
+        (event_id, tenant, kind, account, caller, callee, callref, dref, dref_replace, session_id,
+         is_acd, redirecting, version, event_time, received_at, source_ip) = match.groups()
+        try:
+            parse_rfc3339_ms(event_time)
+        except ValueError as exc:
+            raise _violation("event_time", f"not a valid time: {exc}") from None
+        return Notification(event_id, tenant, kind, account, caller, callee, callref, dref,  # type: ignore[arg-type]
+                            dref_replace, session_id, is_acd == "true", redirecting, int(version),
+                            event_time, received_at, source_ip)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ContractViolation(f"value: not JSON ({exc})") from None
+    return notification_from_wire(data)
+
+
+def _canonical_layout() -> re.Pattern[str]:
+    """The edge's layout of a notification as one pattern: each field's group accepts exactly
+    what the field-by-field check accepts, minus escapes and non-ASCII (left to that check)."""
+    def bounded(limit: int, body: str) -> str:
+        return f'(?=[^"]{{1,{limit}}}"){body}'
+    ident = r'[\x21\x23-\x5b\x5d-\x7e]+'  # printable ASCII but '"' and '\'
+    number = r'\+?[0-9]+'
+    timestamp = _TIMESTAMP.pattern
+
+    def text(body: str) -> str:
+        return f'"({body})"'
+
+    def nullable(body: str) -> str:
+        return f'(?:null|"({body})")'
+    fields = [
+        ("event_id", text(_EVENT_ID.pattern)),
+        ("tenant", text(_TENANT.pattern)),
+        ("type", text("SETUP|CONNECT|RELEASE")),
+        ("account", text(bounded(64, number))),
+        ("caller", text(f"(?:{bounded(64, number)}|anonymous)?")),
+        ("callee", text(f"(?:{bounded(64, number)}|anonymous)?")),
+        ("callref", nullable(bounded(64, ident))),
+        ("dref", nullable(bounded(32, ident))),
+        ("dref_replace", nullable(bounded(32, ident))),
+        ("session_id", nullable(bounded(40, ident))),
+        ("is_acd", "(true|false)"),
+        ("redirecting_number", nullable(bounded(64, number))),
+        ("version", "(0|[1-9][0-9]{0,3})"),
+        ("event_time", text(timestamp)),
+        ("received_at", text(timestamp)),
+        ("source_ip", text(r'[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}')),
+        ("schema", f'"{re.escape(SCHEMA)}"'),
+    ]
+    assert [name for name, _ in fields] == list(Notification.__dataclass_fields__)
+    return re.compile("{" + ",".join(f'"{name}":{body}' for name, body in fields) + "}")
 
 
 def _string_violation(name: str, value: object, limit: int) -> ContractViolation:
@@ -194,6 +270,7 @@ class Notification:
 
 _FIELD_VALUES = operator.itemgetter(*Notification.__dataclass_fields__)
 """Every field of a wire value, in the dataclass's order (all present once validated)."""
+_CANONICAL = _canonical_layout()
 
 
 @dataclass(frozen=True, slots=True)

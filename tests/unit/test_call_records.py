@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from importlib import resources
 
 import jsonschema
@@ -12,7 +13,8 @@ import pytest
 
 from processors.call_records import CallRecords, CallRecordsConfig, pack_call, unpack_call
 from processors.driver import Driver
-from schemas.notification import parse_rfc3339_ms
+from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
+from schemas.topics import CALL_RECORDS, CALL_UPDATES
 from tests.scenarios import EXTERNAL, incoming_call, outgoing_call, run
 
 A, B, C = "33100000001", "33100000002", "33100000003"
@@ -240,5 +242,43 @@ def test_call_state_is_compact_and_reads_back_the_same_and_the_older_form() -> N
     call = unpack_call(raw, tenant, call_id)
     assert call["id"] == call_id and call["tenant"] == tenant and len(call["legs"]) == 2
     assert pack_call(call) == raw
-    assert unpack_call(orjson.dumps(call), tenant, call_id) == call  # the older object form
+    fields = ("dref", "callref", "account", "caller", "callee", "setup_at", "connect_at", "release_at",
+              "replaces", "session_id", "is_acd", "redirecting_number", "first_at", "voicemail", "approx")
+    older = {**call, "legs": {dref: dict(zip(fields, leg, strict=True))
+                              for dref, leg in call["legs"].items()}}
+    assert unpack_call(orjson.dumps(older), tenant, call_id) == call  # the older object form
     assert len(raw) < 450  # two legs; the object form took ≈ 1,000 bytes
+
+
+def test_a_calls_first_dref_has_no_index_entry_and_a_merged_calls_dref_gets_one() -> None:
+    """A call's id is derived from its first DREF, which therefore needs no index entry; when two
+    calls turn out to be one, the DREF whose call went away is indexed to the call kept."""
+    flow = incoming_call().rings(A, callref="111").rings(B, after=1, callref="222")
+    dref_a, dref_b = flow.dialogs[A].dref, flow.dialogs[B].dref
+    link = replace(flow.events[1], type="CONNECT", callref="111", event_id="ab" * 16,
+                   event_time=rfc3339_ms(flow.t + 2000))
+    driver = Driver(CallRecords())
+
+    def send(n: Notification) -> None:
+        driver.send(b"acme", n.to_json(), parse_rfc3339_ms(n.event_time))
+
+    send(flow.events[0])
+    send(flow.events[1])
+    keys = set(driver.store.processor_keys())
+    calls = sorted(k for k in keys if k.startswith("c/"))
+    assert len(calls) == 2 and keys - set(calls) == {"i/acme/c/111", "i/acme/c/222"}
+    first_call = driver.values(CALL_UPDATES.name)[0]["call_id"]
+    send(link)  # leg B's call and leg A's turn out to be one: A's, the earlier, is kept
+    assert set(driver.store.processor_keys()) == {
+        f"c/acme/{first_call}", "i/acme/c/111", "i/acme/c/222", f"i/acme/d/{dref_b}"}
+    assert driver.store.get(f"i/acme/d/{dref_b}") == first_call.encode()
+    assert f"i/acme/d/{dref_a}" not in driver.store.processor_keys()
+    flow.t += 3000
+    flow.hangs_up(B).hangs_up(A)
+    for n in flow.events[2:]:
+        send(n)
+    driver.flush(10 * 3600_000)
+    driver.flush(10 * 3600_000)
+    [record] = driver.values(CALL_RECORDS.name)
+    assert (record["record_id"], len(record["legs"]), record["closed_by"]) == (first_call, 2, "release")
+    assert driver.store.processor_keys() == []
