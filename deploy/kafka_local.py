@@ -379,10 +379,14 @@ class LocalCluster:
         wait until each answers. Returns the node ids started."""
         launched = [(node, node.launch(progress)) for node in self.nodes()]
         started = []
-        for node, proc in launched:
-            if proc is not None:
-                node.wait_ready(proc, wait_seconds)
-                started.append(node.node_id)
+        try:
+            for node, proc in launched:
+                if proc is not None:
+                    node.wait_ready(proc, wait_seconds)
+                    started.append(node.node_id)
+        except BaseException:
+            self.stop()  # none left running when the cluster as a whole did not start
+            raise
         return started
 
     def stop(self) -> list[int]:

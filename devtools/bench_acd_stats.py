@@ -35,10 +35,9 @@ import orjson
 from deploy.kafka_local import bootstrap_or_temporary_broker
 from deploy.topics import provision_processor
 from devtools.bench_call_records import fill, processor_throughput, raw_consume
-from devtools.bench_results import write_results
+from devtools.bench_results import logic_alone, write_results
 from devtools.simulator import SCENARIOS, Chaos, Planner, plan_traffic
 from processors.acd_stats import AcdStatsLogic
-from processors.output import Output, coalesce
 from processors.registry import ACD_STATS_SPEC as SPEC
 from processors.state import Store
 from schemas.topics import CALL_RECORDS
@@ -60,30 +59,6 @@ def simulated_records(n: int, tenants: int, hours: float, seed: int, start_ms: i
         records.append(record)
     records.sort(key=lambda r: r["ended_at"])
     return [(r["tenant"].encode(), orjson.dumps(r)) for r in records]
-
-
-def logic_alone(items: list[tuple[bytes, bytes]], logic: Any = None) -> dict[str, Any]:
-    """A call-record logic (acd-stats unless given) over the records: decode, fold, encode what a
-    transaction writes, one transaction per 500 records; also counts the outputs written."""
-    logic = logic or AcdStatsLogic()
-    store = Store()
-    outputs: list[Output] = []
-    written = 0
-    started = time.perf_counter()
-    for i, (key, value) in enumerate(items):
-        call = logic.decode(key, value)
-        store.advance(call.tenant, call.event_ms)
-        store.domain = call.tenant
-        outputs.extend(logic.on_event(store, call, store.time(call.tenant)))
-        if i % 500 == 499:
-            written += len(coalesce(outputs))
-            outputs = []
-            store.commit()
-    written += len(coalesce(outputs))
-    store.commit()
-    seconds = time.perf_counter() - started
-    return {"records": len(items), "outputs": written, "us_per_record": round(seconds / len(items) * 1e6, 2),
-            "records_per_s": round(len(items) / seconds, 1)}
 
 
 def memory_per_open_interval(items: list[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -131,7 +106,7 @@ def main() -> int:
                         "first_end": orjson.loads(items[0][1])["ended_at"],
                         "last_end": orjson.loads(items[-1][1])["ended_at"]}
     print("logic alone ...", flush=True)
-    results["logic"] = logic_alone(items)
+    results["logic"] = logic_alone(items, AcdStatsLogic())
     print("memory per open interval ...", flush=True)
     results["memory"] = memory_per_open_interval(items)
     with bootstrap_or_temporary_broker() as bootstrap:

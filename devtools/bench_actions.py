@@ -37,9 +37,9 @@ import aiohttp
 
 from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
 from deploy.topics import create_topics, provision_processor
-from devtools.bench_acd_stats import logic_alone, simulated_records
+from devtools.bench_acd_stats import simulated_records
 from devtools.bench_call_records import fill, processor_throughput, raw_consume
-from devtools.bench_results import write_results
+from devtools.bench_results import logic_alone, write_results
 from processors.action_rules import ActionRulesLogic
 from processors.action_rules_config import parse_rules
 from processors.executor import Executor, ExecutorMetrics, ExecutorSettings

@@ -157,20 +157,26 @@ class CallRecords:
             index_keys.append(f"i/{t}/s/{n.session_id}")
         if n.callref:
             index_keys.append(f"i/{t}/c/{n.callref}")
-        ids: list[str] = []
+        pointed: dict[str, str] = {}  # index key -> the call it leads to
+        found: dict[str, bytes | None] = {}  # call id -> its state, once read
         for key in index_keys:
             raw = store.get(key)
             if raw is not None:
-                found = raw.decode()
-            elif key is own_key or key[len(t) + 3] == "d":  # a DREF's own call needs no entry
-                found = own_id if key is own_key else _call_id(t, key[len(t) + 5:])
-                if store.get(f"c/{t}/{found}") is None:
-                    continue
-            else:
-                continue
-            if found not in ids:
-                ids.append(found)
-        calls = [c for c in (self._load(store, t, i) for i in ids) if c is not None]
+                call_id = pointed[key] = raw.decode()
+                if call_id not in found:
+                    found[call_id] = None
+            elif key[len(t) + 3] == "d":  # a DREF without an entry: the call its id derives
+                call_id = own_id if key is own_key else _call_id(t, key[len(t) + 5:])
+                state = found.get(call_id) or store.get(f"c/{t}/{call_id}")
+                if state is not None:
+                    pointed[key] = call_id
+                    found[call_id] = state
+        calls = []
+        for call_id, state in found.items():
+            if state is None:
+                state = store.get(f"c/{t}/{call_id}")
+            if state is not None:
+                calls.append(unpack_call(state, t, call_id))
         self._check_bounds(calls, dref)
         if not calls:
             call = self._new_call(t, own_id)
@@ -190,14 +196,9 @@ class CallRecords:
             leg[APPROX] = True
         call["closed"] = False  # if it was closed, the next close restates it with revision + 1
         call_id = call["id"]
-        call_ref = call_id.encode()
-        index_keys.extend(f"i/{t}/d/{other[REPLACES]}" for other in call["legs"].values()
-                          if other[REPLACES] and _call_id(t, other[REPLACES]) != call_id)
-        for key in index_keys:
-            if key is own_key and own_id == call_id:
-                continue  # derived from the id
-            if store.get(key) != call_ref:  # unchanged entries cost no changelog write
-                store.put(key, call_ref)
+        for key in index_keys:  # entries already leading here cost no changelog write
+            if pointed.get(key) != call_id and not (key is own_key and own_id == call_id):
+                store.put(key, call_id.encode())
         self._save(store, call)
         self._arm(store, call)
         return [self._update(call, n.event_id, event_ms)]
@@ -359,9 +360,7 @@ class CallRecords:
         return "timeout" if any(leg[RELEASE_AT] is None for leg in call["legs"].values()) else "release"
 
     def _arm(self, store: Store, call: Call) -> None:
-        key, at = f"c/{call['tenant']}/{call['id']}", self._wake_at(call)
-        if store.wake_time(key) != at:
-            store.wake(key, at)
+        store.wake(f"c/{call['tenant']}/{call['id']}", self._wake_at(call))
 
     # -- state --------------------------------------------------------------------------
 
@@ -398,18 +397,24 @@ class CallRecords:
 
     def _update(self, call: Call, event_id: str, event_ms: int) -> Output:
         legs = self._ordered_legs(call)
-        if all(leg[RELEASE_AT] is not None for leg in legs):
-            state = "ended"
-        elif any(leg[CONNECT_AT] is not None for leg in legs):
-            state = "answered"
-        else:
-            state = "ringing"
         first = legs[0]
+        if len(legs) == 1:  # most updates: one leg, no search
+            state = ("ended" if first[RELEASE_AT] is not None
+                     else "answered" if first[CONNECT_AT] is not None else "ringing")
+            is_acd, session_id = first[IS_ACD], first[SESSION_ID] or None
+        else:
+            if all(leg[RELEASE_AT] is not None for leg in legs):
+                state = "ended"
+            elif any(leg[CONNECT_AT] is not None for leg in legs):
+                state = "answered"
+            else:
+                state = "ringing"
+            is_acd = any(leg[IS_ACD] for leg in legs)
+            session_id = next((leg[SESSION_ID] for leg in legs if leg[SESSION_ID]), None)
         update = {
             "schema": CALL_UPDATE_SCHEMA, "call_id": call["id"], "tenant": call["tenant"],
             "state": state, "caller": first[CALLER], "callee": first[CALLEE],
-            "is_acd": any(leg[IS_ACD] for leg in legs),
-            "session_id": next((leg[SESSION_ID] for leg in legs if leg[SESSION_ID]), None),
+            "is_acd": is_acd, "session_id": session_id,
             "updated_at": rfc3339_ms(event_ms), "event_id": event_id,
             "legs": [self._leg_out(leg) for leg in legs],
         }
@@ -417,11 +422,14 @@ class CallRecords:
 
     @staticmethod
     def _leg_out(leg: Leg) -> dict[str, Any]:
+        setup_at, connect_at, release_at = leg[SETUP_AT], leg[CONNECT_AT], leg[RELEASE_AT]
         return {
             "dref": None if leg[APPROX] else leg[DREF], "callref": leg[CALLREF],
             "account": leg[ACCOUNT], "caller": leg[CALLER], "callee": leg[CALLEE],
-            "setup_at": _iso(leg[SETUP_AT]), "connect_at": _iso(leg[CONNECT_AT]),
-            "release_at": _iso(leg[RELEASE_AT]), "replaces": leg[REPLACES],
+            "setup_at": None if setup_at is None else rfc3339_ms(setup_at),
+            "connect_at": None if connect_at is None else rfc3339_ms(connect_at),
+            "release_at": None if release_at is None else rfc3339_ms(release_at),
+            "replaces": leg[REPLACES],
         }
 
     def record(self, call: Call) -> dict[str, Any]:

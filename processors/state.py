@@ -76,8 +76,11 @@ class Store:
 
     def wake(self, key: str, at_ms: int) -> None:
         """Ask to be woken for ``key`` once the current domain's time reaches ``at_ms`` (replaces
-        any earlier timer of ``key``)."""
-        self._stage(self._wake_key(key), str(int(at_ms)).encode())
+        any earlier timer of ``key``; a timer already set for that time costs no write)."""
+        wake_key = f"{_WAKE}{self.domain}{_SEP}{key}"
+        value = str(int(at_ms)).encode()
+        if self.get(wake_key) != value:
+            self._stage(wake_key, value)
 
     def unwake(self, key: str) -> None:
         """Cancel the timer of ``key``."""
