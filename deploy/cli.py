@@ -146,6 +146,8 @@ def cmd_process(args: argparse.Namespace) -> int:
         bootstrap, prefix, out_prefix, group=args.group or spec.group(out_prefix),
         mode=args.mode or spec.default_mode, allowed_lateness_ms=args.lateness_ms,
         until_idle_s=args.until_idle, slice_ms=args.slice_ms or spec.default_slice_ms,
+        commit_interval_ms=(args.commit_interval_ms if args.commit_interval_ms is not None
+                            else spec.default_commit_interval_ms),
         flush_at_end_ms=int(args.flush_at_end * 1000) if args.flush_at_end is not None else None,
         limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
         max_attempts=args.max_attempts,
@@ -233,6 +235,10 @@ def add_runtime_options(p: argparse.ArgumentParser, spec: ProcessorSpec) -> None
     p.add_argument("--slice-ms", type=int, default=None,
                    help="processing time per transaction and partition: lower commits more often, "
                         f"higher gives more throughput (default {spec.default_slice_ms})")
+    p.add_argument("--commit-interval-ms", type=int, default=None,
+                   help="a transaction stays open this long taking records as they arrive before it "
+                        "commits: fewer transactions when input trickles in, results seen that much "
+                        f"later (default {spec.default_commit_interval_ms}; 0 commits at once)")
     p.add_argument("--until-idle", type=float, default=None,
                    help="burst mode: exit after the input has been drained for N seconds")
     p.add_argument("--flush-at-end", type=float, default=None, metavar="SECONDS",

@@ -254,12 +254,14 @@ def step_alone(items: list[tuple[bytes, bytes]], profile: bool = False) -> dict[
 
 
 WARMUP_S = 5.0
+"""Default seconds of warm-up traffic before the latency is measured."""
 
 
-async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
+async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float,
+                     settings: dict[str, int] | None = None, warmup_s: float = WARMUP_S) -> dict[str, Any]:
     """p50/p99 from the edge's 200 to the call update, at ``rate`` notifications/s.
 
-    The first ``WARMUP_S`` seconds of traffic warm the broker (transaction and offsets topics are
+    The first ``warmup_s`` seconds of traffic warm the broker (transaction and offsets topics are
     created on first use), the processes and the connections; they are reported apart.
     """
     tmp = Path(tempfile.mkdtemp())
@@ -272,11 +274,14 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
     cli = [sys.executable, "-m", "deploy.cli", "--log-level", "warning"]
     edge_cmd = [*cli, "ingest", "--config", str(config), "--port", str(port)]
     health = free_port()
-    proc_cmd = [*cli, "process", SPEC.name, "--health-port", str(health)]
+    proc_cmd = [*cli, "process", SPEC.name, "--health-port", str(health),
+                *(a for k, v in (settings or {}).items() for a in (f"--{k.replace('_', '-')}", str(v)))]
     edge = subprocess.Popen(edge_cmd, env=env)  # noqa: ASYNC220 - started once, before measuring
     proc = subprocess.Popen(proc_cmd, env=env)  # noqa: ASYNC220 - as above
     acked: dict[str, float] = {}
     seen: dict[str, float] = {}
+    written: dict[str, float] = {}
+    """When the processor appended the update (its record's timestamp): splits the latency."""
     sent_at: dict[str, float] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
@@ -297,7 +302,9 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
                 now = time.time()
                 for recs in batch.values():
                     for r in recs:
-                        seen.setdefault(orjson.loads(r.value)["event_id"], now)
+                        event = orjson.loads(r.value)["event_id"]
+                        seen.setdefault(event, now)
+                        written.setdefault(event, r.timestamp / 1000)
 
         watcher = asyncio.create_task(watch())
         await _ready(f"http://127.0.0.1:{health}/readyz")
@@ -306,7 +313,7 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
         planner = Planner(TENANTS, 8, rng, time_scale=0.05)
         sample = [planner.plan(0) for _ in range(2000)]
         per_call = sum(len(c.notifications()) for c in sample) / len(sample)
-        calls = plan_traffic(planner, rate=rate / per_call, duration=WARMUP_S + seconds,
+        calls = plan_traffic(planner, rate=rate / per_call, duration=warmup_s + seconds,
                              start_ms=_ms() + 500, chaos=Chaos())
         sends = schedule(calls, Chaos(), rng)
         base = f"http://127.0.0.1:{port}"
@@ -337,15 +344,17 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
         for p in (edge, proc):
             p.terminate()
             p.wait(30)
-    measured = {e: t for e, t in acked.items() if sent_at[e] >= WARMUP_S}
+    measured = {e: t for e, t in acked.items() if sent_at[e] >= warmup_s}
     lat = sorted((seen[e] - t) * 1000 for e, t in measured.items() if e in seen)
-    warmup = [(seen[e] - t) * 1000 for e, t in acked.items() if sent_at[e] < WARMUP_S and e in seen]
+    warmup = [(seen[e] - t) * 1000 for e, t in acked.items() if sent_at[e] < warmup_s and e in seen]
     by_second: dict[int, list[float]] = {}
     for e, t in acked.items():
         if e in seen:
             by_second.setdefault(int(sent_at[e]), []).append((seen[e] - t) * 1000)
+    processed = sorted((written[e] - t) * 1000 for e, t in measured.items() if e in seen)
+    committed = sorted((seen[e] - written[e]) * 1000 for e in measured if e in seen)
     return {
-        "rate_target": rate, "warmup_s": WARMUP_S, "measured_s": seconds,
+        "rate_target": rate, "warmup_s": warmup_s, "measured_s": seconds,
         "sent": len(measured), "updates_seen": len(lat),
         "achieved_rate": round(len(measured) / seconds, 1),
         "p50_ms": round(lat[len(lat) // 2], 1) if lat else None,
@@ -354,7 +363,15 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float) -
         "warmup_max_ms": round(max(warmup), 1) if warmup else None,
         "max_ms_by_second": {str(k): round(max(v), 1) for k, v in sorted(by_second.items())},
         "all_seen": acked.keys() <= seen.keys(),
+        "split": {  # the 200 -> the update appended by the processor -> seen, committed
+            "to_appended_p50_ms": _pct(processed, 0.5), "to_appended_p99_ms": _pct(processed, 0.99),
+            "appended_to_seen_p50_ms": _pct(committed, 0.5),
+            "appended_to_seen_p99_ms": _pct(committed, 0.99)},
     }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(values[min(int(len(values) * q), len(values) - 1)], 1) if values else None
 
 
 async def _ready(url: str, within_s: float = 60.0) -> None:
@@ -370,6 +387,70 @@ async def _ready(url: str, within_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} not ready within {within_s:.0f}s")
 
 
+async def throughput(bootstrap: str, count: int, state_entries: int, overrides: dict[str, Any],
+                     results: dict[str, Any]) -> None:
+    """Fill the notification topic, read it with a raw consumer, drain it with one processor (and,
+    with ``state_entries``, again with that much state restored first); into ``results``."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    notes = simulated(count, 1, _ms() - 3600_000)
+    print(f"filling {prefix}keyyo.notifications.v1 with {len(notes)} notifications ...", flush=True)
+    await provision_processor(bootstrap, SPEC, prefix, prefix, f"{prefix}bench.call-records")
+    await fill(bootstrap, NOTIFICATIONS.full_name(prefix), [(n.tenant.encode(), n.to_json()) for n in notes])
+    print("raw consumer baseline ...", flush=True)
+    raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))
+    print("call-records processor (exactly-once) ...", flush=True)
+    proc = await processor_throughput(bootstrap, prefix, len(notes), **overrides)
+    if state_entries:
+        big = f"big{uuid.uuid4().hex[:6]}."
+        group = f"{big}bench.call-records"
+        await provision_processor(bootstrap, SPEC, big, big, group)
+        print(f"building {state_entries} state entries ...", flush=True)
+        state = open_calls_state(state_entries, _ms() - 3600_000)
+        written = await fill_changelog(bootstrap, f"{group}.{SPEC.store}.changelog", state)
+        await fill(bootstrap, NOTIFICATIONS.full_name(big), [(n.tenant.encode(), n.to_json()) for n in notes])
+        print(f"call-records processor restoring {written} entries, then the same input ...", flush=True)
+        loaded = await processor_throughput(bootstrap, big, len(notes), **overrides)
+        results["big_state"] = {
+            "state_entries": written, "processor": loaded,
+            "restore_entries_per_s": round(written / max(loaded["ready_s"], 1e-3)),
+            "ratio_to_fresh": round(loaded["records_per_s"] / proc["records_per_s"], 3)}
+    results["throughput"] = {"notifications": len(notes), "raw_consumer_per_s": round(raw, 1),
+                             "processor": proc, "ratio": round(proc["records_per_s"] / raw, 3)}
+
+
+def report(results: dict[str, Any]) -> None:
+    """Print what was measured."""
+    lat = results["latency"]
+    if "big_state" in results:
+        b = results["big_state"]
+        print(f"\nwith {b['state_entries']} state entries: ready after {b['processor']['ready_s']} s "
+              f"(≈ {b['restore_entries_per_s']} entries/s restored), then "
+              f"{b['processor']['records_per_s']:.0f} notifications/s = {b['ratio_to_fresh']}x the "
+              f"fresh state (target >= 0.8x; restore < 30 s)")
+    if "throughput" in results:
+        t = results["throughput"]
+        print(f"\nthroughput: processor {t['processor']['records_per_s']:.0f} notifications/s with "
+              f"exactly-once vs raw consumer {t['raw_consumer_per_s']:.0f}/s: {t['ratio']:.3f}x "
+              f"(issue 10 target >= 45,000/s); a partition commits every "
+              f"{t['processor']['ms_between_commits_per_partition']} ms on average")
+    print(f"latency 200 -> call update at {lat['achieved_rate']}/s over {lat['measured_s']:.0f}s after "
+          f"{lat['warmup_s']:.0f}s of warm-up, slice {results['slice_ms']} ms, commit interval "
+          f"{results['commit_interval_ms']} ms: p50 {lat['p50_ms']} ms, "
+          f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (issue 10 target p99 < 250 ms; warm-up max "
+          f"{lat['warmup_max_ms']} ms); every update seen: {lat['all_seen']}")
+    sp = lat["split"]
+    print(f"  of which 200 -> update appended by the processor: p50 {sp['to_appended_p50_ms']} ms, p99 "
+          f"{sp['to_appended_p99_ms']} ms; appended -> committed and read: p50 "
+          f"{sp['appended_to_seen_p50_ms']} ms, p99 {sp['appended_to_seen_p99_ms']} ms")
+    if "logic" in results:
+        lg, st, mem = results["logic"], results["step"], results["memory"]
+        print(f"logic alone: {lg['us_per_record']} µs per notification, {lg['decode_us']} µs of it "
+              f"decoding (issue 10 target <= 10 µs); with the runtime's step and the timers closing "
+              f"calls: {st['us_per_record']} µs")
+        print(f"memory: {mem['bytes_per_open_call']:.0f} bytes per open call "
+              f"(state {mem['state_bytes_per_open_call']:.0f} bytes; issue 10 target < 1 KB)")
+
+
 def main() -> int:
     """Run the three measurements, print them, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -377,80 +458,42 @@ def main() -> int:
     parser.add_argument("--notifications", type=int, default=200_000)
     parser.add_argument("--rate", type=float, default=1000.0, help="notifications/s for latency")
     parser.add_argument("--seconds", type=float, default=15.0, help="latency run length")
+    parser.add_argument("--warmup", type=float, default=WARMUP_S,
+                        help="seconds of traffic before the latency is measured (a new broker's JIT "
+                             "compiles during its first minute)")
     parser.add_argument("--state-entries", type=int, default=0,
                         help="also drain the same input with this many state entries restored "
                              "first (answered calls in progress), against the fresh state")
+    parser.add_argument("--latency-only", action="store_true", help="only the end-to-end latency")
+    parser.add_argument("--slice-ms", type=int, default=None,
+                        help="the processors' transaction slice (default: the processor's own)")
+    parser.add_argument("--commit-interval-ms", type=int, default=None,
+                        help="the processors' commit interval (default: the processor's own)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the per-record work without Kafka and print where the time goes")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds")}
-    print("memory per open call ...", flush=True)
-    results["memory"] = memory_per_open_call()
-    print("logic alone, then the per-record step with its timers (no Kafka) ...", flush=True)
-    sample = [(n.tenant.encode(), n.to_json()) for n in simulated(60_000, 2, _ms() - 3600_000)]
-    results["logic"] = logic_alone(sample, CallRecords(CallRecordsConfig()))
-    results["step"] = step_alone(sample, profile=args.profile)
+    results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+                               "slice_ms": args.slice_ms or SPEC.default_slice_ms,
+                               "commit_interval_ms": (SPEC.default_commit_interval_ms
+                                                      if args.commit_interval_ms is None
+                                                      else args.commit_interval_ms)}
+    overrides = {"slice_ms": results["slice_ms"], "commit_interval_ms": results["commit_interval_ms"]}
+    if not args.latency_only:
+        print("memory per open call ...", flush=True)
+        results["memory"] = memory_per_open_call()
+        print("logic alone, then the per-record step with its timers (no Kafka) ...", flush=True)
+        sample = [(n.tenant.encode(), n.to_json()) for n in simulated(60_000, 2, _ms() - 3600_000)]
+        results["logic"] = logic_alone(sample, CallRecords(CallRecordsConfig()))
+        results["step"] = step_alone(sample, profile=args.profile)
     with bootstrap_or_temporary_broker() as bootstrap:
         # Latency first: the broker is still quiet (the throughput run leaves it compacting).
         print(f"end-to-end latency at {args.rate:.0f} notifications/s ...", flush=True)
         results["latency"] = asyncio.run(end_to_end(bootstrap, f"lat{uuid.uuid4().hex[:6]}.",
-                                                    args.rate, args.seconds))
-        prefix = f"bench{uuid.uuid4().hex[:6]}."
-        notes = simulated(args.notifications, 1, _ms() - 3600_000)
-        print(f"filling {prefix}keyyo.notifications.v1 with {len(notes)} notifications ...", flush=True)
-
-        async def throughput() -> None:
-            await provision_processor(bootstrap, SPEC, prefix, prefix, f"{prefix}bench.call-records")
-            await fill(bootstrap, NOTIFICATIONS.full_name(prefix),
-                       [(n.tenant.encode(), n.to_json()) for n in notes])
-            print("raw consumer baseline ...", flush=True)
-            raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))
-            print("call-records processor (exactly-once) ...", flush=True)
-            proc = await processor_throughput(bootstrap, prefix, len(notes))
-            if args.state_entries:
-                big = f"big{uuid.uuid4().hex[:6]}."
-                group = f"{big}bench.call-records"
-                await provision_processor(bootstrap, SPEC, big, big, group)
-                print(f"building {args.state_entries} state entries ...", flush=True)
-                state = open_calls_state(args.state_entries, _ms() - 3600_000)
-                written = await fill_changelog(bootstrap, f"{group}.{SPEC.store}.changelog", state)
-                await fill(bootstrap, NOTIFICATIONS.full_name(big),
-                           [(n.tenant.encode(), n.to_json()) for n in notes])
-                print(f"call-records processor restoring {written} entries, then the same input ...",
-                      flush=True)
-                loaded = await processor_throughput(bootstrap, big, len(notes))
-                results["big_state"] = {
-                    "state_entries": written, "processor": loaded,
-                    "restore_entries_per_s": round(written / max(loaded["ready_s"], 1e-3)),
-                    "ratio_to_fresh": None}
-            results["throughput"] = {"notifications": len(notes), "raw_consumer_per_s": round(raw, 1),
-                                     "processor": proc,
-                                     "ratio": round(proc["records_per_s"] / raw, 3)}
-
-        asyncio.run(throughput())
-    t, lat, mem = results["throughput"], results["latency"], results["memory"]
-    if "big_state" in results:
-        b = results["big_state"]
-        b["ratio_to_fresh"] = round(b["processor"]["records_per_s"] / t["processor"]["records_per_s"], 3)
-        print(f"\nwith {b['state_entries']} state entries: ready after {b['processor']['ready_s']} s "
-              f"(≈ {b['restore_entries_per_s']} entries/s restored), then "
-              f"{b['processor']['records_per_s']:.0f} notifications/s = {b['ratio_to_fresh']}x the "
-              f"fresh state (target >= 0.8x; restore < 30 s)")
-    print(f"\nthroughput: processor {t['processor']['records_per_s']:.0f} notifications/s with "
-          f"exactly-once vs raw consumer {t['raw_consumer_per_s']:.0f}/s: {t['ratio']:.3f}x "
-          f"(issue 10 target >= 45,000/s); a partition commits every "
-          f"{t['processor']['ms_between_commits_per_partition']} ms on average")
-    print(f"latency 200 -> call update at {lat['achieved_rate']}/s over {lat['measured_s']:.0f}s after "
-          f"{lat['warmup_s']:.0f}s of warm-up: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max "
-          f"{lat['max_ms']} ms (issue 10 target p99 < 250 ms; warm-up max {lat['warmup_max_ms']} ms); "
-          f"every update seen: {lat['all_seen']}")
-    lg, st = results["logic"], results["step"]
-    print(f"logic alone: {lg['us_per_record']} µs per notification, {lg['decode_us']} µs of it decoding "
-          f"(issue 10 target <= 10 µs); with the runtime's step and the timers closing calls: "
-          f"{st['us_per_record']} µs")
-    print(f"memory: {mem['bytes_per_open_call']:.0f} bytes per open call "
-          f"(state {mem['state_bytes_per_open_call']:.0f} bytes; issue 10 target < 1 KB)")
+                                                    args.rate, args.seconds, overrides, args.warmup))
+        if not args.latency_only:
+            asyncio.run(throughput(bootstrap, args.notifications, args.state_entries, overrides, results))
+    report(results)
     write_results(args.out, "call-records", results)
     return 0
 

@@ -66,6 +66,9 @@ class ProcessorSpec:
     default_slice_ms: int = 8
     """Processing time per transaction and partition: lower commits (and shows results) sooner,
     higher spends less on transactions."""
+    default_commit_interval_ms: int = 0
+    """How long a transaction stays open taking records as they arrive (see
+    :attr:`~processors.runtime.RuntimeSettings.commit_interval_ms`)."""
 
     def group(self, output_prefix: str = "") -> str:
         """The default consumer group."""
@@ -84,7 +87,8 @@ class ProcessorSpec:
         return RuntimeSettings(**{
             "bootstrap": bootstrap, "group": self.group(out), "input_topic": self.input.full_name(prefix),
             "output_prefix": out, "store": self.store, "mode": self.default_mode,
-            "slice_ms": self.default_slice_ms, **overrides})
+            "slice_ms": self.default_slice_ms, "commit_interval_ms": self.default_commit_interval_ms,
+            **overrides})
 
 
 def _call_records(v: Mapping[str, Any]) -> Logic[Any]:

@@ -59,6 +59,10 @@ class RuntimeSettings:
     """Longest wait for input; timers are checked at least this often."""
     slice_ms: int = 8
     """A transaction takes a partition's waiting records for at most this much processing time."""
+    commit_interval_ms: int = 0
+    """A transaction stays open this long after it begins, taking records as they arrive (within
+    its slice), before it commits: fewer, fuller transactions when input trickles in. 0: commit
+    as soon as the waiting records are processed."""
     queue_high: int = 20000
     """A partition with this many records waiting is paused until it is below half."""
     until_idle_s: float | None = None
@@ -324,16 +328,29 @@ class Runtime:
             await producer.begin_transaction()
             writer = self._writer(producer)
             outputs: list[Output] = []
-            until = time.perf_counter() + s.slice_ms / 1000
-            while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
-                rec = part.queue.popleft()
-                records.append(rec)
-                tries = part.attempts.get(rec.offset, 0) if part.careful else 0
-                if tries >= s.max_attempts:
-                    outputs.append(step.dead_letter(rec, f"not accepted by Kafka after {tries} attempts: "
-                                                         f"{part.last_error}", attempts=tries))
-                else:
-                    outputs.extend(step.record(rec, self.clock()))
+            began = time.perf_counter()
+            budget = s.slice_ms / 1000  # processing time left to this transaction
+            commit_at = began + s.commit_interval_ms / 1000
+            while True:
+                until = time.perf_counter() + budget
+                while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
+                    rec = part.queue.popleft()
+                    records.append(rec)
+                    tries = part.attempts.get(rec.offset, 0) if part.careful else 0
+                    if tries >= s.max_attempts:
+                        outputs.append(step.dead_letter(rec, f"not accepted by Kafka after {tries} attempts: "
+                                                             f"{part.last_error}", attempts=tries))
+                    else:
+                        outputs.extend(step.record(rec, self.clock()))
+                budget = until - time.perf_counter()
+                wait = commit_at - time.perf_counter()
+                if (part.queue or budget <= 0 or wait <= 0 or part.careful or part.closing
+                        or flush_ms is not None or self._stopping.is_set()):
+                    break
+                part.wakeup.clear()  # wait for more records, within the commit interval
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await part.wakeup.wait()
             if flush_ms is not None:
                 outputs.extend(step.flush(flush_ms, part.tp.partition))
             outputs.extend(step.timers(self.clock(), part.tp.partition))

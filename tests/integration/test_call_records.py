@@ -230,6 +230,31 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
                              await updates(broker.bootstrap, prefix), expected, sends)
 
 
+async def test_a_commit_interval_gathers_a_trickle_into_fewer_transactions(
+    broker: Broker, prefix: str,
+) -> None:
+    """With a commit interval, a transaction stays open taking records as they arrive: a trickle
+    of notifications costs fewer transactions than notifications, and the records are exact."""
+    await provision(broker.bootstrap, prefix)
+    calls, sends = traffic(seed=41, rate=20, duration=3, start_ms=wall_ms() + 1000, chaos=Chaos())
+    expected = expected_records(calls)
+    async with running_processor(broker.bootstrap, prefix, commit_interval_ms=500) as runtime:
+        await wait_for(lambda: runtime.readiness() == READY, 30, what="processor ready")
+        sender = KafkaSender(broker.bootstrap, NOTIFICATIONS.full_name(prefix))
+        await sender.producer.start()
+        try:
+            await play(sends, sender, wall_ms)
+        finally:
+            await sender.producer.stop()
+        await wait_for_records(broker.bootstrap, prefix, expected, 60)
+        transactions = sum(s.value for m in runtime.metrics.registry.collect() for s in m.samples
+                           if s.name == "keyyo_processor_commit_seconds_count")
+    assert_exactly_the_truth(await records(broker.bootstrap, prefix),
+                             await updates(broker.bootstrap, prefix), expected, sends)
+    # 3 partitions, at most 2 transactions a second each (≈ 20 in all; ≈ 150 committing at once).
+    assert 0 < transactions < len(sends) / 5, (transactions, len(sends))  # ≈ 150 without one
+
+
 async def test_keyyos_own_example_template_gives_200s_and_records(
     broker: Broker, prefix: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
