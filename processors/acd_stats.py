@@ -39,8 +39,6 @@ _OUTCOMES = {"answered": "a", "voicemail": "v", "abandoned": "b", "missed": "b",
 WITHIN_SL, SHORT = 1, 2
 QUARTER_MS = 900_000
 _YEAR_2200_MS = 7_258_118_400_000
-DECODED_INTERVALS = 8192
-"""Intervals kept decoded between calls (the most recently written)."""
 
 
 @dataclass(slots=True)
@@ -167,10 +165,6 @@ class AcdStatsLogic:
         self.config = config or AcdConfig()
         self._intervals: dict[tuple[str, int, int], int] = {}
         self._headers: dict[tuple[Any, ...], tuple[bytes, dict[str, Any]]] = {}
-        self._decoded: dict[str, tuple[bytes, dict[str, Any]]] = {}
-        """Intervals as last written (state value, decoded): a busy interval is not decoded again
-        for every call. An entry is taken out when read and put back when written, so a piece
-        of work that fails in between leaves nothing half-changed to be read."""
 
     decode = staticmethod(decode_record)
 
@@ -359,16 +353,10 @@ class AcdStatsLogic:
 
     # -- state and output -------------------------------------------------------------------
 
-    def _load(self, store: Store, key: str) -> dict[str, Any] | None:
-        """An interval's state (decoded again only if it differs from the last one written)."""
+    @staticmethod
+    def _load(store: Store, key: str) -> dict[str, Any] | None:
         raw = store.get(key)
-        if raw is None:
-            return None
-        cached = self._decoded.pop(key, None)
-        if cached is not None and cached[0] == raw:
-            return cached[1]
-        agg: dict[str, Any] = orjson.loads(raw)
-        return agg
+        return orjson.loads(raw) if raw is not None else None
 
     def _max_wait(self, store: Store, agg: dict[str, Any]) -> int:
         """The longest wait among the interval's calls, read from their contributions."""
@@ -378,19 +366,15 @@ class AcdStatsLogic:
         if agg["mx"] is None:
             agg["mx"] = self._max_wait(store, agg)
         agg["rev"] += 1
-        state = orjson.dumps(agg)
-        store.put(key, state)
-        if len(self._decoded) >= DECODED_INTERVALS:
-            del self._decoded[next(iter(self._decoded))]  # the least recently written
-        self._decoded[key] = (state, agg)
+        store.put(key, orjson.dumps(agg))
         record_key, _ = self._header(agg, tc)
-        # Rendered only if no later change of this interval follows in the same transaction, from
-        # the state written now (``agg`` itself changes with the next call of the interval).
+        # Rendered only if no later change of this interval follows in the same transaction;
+        # ``agg`` is not touched again (each record loads its own copy), so it is a snapshot.
         return Output(ACD_STATS.name, record_key,
-                      functools.partial(self._render, state, tc, now_ms), latest=True)
+                      functools.partial(self._render, agg, tc, now_ms), latest=True)
 
-    def _render(self, state: bytes, tc: TenantAcd, now_ms: int) -> bytes:
-        return orjson.dumps(self.figures(orjson.loads(state), tc, now_ms))
+    def _render(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
+        return orjson.dumps(self.figures(agg, tc, now_ms))
 
     def _header(self, agg: dict[str, Any], tc: TenantAcd) -> tuple[bytes, dict[str, Any]]:
         """The record key and the fields that never change for an interval (cached)."""
