@@ -131,6 +131,17 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _commit_interval(text: str) -> int:
+    """``--commit-interval-ms``: 0 to 5000 (a transaction open longer would read as stuck)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of milliseconds: {text!r}") from None
+    if not 0 <= value <= 5000:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 to 5000 ms")
+    return value
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     """Run a declared processor (one process of its consumer group)."""
     from deploy.topics import provision_processor
@@ -235,7 +246,7 @@ def add_runtime_options(p: argparse.ArgumentParser, spec: ProcessorSpec) -> None
     p.add_argument("--slice-ms", type=int, default=None,
                    help="processing time per transaction and partition: lower commits more often, "
                         f"higher gives more throughput (default {spec.default_slice_ms})")
-    p.add_argument("--commit-interval-ms", type=int, default=None,
+    p.add_argument("--commit-interval-ms", type=_commit_interval, default=None,
                    help="a transaction stays open this long taking records as they arrive before it "
                         "commits: fewer transactions when input trickles in, results seen that much "
                         f"later (default {spec.default_commit_interval_ms}; 0 commits at once)")

@@ -1,14 +1,21 @@
-"""Call-records benchmark: throughput with exactly-once, end-to-end latency, memory per open call.
+"""Call-records benchmark: memory per open call, logic and step timing, latency, throughput.
 
-1. Latency: the edge and a live processor run as separate processes; notifications are sent at
-   a fixed rate over HTTP; latency = call update seen on ``keyyo.call-updates.v1`` minus the
-   moment the edge answered 200 (one clock: this process's). Measured first, on a quiet broker.
-2. Throughput: the notification topic is filled with simulated traffic; one call-records process
+1. Memory: calls opened (SETUP only) in a store, Python allocations per open call (tracemalloc).
+2. Without Kafka: the logic alone (decode, fold, encode the update; decoding also timed apart)
+   and the runtime's per-record step with the timers that close calls (``--profile``: where the
+   time goes).
+3. Latency: the edge and a live processor run as separate processes; notifications are sent at a
+   fixed rate over HTTP; latency = call update seen on ``keyyo.call-updates.v1`` minus the moment
+   the edge answered 200 (one clock: this process's), split where the processor appended the
+   update; measured after ``--warmup`` seconds of traffic (a new broker's JIT compiles first).
+4. Throughput: the notification topic is filled with simulated traffic; one call-records process
    (replay mode, exactly-once transactions, changelog) drains it; a raw aiokafka consumer reads
-   the same topic in the same run as the baseline (ratio).
-3. Memory: calls opened (SETUP only) in a store, Python allocations per open call (tracemalloc).
+   the same topic in the same run as the baseline (ratio). ``--state-entries N`` drains it again
+   with N state entries restored first.
 
     python -m devtools.bench_call_records [--notifications 200000] [--rate 1000] [--seconds 15]
+        [--warmup 30] [--state-entries N] [--latency-only] [--slice-ms MS]
+        [--commit-interval-ms MS] [--profile]
 
 Writes JSON to ``bench-results/call-records-<time>.json``.
 """
@@ -254,8 +261,9 @@ def step_alone(items: list[tuple[bytes, bytes]], profile: bool = False) -> dict[
             "profiled": profile}
 
 
-WARMUP_S = 5.0
-"""Default seconds of warm-up traffic before the latency is measured."""
+WARMUP_S = 30.0
+"""Default seconds of warm-up traffic before the latency is measured: a new broker's JIT compiler
+runs for about a minute, and its first transactions create its internal topics."""
 
 
 async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float,

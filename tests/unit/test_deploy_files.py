@@ -144,3 +144,13 @@ async def test_processor_probe_paths_are_served() -> None:
         for path in ("/readyz", "/healthz", "/metrics"):
             async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
                 assert resp.status == 200, path
+
+
+def test_a_commit_interval_out_of_bounds_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["process", "call-records", "--commit-interval-ms", "100"])
+    assert args.commit_interval_ms == 100
+    for bad, reason in (("9000", "9000 is outside 0 to 5000 ms"), ("soon", "not a whole number")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["process", "call-records", "--commit-interval-ms", bad])
+        assert reason in capsys.readouterr().err
