@@ -69,6 +69,19 @@ def test_timers_fire_once_in_their_domain_and_moves_or_cancels_are_respected() -
     assert list(store.due("globex", 49)) == [] and list(store.due("globex", 50)) == ["g"]
 
 
+def test_a_timer_set_again_for_the_same_time_writes_nothing() -> None:
+    store = Store()
+    store.domain = "acme"
+    store.wake("call", 1_000)
+    store.commit()
+    store.wake("call", 1_000)
+    assert store.staged() == {}
+    store.wake("call", 2_000)
+    assert list(store.staged().values()) == [b"2000"]
+    store.commit()
+    assert list(store.due("acme", 1_500)) == [] and list(store.due("acme", 2_000)) == ["call"]
+
+
 def test_an_aborted_transaction_gives_its_due_timers_back() -> None:
     store = Store()
     store.wake("x", 100)
