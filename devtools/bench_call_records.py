@@ -141,15 +141,14 @@ async def processor_throughput(bootstrap: str, prefix: str, expected: int,
     await task
     assert started is not None and done_at is not None, "the processor did not drain the topic"
     commits = metrics.commit_seconds._sum.get()  # private: as above
-    transactions = sum(s.value for m in metrics.registry.collect() for s in m.samples
-                       if s.name == "keyyo_processor_commit_seconds_count")
+    transactions = metrics.transactions()
     seconds = done_at - started[0]
     partitions = spec.input.partitions
     restored = metrics.restored_records._value.get()  # private: as above
     return {"records_per_s": round((expected - started[1]) / seconds, 1),
             "seconds": round(seconds, 2), "commit_seconds_total": round(commits, 2),
             "ready_s": round(ready_s or 0.0, 2), "restored_changelog_records": int(restored),
-            "transactions": int(transactions),
+            "transactions": transactions,
             "ms_between_commits_per_partition": round(seconds * 1000 * partitions / max(transactions, 1), 1)}
 
 
@@ -403,15 +402,15 @@ async def throughput(bootstrap: str, count: int, state_entries: int, overrides: 
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     # Records only: the processor runs in this process, and a list of Notification objects (each
     # tracked by the garbage collector) would cost it ≈ 30 % that no real processor pays.
-    notes = [(n.tenant.encode(), n.to_json()) for n in simulated(count, 1, _ms() - 3600_000)]
+    items = [(n.tenant.encode(), n.to_json()) for n in simulated(count, 1, _ms() - 3600_000)]
     gc.collect()
-    print(f"filling {prefix}keyyo.notifications.v1 with {len(notes)} notifications ...", flush=True)
+    print(f"filling {prefix}keyyo.notifications.v1 with {len(items)} notifications ...", flush=True)
     await provision_processor(bootstrap, SPEC, prefix, prefix, f"{prefix}bench.call-records")
-    await fill(bootstrap, NOTIFICATIONS.full_name(prefix), notes)
+    await fill(bootstrap, NOTIFICATIONS.full_name(prefix), items)
     print("raw consumer baseline ...", flush=True)
-    raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(notes))
+    raw = await raw_consume(bootstrap, NOTIFICATIONS.full_name(prefix), len(items))
     print("call-records processor (exactly-once) ...", flush=True)
-    proc = await processor_throughput(bootstrap, prefix, len(notes), **overrides)
+    proc = await processor_throughput(bootstrap, prefix, len(items), **overrides)
     if state_entries:
         big = f"big{uuid.uuid4().hex[:6]}."
         group = f"{big}bench.call-records"
@@ -421,14 +420,14 @@ async def throughput(bootstrap: str, count: int, state_entries: int, overrides: 
         written = await fill_changelog(bootstrap, f"{group}.{SPEC.store}.changelog", state)
         del state
         gc.collect()
-        await fill(bootstrap, NOTIFICATIONS.full_name(big), notes)
+        await fill(bootstrap, NOTIFICATIONS.full_name(big), items)
         print(f"call-records processor restoring {written} entries, then the same input ...", flush=True)
-        loaded = await processor_throughput(bootstrap, big, len(notes), **overrides)
+        loaded = await processor_throughput(bootstrap, big, len(items), **overrides)
         results["big_state"] = {
             "state_entries": written, "processor": loaded,
             "restore_entries_per_s": round(written / max(loaded["ready_s"], 1e-3)),
             "ratio_to_fresh": round(loaded["records_per_s"] / proc["records_per_s"], 3)}
-    results["throughput"] = {"notifications": len(notes), "raw_consumer_per_s": round(raw, 1),
+    results["throughput"] = {"notifications": len(items), "raw_consumer_per_s": round(raw, 1),
                              "processor": proc, "ratio": round(proc["records_per_s"] / raw, 3)}
 
 

@@ -58,6 +58,11 @@ class ProcessorMetrics:
                               ["processor"], registry=self.registry).labels(**labels)
         self.processor = processor
 
+    def transactions(self) -> int:
+        """Transactions committed so far (the commit histogram's count)."""
+        return int(sum(s.value for m in self.registry.collect() for s in m.samples
+                       if s.name == "keyyo_processor_commit_seconds_count"))
+
 
 class HasRegistry(Protocol):
     """Metrics a side port can serve."""

@@ -328,9 +328,8 @@ class Runtime:
             await producer.begin_transaction()
             writer = self._writer(producer)
             outputs: list[Output] = []
-            began = time.perf_counter()
             budget = s.slice_ms / 1000  # processing time left to this transaction
-            commit_at = began + s.commit_interval_ms / 1000
+            commit_at = time.perf_counter() + s.commit_interval_ms / 1000
             while True:
                 until = time.perf_counter() + budget
                 while part.queue and (not records or (time.perf_counter() < until and not part.careful)):

@@ -77,7 +77,7 @@ class Store:
     def wake(self, key: str, at_ms: int) -> None:
         """Ask to be woken for ``key`` once the current domain's time reaches ``at_ms`` (replaces
         any earlier timer of ``key``; a timer already set for that time costs no write)."""
-        wake_key = f"{_WAKE}{self.domain}{_SEP}{key}"
+        wake_key = self._wake_key(key)
         value = str(int(at_ms)).encode()
         if self.get(wake_key) != value:
             self._stage(wake_key, value)

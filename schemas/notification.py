@@ -209,16 +209,17 @@ _DAYS: dict[str, int] = {}
 @functools.lru_cache(maxsize=1024)
 def parse_rfc3339_ms(text: str) -> int:
     """Milliseconds since the epoch from an RFC 3339 timestamp as written by :func:`rfc3339_ms`."""
-    day = _DAYS.get(text[:10])
-    if (day is not None and len(text) == 24 and text[10] == "T" and text[13] == ":" and text[16] == ":"
-            and text[19] == "." and text[23] == "Z"):
+    layout = (len(text) == 24 and text[10] == "T" and text[13] == ":" and text[16] == ":"
+              and text[19] == "." and text[23] == "Z")
+    day = _DAYS.get(text[:10]) if layout else None
+    if day is not None:
         digits = text[11:13] + text[14:16] + text[17:19] + text[20:23]
         if digits.isascii() and digits.isdecimal():
             hours, minutes, seconds = int(digits[:2]), int(digits[2:4]), int(digits[4:6])
             if hours < 24 and minutes < 60 and seconds < 60:
                 return day + ((hours * 60 + minutes) * 60 + seconds) * 1000 + int(digits[6:])
     ms = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000 + 0.5)
-    if len(text) == 24 and text[10] == "T" and len(_DAYS) < 100_000:
+    if layout and len(_DAYS) < 100_000:  # a valid time of this layout: its day is one
         midnight = datetime.fromisoformat(text[:10] + "T00:00:00+00:00")
         _DAYS[text[:10]] = int(midnight.timestamp()) * 1000
     return ms

@@ -32,6 +32,7 @@ from tests.integration.pipeline import (
     records,
     run_to_end,
     running_processor,
+    send_to_kafka,
     stop_process,
     traffic,
     updates,
@@ -209,12 +210,7 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
                 return await original(offsets, group)
 
             part.producer.send_offsets_to_transaction = failing  # type: ignore[method-assign]
-        sender = KafkaSender(broker.bootstrap, NOTIFICATIONS.full_name(prefix))
-        await sender.producer.start()
-        try:
-            await play(sends, sender, wall_ms)
-        finally:
-            await sender.producer.stop()
+        await send_to_kafka(broker.bootstrap, prefix, sends)
 
         await wait_for_records(broker.bootstrap, prefix, expected, 60)
         async with aiohttp.ClientSession() as session:
@@ -240,15 +236,9 @@ async def test_a_commit_interval_gathers_a_trickle_into_fewer_transactions(
     expected = expected_records(calls)
     async with running_processor(broker.bootstrap, prefix, commit_interval_ms=500) as runtime:
         await wait_for(lambda: runtime.readiness() == READY, 30, what="processor ready")
-        sender = KafkaSender(broker.bootstrap, NOTIFICATIONS.full_name(prefix))
-        await sender.producer.start()
-        try:
-            await play(sends, sender, wall_ms)
-        finally:
-            await sender.producer.stop()
+        await send_to_kafka(broker.bootstrap, prefix, sends)
         await wait_for_records(broker.bootstrap, prefix, expected, 60)
-        transactions = sum(s.value for m in runtime.metrics.registry.collect() for s in m.samples
-                           if s.name == "keyyo_processor_commit_seconds_count")
+        transactions = runtime.metrics.transactions()
     assert_exactly_the_truth(await records(broker.bootstrap, prefix),
                              await updates(broker.bootstrap, prefix), expected, sends)
     # 3 partitions, at most 2 transactions a second each (≈ 20 in all; ≈ 150 committing at once).
