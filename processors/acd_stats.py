@@ -31,7 +31,7 @@ from processors.acd_config import AcdConfig, TenantAcd
 from processors.contract import Invalid, Output, Refused, Store, json_object
 from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, interval_start, stats_key
 from schemas.call_record import CALL_RECORD_SCHEMA, RECORD_ID, RECORD_NUMBER, RECORD_TIME
-from schemas.notification import TENANT_ID, parse_rfc3339_ms, rfc3339_ms
+from schemas.notification import TENANT_ID, canonical_time_ms, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
 
 _OUTCOMES = {"answered": "a", "voicemail": "v", "abandoned": "b", "missed": "b", "no_answer": "b"}
@@ -71,15 +71,12 @@ def _str(rec: dict[str, Any], name: str, pattern: re.Pattern[str], nullable: boo
     return value
 
 
-_TIMES: dict[str, int] = {}
-"""Times already checked and parsed (a record repeats its own: a leg's connect is the answer)."""
-
-
 def _time(rec: dict[str, Any], name: str, nullable: bool = True) -> int | None:
     value = rec.get(name)
     if value is None and nullable:
         return None
-    if type(value) is str and (ms := _TIMES.get(value)) is not None:
+    # Most times are laid out as the call-records processor writes them, in a second seen before.
+    if type(value) is str and (ms := canonical_time_ms(value)) is not None and 0 <= ms < _YEAR_2200_MS:
         return ms
     if type(value) is not str or not RECORD_TIME.fullmatch(value):
         raise Invalid(f"{name}: not an RFC 3339 UTC time")
@@ -89,9 +86,6 @@ def _time(rec: dict[str, Any], name: str, nullable: bool = True) -> int | None:
         raise Invalid(f"{name}: not a real date") from None
     if not 0 <= ms < _YEAR_2200_MS:
         raise Invalid(f"{name}: outside the years 1970-2199")
-    if len(_TIMES) > 4096:
-        _TIMES.clear()
-    _TIMES[value] = ms
     return ms
 
 

@@ -202,26 +202,34 @@ def _string_violation(name: str, value: object, limit: int) -> ContractViolation
 _STRING_VALUES = operator.itemgetter(*(entry[0] for entry in _STRINGS))
 
 
-_DAYS: dict[str, int] = {}
-"""Days already parsed (``YYYY-MM-DD`` -> ms at midnight UTC): a day's times skip ``datetime``."""
+_SECOND = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}")
+_SECOND_MS: dict[str, int] = {}
+"""Seconds already parsed, ``YYYY-MM-DDTHH:MM:SS`` (ASCII digits, checked by ``datetime``) -> ms:
+a stream's times fall in few distinct seconds, so most times cost one lookup."""
 
 
-@functools.lru_cache(maxsize=1024)
+def canonical_time_ms(text: str) -> int | None:
+    """Milliseconds since the epoch of a time laid out as :func:`rfc3339_ms` writes it whose second
+    was parsed before; None for any other text (which :func:`parse_rfc3339_ms` then checks in full)."""
+    if len(text) == 24 and text[19] == "." and text[23] == "Z":
+        second = _SECOND_MS.get(text[:19])
+        if second is not None:
+            millis = text[20:23]
+            if millis.isascii() and millis.isdigit():
+                return second + int(millis)
+    return None
+
+
 def parse_rfc3339_ms(text: str) -> int:
-    """Milliseconds since the epoch from an RFC 3339 timestamp as written by :func:`rfc3339_ms`."""
-    layout = (len(text) == 24 and text[10] == "T" and text[13] == ":" and text[16] == ":"
-              and text[19] == "." and text[23] == "Z")
-    day = _DAYS.get(text[:10]) if layout else None
-    if day is not None:
-        digits = text[11:13] + text[14:16] + text[17:19] + text[20:23]
-        if digits.isascii() and digits.isdecimal():
-            hours, minutes, seconds = int(digits[:2]), int(digits[2:4]), int(digits[4:6])
-            if hours < 24 and minutes < 60 and seconds < 60:
-                return day + ((hours * 60 + minutes) * 60 + seconds) * 1000 + int(digits[6:])
+    """Milliseconds since the epoch from an RFC 3339 timestamp (``ValueError`` if it is not one)."""
+    ms = canonical_time_ms(text)
+    if ms is not None:
+        return ms
     ms = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000 + 0.5)
-    if layout and len(_DAYS) < 100_000:  # a valid time of this layout: its day is one
-        midnight = datetime.fromisoformat(text[:10] + "T00:00:00+00:00")
-        _DAYS[text[:10]] = int(midnight.timestamp()) * 1000
+    if len(text) == 24 and text[19] == "." and text[23] == "Z" and _SECOND.fullmatch(text, 0, 19):
+        if len(_SECOND_MS) >= 65_536:
+            _SECOND_MS.clear()
+        _SECOND_MS[text[:19]] = ms - int(text[20:23])
     return ms
 
 
