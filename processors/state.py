@@ -129,11 +129,14 @@ class Store:
         staged = self._staged.get(_TIME + domain)
         return int(staged) if staged is not None else self._times.get(domain, 0)
 
-    def advance(self, domain: str, at_ms: int) -> None:
+    def advance(self, domain: str, at_ms: int) -> int:
         """Move ``domain``'s stream time forward to ``at_ms`` (never backwards); staged like any
-        other entry, so an abort or a rolled-back step takes it back."""
-        if at_ms > self.time(domain):
+        other entry, so an abort or a rolled-back step takes it back. Returns the domain's time."""
+        current = self.time(domain)
+        if at_ms > current:
             self._stage(_TIME + domain, str(at_ms).encode())
+            return at_ms
+        return current
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -156,8 +159,12 @@ class Store:
 
     def step_largest(self) -> int:
         """Size of the largest value staged since :meth:`begin_step` (0 if none)."""
-        staged = self._staged
-        return max((len(v) for key, _ in self._undo or () if (v := staged[key]) is not None), default=0)
+        staged, largest = self._staged, 0
+        for key, _ in self._undo or ():  # a plain loop: most steps stage a few small entries
+            value = staged[key]
+            if value is not None and len(value) > largest:
+                largest = len(value)
+        return largest
 
     def staged(self) -> dict[str, bytes | None]:
         """Writes since the last commit (value None = deletion), coalesced per key, clocks included."""

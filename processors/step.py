@@ -115,8 +115,9 @@ class Step:
         refusal = self._time_refusal(event_ms, rec.timestamp, wall_ms)
         if refusal is not None:
             return [self.dead_letter(rec, refusal)]
-        self.store.advance(domain, event_ms)
-        now = self.now(domain, wall_ms)
+        now = self.store.advance(domain, event_ms)
+        if self.mode == "live":  # as self.now(), without reading the time again
+            now = max(now, wall_ms - self.allowed_lateness_ms)
         outputs = self._due(domain, now, rec.partition)
         produced, problem = self._isolated(
             domain, functools.partial(self.logic.on_event, self.store, event, now), "processing failed",

@@ -93,8 +93,8 @@ def test_an_aborted_transaction_gives_its_due_timers_back() -> None:
 
 def test_clocks_move_forward_only_and_are_committed_like_state() -> None:
     store = Store()
-    store.advance("acme", 1000)
-    store.advance("acme", 500)
+    assert store.advance("acme", 1000) == 1000
+    assert store.advance("acme", 500) == 1000  # the domain's time, which stays
     assert store.time("acme") == 1000 and store.time("globex") == 0
     store.abort()
     assert store.time("acme") == 0
