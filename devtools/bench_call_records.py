@@ -370,12 +370,23 @@ async def end_to_end(bootstrap: str, prefix: str, rate: float, seconds: float,
         "max_ms": round(lat[-1], 1) if lat else None,
         "warmup_max_ms": round(max(warmup), 1) if warmup else None,
         "max_ms_by_second": {str(k): round(max(v), 1) for k, v in sorted(by_second.items())},
+        "p99_ms_by_window": _p99_by_window(by_second, warmup_s),
         "all_seen": acked.keys() <= seen.keys(),
         "split": {  # the 200 -> the update appended by the processor -> seen, committed
             "to_appended_p50_ms": _pct(processed, 0.5), "to_appended_p99_ms": _pct(processed, 0.99),
             "appended_to_seen_p50_ms": _pct(committed, 0.5),
             "appended_to_seen_p99_ms": _pct(committed, 0.99)},
     }
+
+
+def _p99_by_window(by_second: dict[int, list[float]], warmup_s: float, window_s: int = 5) -> list[float]:
+    """p99 of each ``window_s`` seconds of the measured traffic, in order: shows whether the tail
+    is steady or a few stalls."""
+    windows: dict[int, list[float]] = {}
+    for second, values in by_second.items():
+        if second >= warmup_s:
+            windows.setdefault(int((second - warmup_s) // window_s), []).extend(values)
+    return [_pct(sorted(v), 0.99) or 0.0 for _, v in sorted(windows.items())]
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -451,6 +462,8 @@ def report(results: dict[str, Any]) -> None:
           f"{results['commit_interval_ms']} ms: p50 {lat['p50_ms']} ms, "
           f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (issue 10 target p99 < 250 ms; warm-up max "
           f"{lat['warmup_max_ms']} ms); every update seen: {lat['all_seen']}")
+    windows = ", ".join(f"{v:.0f}" for v in lat["p99_ms_by_window"])
+    print(f"  p99 of each 5 s of the measured traffic: {windows} ms")
     sp = lat["split"]
     print(f"  of which 200 -> update appended by the processor: p50 {sp['to_appended_p50_ms']} ms, p99 "
           f"{sp['to_appended_p99_ms']} ms; appended -> committed and read: p50 "
