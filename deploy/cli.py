@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import secrets
 import sys
@@ -91,7 +92,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if settings.spool_dir is not None:
             settings = dataclasses.replace(settings, spool_dir=settings.spool_dir / f"worker-{args.worker}")
         own_port = (args.metrics_host, metrics_port)
-    _use_uvloop(args.uvloop)
+    _before_serving(args.uvloop)
     serve(settings, args.host, args.port, reuse_port=args.worker is not None, own_port=own_port)
     return 0
 
@@ -176,7 +177,7 @@ def cmd_process(args: argparse.Namespace) -> int:
                            args.health_port if args.health_port is not None else spec.health_port,
                            next_free=0 if args.health_port is not None else 100)
 
-    _use_uvloop(args.uvloop)
+    _before_serving(args.uvloop)
     try:
         return 0 if asyncio.run(main()) else 1
     except OSError as exc:
@@ -216,7 +217,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
     from aiokafka.errors import KafkaError
 
-    _use_uvloop(args.uvloop)
+    _before_serving(args.uvloop)
     try:
         asyncio.run(main())
     except (OSError, RuntimeError, KafkaError) as exc:
@@ -306,11 +307,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Local stack: broker, topics, ingest edge and demo traffic."""
     from deploy.local_stack import run_local
 
-    _use_uvloop(args.uvloop)
+    _before_serving(args.uvloop)
     return run_local(args)
 
 
-def _use_uvloop(wanted: bool) -> None:
+def _before_serving(wanted: bool) -> None:
+    """Before a long-running service: uvloop if asked (and installed); then what start-up made
+    (modules, settings) is moved out of the cyclic garbage collector's sight, so its full
+    collections walk only what the service makes (an edge's took 40-70 ms every few seconds at
+    1,000 requests/s, each a pause for every request in flight)."""
+    gc.collect()
+    gc.freeze()
     if not wanted:
         return
     try:
