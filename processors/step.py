@@ -96,10 +96,13 @@ class Step:
 
     def now(self, domain: str, wall_ms: int) -> int:
         """Stream time of ``domain``: its highest event time, and live at least wall - lateness."""
-        t = self.store.time(domain)
+        return self._floored(self.store.time(domain), wall_ms)
+
+    def _floored(self, time_ms: int, wall_ms: int) -> int:
+        """A domain's time as :meth:`now` gives it, from its event time."""
         if self.mode == "live":
-            return max(t, wall_ms - self.allowed_lateness_ms)
-        return t
+            return max(time_ms, wall_ms - self.allowed_lateness_ms)
+        return time_ms
 
     # -- records ----------------------------------------------------------------------------
 
@@ -115,9 +118,7 @@ class Step:
         refusal = self._time_refusal(event_ms, rec.timestamp, wall_ms)
         if refusal is not None:
             return [self.dead_letter(rec, refusal)]
-        now = self.store.advance(domain, event_ms)
-        if self.mode == "live":  # as self.now(), without reading the time again
-            now = max(now, wall_ms - self.allowed_lateness_ms)
+        now = self._floored(self.store.advance(domain, event_ms), wall_ms)  # the time, read once
         outputs = self._due(domain, now, rec.partition)
         produced, problem = self._isolated(
             domain, functools.partial(self.logic.on_event, self.store, event, now), "processing failed",
