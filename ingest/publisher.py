@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.protocol.metadata import MetadataRequest
 
 from ingest.metrics import IngestMetrics
 from ingest.spool import Spool, SpooledRecord, encode
@@ -191,7 +192,7 @@ class Publisher:
                         await self._producer.start()
                     started = True
                 async with asyncio.timeout(3.0):
-                    await self._producer.client.fetch_all_metadata()
+                    await self._refresh_metadata()
                 self.kafka_ok = True
                 for topic in list(self._partitions):
                     partitions = sorted(await self._producer.partitions_for(topic))
@@ -201,6 +202,22 @@ class Publisher:
             except (KafkaError, TimeoutError, OSError):
                 self.kafka_ok = False
             await asyncio.sleep(1.0 if self.kafka_ok else 0.5)
+
+    async def _refresh_metadata(self) -> None:
+        """Ask a broker for the metadata of the topics this edge writes to (none before its first
+        write), never for the whole cluster's: on a cluster of many topics, every partition's
+        metadata once a second was CPU and garbage-collector work on the edge's event loop."""
+        client = self._producer.client
+        if self._partitions:
+            for topic in self._partitions:
+                client.add_topic(topic)  # already there in the common case
+            if not await client.force_metadata_update():
+                raise KafkaError("no broker answered a metadata request")
+            return
+        node = client.get_random_node()
+        if node is None:
+            raise KafkaError("no broker known")
+        await client.send(node, MetadataRequest([]))  # an empty list names no topic (v1 and later)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Outcome:
         """Write one record durably within the budget, or say it could not be."""

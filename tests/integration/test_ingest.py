@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from importlib import resources
+from typing import Any
 from urllib.parse import urlencode
 
 import jsonschema
@@ -153,6 +155,30 @@ async def test_health_and_readiness(broker: Broker, prefix: str) -> None:
         assert await edge.get("/healthz") == (200, {"status": "ok"})
         assert await edge.get("/readyz") == (200, {"ready": True,
                                                    "checks": {"kafka": True, "spool": True}})
+
+
+async def test_the_readiness_probe_never_asks_for_the_whole_clusters_metadata(
+        broker: Broker, prefix: str) -> None:
+    # The probe runs every second. Asking for every topic's metadata each time made the edge parse
+    # (and its garbage collector walk) every partition of a shared cluster.
+    asked: list[list[str] | None] = []
+    async with running_edge(broker.bootstrap, prefix) as edge:
+        client = edge.publisher._producer.client
+        update = client._metadata_update
+
+        async def spy(cluster: Any, topics: Any) -> Any:
+            asked.append(sorted(topics) if topics else None)
+            return await update(cluster, topics)
+
+        client._metadata_update = spy
+        await asyncio.sleep(2.5)  # idle: nothing written yet
+        call = answered_incoming("33123456789", "33612345678", T)
+        assert (await edge.notify(call[0])).status == 200
+        await asyncio.sleep(2.5)
+        assert await edge.get("/readyz") == (200, {"ready": True,
+                                                   "checks": {"kafka": True, "spool": True}})
+    assert None not in asked
+    assert asked.count([edge.topic]) >= 2  # the probe still refreshes what the edge writes to
 
 
 query_values = st.one_of(st.text(max_size=40), st.sampled_from(["SETUP", "", "1", "_DREF_"]),
