@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.protocol.metadata import MetadataRequest
 
 SHORT_NAMES = {
     "notifications": "keyyo.notifications.v1",
@@ -64,9 +66,18 @@ def render(value: dict[str, Any]) -> str:
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """Every partition of ``topic`` (empty when it does not exist), from fresh metadata."""
-    await consumer._client.force_metadata_update()  # private: no public way to refresh metadata
-    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    """Every partition of ``topic`` (empty when it does not exist), from a broker's fresh metadata
+    of that topic alone: not every topic's (what a client that names no topic asks for, a weight on
+    a shared cluster), and without creating it (where ``auto.create.topics.enable`` is on)."""
+    client = consumer._client  # private: no public metadata request
+    node = client.get_random_node()
+    if node is None:
+        raise KafkaConnectionError("no broker known")
+    response = await client.send(node, MetadataRequest([topic], allow_auto_topic_creation=False))
+    for entry in response.topics:  # (error, name, [is_internal,] partitions): v0 has no is_internal
+        if entry[1] == topic and entry[0] == 0:
+            return [TopicPartition(topic, p) for p in sorted(part[1] for part in entry[-1])]
+    return []
 
 
 async def tail(

@@ -13,8 +13,10 @@ import logging
 from collections import OrderedDict
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
+
+from deploy.tail import topic_partitions
 
 log = logging.getLogger("keyyo.ingest")
 
@@ -69,12 +71,10 @@ class ActionResults:
                                         isolation_level="read_committed", client_id="keyyo-ingest-results")
             try:
                 await consumer.start()
-                await consumer._client.force_metadata_update()  # private: no public metadata refresh
-                partitions = consumer.partitions_for_topic(self.topic)
-                if not partitions:
+                tps = await topic_partitions(consumer, self.topic)
+                if not tps:
                     await asyncio.sleep(5)
                     continue
-                tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
                 consumer.assign(tps)
                 await consumer.seek_to_beginning(*tps)
                 ends = await consumer.end_offsets(tps)

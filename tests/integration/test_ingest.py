@@ -12,12 +12,16 @@ from urllib.parse import urlencode
 import jsonschema
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deploy.tail import topic_partitions
+from deploy.topics import create_topics
 from devtools.traffic import answered_incoming, intercepted_incoming
 from ingest.parsing import ALIASES
 from schemas.notification import rfc3339_ms
+from schemas.topics import NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANT, running_edge
 from tests.kafka import Broker, read_topic, read_values
 
@@ -179,6 +183,21 @@ async def test_the_readiness_probe_never_asks_for_the_whole_clusters_metadata(
                                                    "checks": {"kafka": True, "spool": True}})
     assert None not in asked
     assert asked.count([edge.topic]) >= 2  # the probe still refreshes what the edge writes to
+
+
+async def test_a_topics_partitions_are_read_from_that_topics_metadata_alone(
+        broker: Broker, prefix: str) -> None:
+    # What the edge's follower of action results (and tail, report, the tests) reads partitions with.
+    await create_topics(broker.bootstrap, prefix, partitions=3)
+    topic = prefix + NOTIFICATIONS.name
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap)
+    await consumer.start()
+    try:
+        assert await topic_partitions(consumer, topic) == [TopicPartition(topic, p) for p in range(3)]
+        assert await topic_partitions(consumer, prefix + "no.such.topic") == []
+        assert consumer._client.cluster.topics() == set()  # no other topic's metadata was fetched
+    finally:
+        await consumer.stop()
 
 
 query_values = st.one_of(st.text(max_size=40), st.sampled_from(["SETUP", "", "1", "_DREF_"]),
