@@ -37,6 +37,14 @@ from processors.step import Limits, Step
 log = logging.getLogger("keyyo.processor")
 
 
+class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Adds its fields to each line's own (the standard adapter would replace them)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """How one processor process runs."""
@@ -193,6 +201,8 @@ class Runtime:
         self.logic = logic
         self.metrics = metrics
         self.clock = clock
+        self.log = _Tagged(log, {"processor": settings.group})
+        """The processor's logger: every line says which processor (group) it is from."""
         self.parts: dict[TopicPartition, _Partition] = {}
         self.restoring: set[TopicPartition] = set()
         self.joined = False
@@ -365,7 +375,7 @@ class Runtime:
             if last is not None:
                 part.changelog_offset = last + 1
         except ProducerFenced:
-            log.warning("fenced: another process owns the partition now",
+            self.log.warning("fenced: another process owns the partition now",
                         extra={"topic": part.tp.topic, "partition": part.tp.partition})
             store.abort()
             part.fenced = True  # its state is no longer this process's to keep or checkpoint
@@ -387,7 +397,7 @@ class Runtime:
                 part.careful = False
                 part.attempts.clear()
         if part.stuck_since is not None:
-            log.info("partition progressing again", extra={
+            self.log.info("partition progressing again", extra={
                 "topic": part.tp.topic, "partition": part.tp.partition, "offset": part.position})
             self.metrics.stuck.labels(self.metrics.processor, str(part.tp.partition)).set(0)
         part.failures, part.stuck_since = 0, None
@@ -402,7 +412,7 @@ class Runtime:
         part.failures += 1
         part.last_error = f"{type(exc).__name__}: {exc}"[:500]
         first = records[0].offset if records else None
-        log.error("transaction failed, aborted; it will be tried again", extra={
+        self.log.error("transaction failed, aborted; it will be tried again", extra={
             "topic": part.tp.topic, "partition": part.tp.partition, "offset": first,
             "records": len(records), "kafka_away": away, "error": part.last_error})
         self.metrics.failures.labels(self.metrics.processor, "kafka_away" if away else "refused").inc()
@@ -414,7 +424,7 @@ class Runtime:
         if part.failures >= self.settings.stuck_after_failures and part.stuck_since is None:
             part.stuck_since = time.monotonic()
             self.metrics.stuck.labels(self.metrics.processor, str(part.tp.partition)).set(1)
-            log.error("partition stuck: transactions keep failing", extra={
+            self.log.error("partition stuck: transactions keep failing", extra={
                 "topic": part.tp.topic, "partition": part.tp.partition, "offset": first,
                 "failures": part.failures, "error": part.last_error})
         if records and self._consumer is not None:
@@ -468,7 +478,7 @@ class Runtime:
         """A worker that died of a bug stops the process: better a restart than a stalled partition."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error("partition worker failed; stopping", exc_info=task.exception(), extra={
+        self.log.error("partition worker failed; stopping", exc_info=task.exception(), extra={
             "topic": part.tp.topic, "partition": part.tp.partition, "offset": part.position})
         self.failed = True
         self.stop()
@@ -498,7 +508,7 @@ class Runtime:
                 restored, source = await self._restore(part)
                 break
             except KafkaError as exc:
-                log.warning("restoring a partition failed; trying again", extra={
+                self.log.warning("restoring a partition failed; trying again", extra={
                     "topic": part.tp.topic, "partition": part.tp.partition, "error": repr(exc)[:300]})
                 with contextlib.suppress(Exception):
                     await part.producer.stop()
@@ -512,7 +522,7 @@ class Runtime:
         part.restored = True
         part.restore = None
         self.metrics.restore_remaining.labels(self.metrics.processor, str(part.tp.partition)).set(0)
-        log.info("partition restored", extra={
+        self.log.info("partition restored", extra={
             "topic": part.tp.topic, "partition": part.tp.partition, "entries": len(part.store),
             "changelog_records": restored, "source": source, "changelog_span": part.restore_span,
             "seconds": round(time.monotonic() - started, 2),
@@ -538,7 +548,7 @@ class Runtime:
                     store.restore(key, value)
                 start, source = loaded.offset, "checkpoint"
             elif why != "no checkpoint":
-                log.warning("partition checkpoint not used: " + why, extra={
+                self.log.warning("partition checkpoint not used: " + why, extra={
                     "topic": tp.topic, "partition": partition})
         consumer = AIOKafkaConsumer(bootstrap_servers=s.bootstrap,
                                     isolation_level="read_committed", enable_auto_commit=False)
@@ -549,7 +559,7 @@ class Runtime:
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
             if start > end:  # the changelog was recreated: the saved state is not its state
-                log.warning("saved state is ahead of the changelog; restoring it all", extra={
+                self.log.warning("saved state is ahead of the changelog; restoring it all", extra={
                     "topic": tp.topic, "partition": partition, "saved_offset": start, "end": end})
                 store.clear()
                 start, source = 0, "changelog"
@@ -569,7 +579,7 @@ class Runtime:
                 part.restore["applied"] = count
                 if time.monotonic() - last_note >= 1:
                     last_note = time.monotonic()
-                    log.info("restoring partition", extra={
+                    self.log.info("restoring partition", extra={
                         "topic": tp.topic, "partition": partition, "applied": count,
                         "remaining": end - position, "source": source,
                         "records_per_s": round(count / (last_note - began))})
@@ -624,10 +634,10 @@ class Runtime:
                     checkpoint.write, checkpoint.path_for(s.state_dir, tp.topic, tp.partition),
                     tp.topic, tp.partition, offset, dict(part.store.committed()))
             except OSError as exc:
-                log.warning("checkpoint not written", extra={
+                self.log.warning("checkpoint not written", extra={
                     "topic": tp.topic, "partition": tp.partition, "error": str(exc)})
                 return
-            log.info("partition checkpoint written", extra={
+            self.log.info("partition checkpoint written", extra={
                 "topic": tp.topic, "partition": tp.partition, "offset": offset,
                 "entries": len(part.store), "bytes": size,
                 "seconds": round(time.monotonic() - started, 2)})

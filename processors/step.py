@@ -236,7 +236,8 @@ class Step:
 
     def _log_bug(self, exc: Exception, topic: str, partition: int, offset: int | None) -> None:
         """A traceback at most once a minute: a flood of bad records must not flood the logs."""
-        extra = {"topic": topic, "partition": partition, "offset": offset, "error": repr(exc)[:500]}
+        extra = {"processor": self.processor, "topic": topic, "partition": partition, "offset": offset,
+                 "error": repr(exc)[:500]}
         if time.monotonic() - self._last_trace > 60:
             self._last_trace = time.monotonic()
             log.error("processing failed; record set aside", exc_info=exc, extra=extra)
