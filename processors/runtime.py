@@ -376,7 +376,7 @@ class Runtime:
                 part.changelog_offset = last + 1
         except ProducerFenced:
             self.log.warning("fenced: another process owns the partition now",
-                        extra={"topic": part.tp.topic, "partition": part.tp.partition})
+                             extra={"topic": part.tp.topic, "partition": part.tp.partition})
             store.abort()
             part.fenced = True  # its state is no longer this process's to keep or checkpoint
             part.closing = True
