@@ -608,7 +608,7 @@ class Runtime:
                 await part.worker
         if flush_ms is not None:
             part.queue.clear()  # only the timers: records left are read again by the next owner
-            await self._process(part, flush_ms=flush_ms)
+            await self._flush_at_end(part, flush_ms)
         with contextlib.suppress(Exception):
             await part.producer.stop()
         if part.restored and not part.fenced and not self.failed:
@@ -617,6 +617,18 @@ class Runtime:
                       self.metrics.restore_remaining):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.metrics.processor, str(part.tp.partition))
+
+    async def _flush_at_end(self, part: _Partition, flush_ms: int) -> None:
+        """Burst mode's last transaction, tried again if Kafka refuses it (an aborted flush takes
+        back its timers and clocks, so a retry is the same flush); if it never commits, the run
+        fails rather than end as if every call had been closed."""
+        for _ in range(max(self.settings.max_attempts, self.settings.stuck_after_failures)):
+            await self._process(part, flush_ms=flush_ms)
+            if part.failures == 0 or part.fenced:
+                return
+        self.log.error("burst end: the last timers were not written; run again to close them", extra={
+            "topic": part.tp.topic, "partition": part.tp.partition, "error": part.last_error})
+        self.failed = True
 
     async def _save(self, part: _Partition, keep: bool) -> None:
         """The partition is given up with every transaction committed: note the changelog offset

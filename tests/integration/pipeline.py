@@ -8,7 +8,7 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,16 @@ async def running_processor(bootstrap: str, prefix: str, logic: Logic[Any] | Non
         await asyncio.wait_for(task, 60)
 
 
-async def run_to_end(bootstrap: str, prefix: str, **overrides: Any) -> None:
-    """A call-records runtime in burst mode, until it drains its input and exits."""
+async def run_to_end(bootstrap: str, prefix: str, prepare: Callable[[Runtime], None] | None = None,
+                     **overrides: Any) -> None:
+    """A call-records runtime in burst mode, until it drains its input and exits (``prepare``
+    gets the runtime before it starts)."""
     settings = SPEC.settings(bootstrap, prefix, **overrides)
     runtime = Runtime(settings, SPEC.logic(**FAST), ProcessorMetrics(settings.group))
+    if prepare is not None:
+        prepare(runtime)
     await asyncio.wait_for(runtime.run(), 120)
+    assert not runtime.failed, "the burst run failed (see its log)"
 
 
 def cli_process(log: Path, *args: str) -> subprocess.Popen[bytes]:

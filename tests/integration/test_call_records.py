@@ -18,11 +18,13 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from devtools.simulate import HttpSender, KafkaSender, wall_ms
 from devtools.simulator import Chaos, play
 from ingest.parsing import parse_notification
 from processors.observability import health_server
+from processors.runtime import Runtime
 from schemas.notification import Notification
 from schemas.topics import DEAD_LETTERS, NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANTS, running_edge
@@ -222,6 +224,41 @@ async def test_an_aborted_transaction_leaves_no_trace(broker: Broker, prefix: st
     assert ready == (200, {"ready": True, "checks": READY})
     aborts = [line for line in metrics.splitlines() if line.startswith("keyyo_processor_aborts_total")]
     assert aborts and float(aborts[0].split()[-1]) == 1.0
+    assert_exactly_the_truth(await records(broker.bootstrap, prefix),
+                             await updates(broker.bootstrap, prefix), expected, sends)
+
+
+async def test_a_burst_runs_last_transaction_is_tried_again_when_kafka_refuses_it(
+    broker: Broker, prefix: str,
+) -> None:
+    """The last transaction of a burst run closes the calls still open (its timers, after stream
+    time is moved on): refused once, it is tried again, and no call is left without its record."""
+    await provision(broker.bootstrap, prefix)
+    calls, sends = traffic(seed=17, rate=10, duration=2, start_ms=wall_ms() - 600_000, chaos=Chaos())
+    expected = expected_records(calls)
+    await send_to_kafka(broker.bootstrap, prefix, sends)
+    refused: list[int] = []
+
+    def refuse_the_first_flush(runtime: Runtime) -> None:
+        process = runtime._process
+
+        async def once_refused(part: Any, flush_ms: int | None = None) -> None:
+            if flush_ms is not None and not refused:
+                commit = part.producer.commit_transaction
+
+                async def failing() -> None:
+                    part.producer.commit_transaction = commit
+                    refused.append(part.tp.partition)
+                    raise KafkaError("injected: the burst's last commit refused")
+
+                part.producer.commit_transaction = failing
+            await process(part, flush_ms)
+
+        runtime._process = once_refused  # type: ignore[method-assign]
+
+    await run_to_end(broker.bootstrap, prefix, prepare=refuse_the_first_flush, mode="replay",
+                     until_idle_s=1.5, flush_at_end_ms=24 * 3600_000)
+    assert refused, "the failure was never injected"
     assert_exactly_the_truth(await records(broker.bootstrap, prefix),
                              await updates(broker.bootstrap, prefix), expected, sends)
 
