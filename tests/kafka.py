@@ -87,6 +87,26 @@ async def read_topic(bootstrap: str, topic: str, within_s: float = 30.0) -> list
         await consumer.stop()
 
 
+async def settled(bootstrap: str, topic: str, within_s: float = 30.0) -> None:
+    """Wait until no transaction is open on ``topic`` (each partition's last stable offset is its
+    end). A transaction's commit returns before the broker has written its markers, so a
+    read_committed reader right after a writer finished may otherwise stop short of its last one."""
+    committed = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    everything = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
+    await committed.start()
+    await everything.start()
+    try:
+        tps = await topic_partitions(committed, topic)
+        deadline = time.monotonic() + within_s
+        while (stable := await committed.end_offsets(tps)) != (ends := await everything.end_offsets(tps)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: a transaction still open (stable {stable}, end {ends})")
+            await asyncio.sleep(0.1)
+    finally:
+        await committed.stop()
+        await everything.stop()
+
+
 async def read_values(bootstrap: str, topic: str) -> list[dict[str, object]]:
     """The JSON values of :func:`read_topic`."""
     return [orjson.loads(r.value) for r in await read_topic(bootstrap, topic)]

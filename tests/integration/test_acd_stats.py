@@ -34,7 +34,7 @@ from tests.integration.pipeline import (
     stop_process,
     traffic,
 )
-from tests.kafka import Broker, read_topic, wait_for
+from tests.kafka import Broker, read_topic, settled, wait_for
 from tests.truth import comparable_figures, expected_acd_figures, expected_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -108,6 +108,7 @@ async def test_figures_equal_the_ground_truth_through_a_kill_and_a_replay(
     replay = processor_process(broker.bootstrap, prefix, tmp_path / "replay.log", "--output-prefix", out,
                                "--until-idle", "2", name="acd-stats")
     assert await asyncio.to_thread(replay.wait, 120) == 0
+    await settled(broker.bootstrap, ACD_STATS.full_name(out))
     replayed = await latest_figures(broker.bootstrap, ACD_STATS.full_name(out))
     assert {k: comparable_figures(v) for k, v in replayed.items()} == expected
     # The same record order per partition gives the same revisions too.

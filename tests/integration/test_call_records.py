@@ -26,7 +26,7 @@ from ingest.parsing import parse_notification
 from processors.observability import health_server
 from processors.runtime import Runtime
 from schemas.notification import Notification
-from schemas.topics import DEAD_LETTERS, NOTIFICATIONS
+from schemas.topics import CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANTS, running_edge
 from tests.integration.pipeline import (
     processor_process,
@@ -39,7 +39,7 @@ from tests.integration.pipeline import (
     traffic,
     updates,
 )
-from tests.kafka import Broker, read_values, wait_for
+from tests.kafka import Broker, read_values, settled, wait_for
 from tests.truth import comparable, expected_records, final_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -104,6 +104,7 @@ async def test_records_equal_the_ground_truth_with_duplicates_and_reordering_the
     await provision(broker.bootstrap, prefix, out_prefix=out, group=out + "keyyo.call-records")
     await run_to_end(broker.bootstrap, prefix, group=out + "keyyo.call-records", output_prefix=out,
                      mode="replay", until_idle_s=1.5, flush_at_end_ms=24 * 3600_000)
+    await settled(broker.bootstrap, CALL_RECORDS.full_name(out))
     replayed = await records(broker.bootstrap, out)
     by_id = {r["record_id"]: comparable(r) for r in replayed}
     live_by_id = {}
@@ -259,6 +260,8 @@ async def test_a_burst_runs_last_transaction_is_tried_again_when_kafka_refuses_i
     await run_to_end(broker.bootstrap, prefix, prepare=refuse_the_first_flush, mode="replay",
                      until_idle_s=1.5, flush_at_end_ms=24 * 3600_000)
     assert refused, "the failure was never injected"
+    for topic in (CALL_RECORDS, CALL_UPDATES):
+        await settled(broker.bootstrap, topic.full_name(prefix))
     assert_exactly_the_truth(await records(broker.bootstrap, prefix),
                              await updates(broker.bootstrap, prefix), expected, sends)
 
