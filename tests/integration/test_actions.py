@@ -33,7 +33,7 @@ from tests.integration.pipeline import (
     traffic,
 )
 from tests.integration.test_executor import final_results
-from tests.kafka import Broker, read_values, wait_for
+from tests.kafka import Broker, read_values, settled, wait_for
 from tests.truth import expected_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -108,11 +108,11 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
                 procs.append(executor)
                 assert await player == {"200": len(sends)}
 
-            async def settled() -> bool:
+            async def all_final() -> bool:
                 results = await final_results(broker.bootstrap, prefix)
                 return len(results) == sum(expected.values()) and all(r["final"] for r in results.values())
 
-            await wait_for(settled, 120, interval=0.5, what="a final result for every missed caller")
+            await wait_for(all_final, 120, interval=0.5, what="a final result for every missed caller")
         assert stop_process(rules_proc) == 0
         assert stop_process(executor) == 0
         requests = await sandbox_requests(url)
@@ -120,6 +120,7 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
         for proc in procs:
             stop_process(proc)
 
+    await settled(broker.bootstrap, ACTIONS.full_name(prefix))  # the stopped processor's last transaction too
     actions = await read_values(broker.bootstrap, ACTIONS.full_name(prefix))
     # Decided exactly once per missed caller, through the rules processor's kill.
     assert len({a["action_id"] for a in actions}) == len(actions), "an action decided twice"
