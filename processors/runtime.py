@@ -622,7 +622,7 @@ class Runtime:
         """Burst mode's last transaction, tried again if Kafka refuses it (an aborted flush takes
         back its timers and clocks, so a retry is the same flush); if it never commits, the run
         fails rather than end as if every call had been closed."""
-        for _ in range(max(self.settings.max_attempts, self.settings.stuck_after_failures)):
+        for _ in range(self.settings.max_attempts):
             await self._process(part, flush_ms=flush_ms)
             if part.failures == 0 or part.fenced:
                 return

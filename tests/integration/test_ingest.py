@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from importlib import resources
@@ -13,6 +12,7 @@ import jsonschema
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.protocol.metadata import MetadataRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ from ingest.parsing import ALIASES
 from schemas.notification import rfc3339_ms
 from schemas.topics import NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANT, running_edge
-from tests.kafka import Broker, read_topic, read_values
+from tests.kafka import Broker, read_topic, read_values, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = (time.time_ns() // 1_000_000 - 3600_000) // 1000 * 1000
@@ -165,20 +165,26 @@ async def test_the_readiness_probe_never_asks_for_the_whole_clusters_metadata(
         broker: Broker, prefix: str) -> None:
     # The probe runs every second. Asking for every topic's metadata each time made the edge parse
     # (and its garbage collector walk) every partition of a shared cluster.
-    asked: list[list[str] | None] = []
+    asked: list[list[str] | None] = []  # the topics each metadata request named (None: all)
     async with running_edge(broker.bootstrap, prefix) as edge:
         client = edge.publisher._producer.client
-        update = client._metadata_update
+        update, send = client._metadata_update, client.send
 
-        async def spy(cluster: Any, topics: Any) -> Any:
+        async def update_spy(cluster: Any, topics: Any) -> Any:
             asked.append(sorted(topics) if topics else None)
             return await update(cluster, topics)
 
-        client._metadata_update = spy
-        await asyncio.sleep(2.5)  # idle: nothing written yet
+        async def send_spy(node_id: Any, request: Any, **kwargs: Any) -> Any:
+            if isinstance(request, MetadataRequest):
+                asked.append(None if request._topics is None else sorted(request._topics))
+            return await send(node_id, request, **kwargs)
+
+        client._metadata_update, client.send = update_spy, send_spy
+        await wait_for(lambda: len(asked) >= 2, 15, interval=0.1, what="two probes while idle")
         call = answered_incoming("33123456789", "33612345678", T)
         assert (await edge.notify(call[0])).status == 200
-        await asyncio.sleep(2.5)
+        await wait_for(lambda: asked.count([edge.topic]) >= 2, 15, interval=0.1,
+                       what="two probes after the first write")
         assert await edge.get("/readyz") == (200, {"ready": True,
                                                    "checks": {"kafka": True, "spool": True}})
     assert None not in asked

@@ -48,8 +48,11 @@ def test_a_processors_lines_name_it_beside_their_own_fields() -> None:
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record)
 
-    logger = logging.getLogger("keyyo.test.tagged")
-    logger.addHandler(Keep())
+    logger, keep = logging.getLogger("keyyo.test.tagged"), Keep()
+    logger.addHandler(keep)
     logger.setLevel(logging.INFO)
-    _Tagged(logger, {"processor": "acd-stats"}).info("partition restored", extra={"partition": 2})
+    try:
+        _Tagged(logger, {"processor": "acd-stats"}).info("partition restored", extra={"partition": 2})
+    finally:
+        logger.removeHandler(keep)
     assert (seen[0].processor, seen[0].partition) == ("acd-stats", 2)  # type: ignore[attr-defined]
