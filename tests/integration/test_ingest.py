@@ -181,6 +181,7 @@ async def test_the_readiness_probe_never_asks_for_the_whole_clusters_metadata(
 
         client._metadata_update, client.send = update_spy, send_spy
         await wait_for(lambda: len(asked) >= 2, 15, interval=0.1, what="two probes while idle")
+        assert None not in asked, "the idle edge asked for every topic's metadata"
         call = answered_incoming("33123456789", "33612345678", T)
         assert (await edge.notify(call[0])).status == 200
         await wait_for(lambda: asked.count([edge.topic]) >= 2, 15, interval=0.1,
