@@ -9,8 +9,15 @@ For each action: if its journal says it is finished, it is skipped; if an attemp
 call started without a result (the previous owner stopped mid-request), it is reported ``unknown``
 and never sent. Otherwise it waits in its line's queue (one task per line, so a slow line holds up
 no other), for its ``not_before`` and the line's pacing (one request per ``min_interval_s``), then
-``sending`` is written and acknowledged by Kafka *before* the request leaves, and the final result
+``sending`` is written and committed to Kafka *before* the request leaves, and the final result
 after. A partition's committed offset is its lowest unfinished action.
+
+Fencing: each owned partition's results are written in transactions of a transactional id of that
+partition's own (``<group>.<actions topic>.<partition>``), which its next owner starts before it
+reads the journal. That start fences every earlier producer of the id, so a process that lost the
+partition without knowing it (a "zombie", cut off from the group but not from Keyyo) can no longer
+commit ``sending``, hence never sends: the one action it may have sent is the one whose ``sending``
+committed before the new owner started, which the new owner then reads and reports ``unknown``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from processors.keyyo_api import ExecutorConfig, backoff_s, classify, request_for
@@ -53,6 +60,85 @@ STOP_WRITE_S = 30.0
 
 class _Abandoned(Exception):
     """A result could not be written before shutdown; the action stays unfinished."""
+
+
+class _Fenced(Exception):
+    """Another executor owns the partition now: nothing more is written or sent for it here."""
+
+
+class _Journal:
+    """One owned partition's writes to its results partition, each acknowledged only once its
+    transaction is committed, by a producer whose transactional id is the partition's own (so the
+    partition's next owner fences it). Writes that arrive while a transaction commits go out
+    together in the next one."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self.fenced = False
+        self._pending: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+        """A future done once the record is committed; failed with :class:`_Fenced` or the
+        :class:`KafkaError` that aborted its transaction."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fenced:
+            fut.set_exception(_Fenced())
+            return fut
+        self._pending.append((key, value, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"journal-writer-{self.partition}")
+        return fut
+
+    async def _run(self) -> None:
+        while self._pending and not self.fenced:
+            batch, self._pending = self._pending, []
+            try:
+                await self.producer.begin_transaction()
+                sent = [await self.producer.send(self.topic, value, key=key, partition=self.partition)
+                        for key, value, _ in batch]
+                await asyncio.gather(*sent)
+                await self.producer.commit_transaction()
+            except ProducerFenced:
+                self.fenced = True
+                _settle(batch, _Fenced())
+                _settle(self._pending, _Fenced())
+                self._pending = []
+                return
+            except KafkaError as exc:
+                with contextlib.suppress(Exception):
+                    await self.producer.abort_transaction()
+                _settle(batch, exc)
+                continue
+            _settle(batch, None)
+
+    async def close(self) -> None:
+        """Stop writing (whatever is still pending fails) and stop the producer."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5)
+        _settle(self._pending, _Fenced())
+        self._pending = []
+        with contextlib.suppress(Exception):  # bounded even with Kafka away
+            await asyncio.wait_for(self.producer.stop(), 5)
+
+
+def _settle(batch: list[tuple[bytes, bytes, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    for _, _, fut in batch:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+            fut.add_done_callback(_retrieved)  # a writer gone meanwhile (shutdown) is no error
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def wall_ms() -> int:
@@ -93,6 +179,9 @@ class ExecutorMetrics:
                             ["group"], registry=self.registry).labels(group)
         self.partitions = Gauge("keyyo_executor_assigned_partitions", "Action partitions owned.",
                                 ["group"], registry=self.registry).labels(group)
+        self.fenced = Counter("keyyo_executor_fenced", "Partitions this process found another "
+                              "executor had taken over (fenced: nothing more sent from them here).",
+                              ["group"], registry=self.registry).labels(group)
         self.group = group
 
 
@@ -121,6 +210,7 @@ class _Part:
     """An owned action partition."""
 
     tp: TopicPartition
+    writer: _Journal
     journal: dict[str, str] = field(default_factory=dict)
     """Action id -> its latest status in the results partition."""
     unresolved: set[int] = field(default_factory=set)
@@ -133,6 +223,8 @@ class _Part:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restore_task: asyncio.Task[None] | None = None
     closing: bool = False
+    fenced: bool = False
+    """Another executor started this partition's transactional id: this one no longer owns it."""
 
     def commit_offset(self) -> int | None:
         """Lowest unfinished offset, else one past the last read."""
@@ -163,7 +255,6 @@ class Executor:
         self.joined = False
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._auth: dict[str, aiohttp.DigestAuthMiddleware] = {}
 
@@ -183,10 +274,7 @@ class Executor:
     async def run(self) -> None:
         """Consume and execute until :meth:`stop`."""
         s = self.settings
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap, client_id=f"{s.group}-results", acks="all",
-            enable_idempotence=True, linger_ms=0)
-        await self._producer.start()
+        await self._check_partitions()
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s,
                                         sock_connect=self.config.connect_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
@@ -196,7 +284,6 @@ class Executor:
             session_timeout_ms=10000, heartbeat_interval_ms=1000, max_poll_interval_ms=300000)
         try:
             await consumer.start()
-            await self._check_partitions()
             consumer.subscribe([s.actions_topic], listener=_Listener(self))
             last_commit = time.monotonic()
             while not self._stopping.is_set():
@@ -222,16 +309,19 @@ class Executor:
             with contextlib.suppress(KafkaError):
                 await consumer.stop()
             await self._session.close()
-            await self._producer.stop()
 
     async def _check_partitions(self) -> None:
-        assert self._producer is not None
+        s = self.settings
+        producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, client_id=f"{s.group}-check")
+        await producer.start()
         try:
-            actions = await self._producer.partitions_for(self.settings.actions_topic)
-            results = await self._producer.partitions_for(self.settings.results_topic)
+            actions = await producer.partitions_for(s.actions_topic)
+            results = await producer.partitions_for(s.results_topic)
         except KafkaError as exc:
-            raise RuntimeError(f"{self.settings.actions_topic} or {self.settings.results_topic} is "
+            raise RuntimeError(f"{s.actions_topic} or {s.results_topic} is "
                                f"missing ({exc!r}); run `keyyo-stream topics create`") from None
+        finally:
+            await producer.stop()
         if len(results) < len(actions):
             raise RuntimeError(
                 f"{self.settings.results_topic} has {len(results or ())} partitions, fewer than the "
@@ -243,12 +333,22 @@ class Executor:
     def take(self, assigned: list[TopicPartition]) -> None:
         """New partitions: read each one's journal, then start on its actions."""
         self.joined = True
+        s = self.settings
         for tp in assigned:
             if tp in self.parts:
                 continue
-            part = self.parts[tp] = _Part(tp)
+            part = self.parts[tp] = _Part(tp, _Journal(self._journal_producer(tp), s.results_topic,
+                                                       tp.partition))
             part.restore_task = asyncio.create_task(self._restore(part), name=f"journal-{tp.partition}")
         self.metrics.partitions.set(len(self.parts))
+
+    def _journal_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The producer of a partition's results: its transactional id is the partition's own, so
+        starting it fences the partition's earlier owners."""
+        s = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap, transactional_id=f"{s.group}.{tp.topic}.{tp.partition}",
+            client_id=f"{s.group}-results-p{tp.partition}", linger_ms=0)
 
     async def release(self, revoked: list[TopicPartition]) -> None:
         """Given up: finish the requests in flight, write their results, commit, forget."""
@@ -271,10 +371,23 @@ class Executor:
         tasks = [line.task for line in part.lines.values() if line.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await part.writer.close()
 
     async def _restore(self, part: _Part) -> None:
-        """Read the partition's journal (its results partition) to its end."""
+        """Fence the partition's earlier owners (their open transaction is aborted or completed),
+        then read its journal (its results partition) to its end."""
         s = self.settings
+        while True:  # Kafka away is waited out; a revocation meanwhile cancels this task
+            try:
+                await part.writer.producer.start()
+                break
+            except KafkaError as exc:
+                log.warning("journal writer not started yet; retrying", extra={
+                    "partition": part.tp.partition, "error": repr(exc)[:300]})
+                with contextlib.suppress(Exception):
+                    await part.writer.producer.stop()
+                part.writer.producer = self._journal_producer(part.tp)
+                await asyncio.sleep(1.0)
         rtp = TopicPartition(s.results_topic, part.tp.partition)
         reader = AIOKafkaConsumer(bootstrap_servers=s.bootstrap, enable_auto_commit=False,
                                   isolation_level="read_committed", client_id=f"{s.group}-journal")
@@ -324,7 +437,7 @@ class Executor:
 
     async def _dispatch(self, part: _Part, rec: Any) -> None:
         """One action read from the partition: skip it, settle it, or queue it on its line."""
-        with contextlib.suppress(_Abandoned):  # stopping with Kafka away: the next owner decides
+        with contextlib.suppress(_Abandoned, _Fenced):  # the next owner decides
             await self._dispatch_one(part, rec)
 
     async def _dispatch_one(self, part: _Part, rec: Any) -> None:
@@ -392,8 +505,8 @@ class Executor:
             heapq.heappop(line.heap)
             try:
                 await self._attempt(part, line, item)
-            except _Abandoned:
-                return  # stopping with Kafka away: left unfinished, for the next owner
+            except (_Abandoned, _Fenced):
+                return  # stopping with Kafka away, or fenced: left unfinished, for the next owner
 
     async def _attempt(self, part: _Part, line: _Line, item: _Item) -> None:
         action = item.action
@@ -472,18 +585,29 @@ class Executor:
                         "status": status, "attempts": item.attempts})
 
     async def _write(self, part: _Part, aid: str, value: bytes) -> None:
-        """A result into the results partition of the action's partition, acknowledged; retried
+        """A result into the results partition of the action's partition, committed; retried
         while Kafka is away (nothing proceeds until it is written). While stopping, given up after
         :data:`STOP_WRITE_S`: the journal then shows the attempt without its result, so the next
-        owner reports it ``unknown`` (never sends it again), which is the safe side."""
-        assert self._producer is not None
+        owner reports it ``unknown`` (never sends it again), which is the safe side. Raises
+        :class:`_Fenced` once another executor owns the partition."""
         delay = 0.2
         stopping_since: float | None = None
         while True:
+            fut = part.writer.submit(aid.encode(), value)
+            while not fut.done():
+                await asyncio.wait({fut}, timeout=1.0)
+                if not fut.done() and self._stopping.is_set():
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > STOP_WRITE_S:
+                        log.error("result abandoned at shutdown, Kafka away", extra={"action_id": aid})
+                        fut.add_done_callback(_retrieved)
+                        raise _Abandoned
             try:
-                await self._producer.send_and_wait(self.settings.results_topic, value, key=aid.encode(),
-                                                   partition=part.tp.partition)
+                fut.result()
                 return
+            except _Fenced:
+                self._fenced(part)
+                raise
             except KafkaError as exc:
                 log.warning("result not written yet; retrying", extra={"error": repr(exc)})
                 if self._stopping.is_set():
@@ -494,10 +618,22 @@ class Executor:
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 
+    def _fenced(self, part: _Part) -> None:
+        if part.fenced:
+            return
+        part.fenced = part.closing = True
+        self.metrics.fenced.inc()
+        log.error("fenced: another executor owns this partition now; nothing more is sent from it "
+                  "here", extra={"topic": part.tp.topic, "partition": part.tp.partition})
+        for line in part.lines.values():
+            line.wakeup.set()
+
     async def _commit(self, parts: list[_Part]) -> None:
         assert self._consumer is not None
         offsets = {}
         for part in parts:
+            if part.fenced:
+                continue  # its offsets are its new owner's to commit
             offset = part.commit_offset()
             if offset is not None and offset != part.committed:
                 offsets[part.tp] = offset

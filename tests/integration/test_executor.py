@@ -217,3 +217,51 @@ async def test_a_slow_line_holds_up_no_other(broker: Broker, prefix: str) -> Non
     fast_last = max(r["at"] for r in executed if r["account"] == fast)
     # the fast line's three SMS (2.2 s of pacing) all left while the slow line's first was answered
     assert fast_last < slow_first + 3.0
+
+
+async def test_a_zombie_executor_is_fenced_and_sends_nothing(broker: Broker, prefix: str) -> None:
+    """An executor that lost its partition without knowing it (cut off from the group, not from
+    Keyyo) sends nothing once the partition's next owner has started: the next owner's first step,
+    starting the partition's transactional producer, is done here by hand while the first executor
+    still believes it owns the partition. The action then goes to the next owner, sent once."""
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=1)
+    sb = Sandbox(passwords=PASSWORDS)
+    first, late = sms(1, LINES[0]), sms(2, LINES[1])
+    async with running(sb) as url:
+        async with executor(broker.bootstrap, prefix, url) as zombie:
+            await publish(broker.bootstrap, prefix, [first])
+
+            async def first_sent() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return got.get(first.action_id, {}).get("status") == "sent"
+
+            await wait_for(first_sent, 30, interval=0.2, what="the first SMS sent")
+            group = zombie.settings.group
+            next_owner = AIOKafkaProducer(bootstrap_servers=broker.bootstrap,
+                                          transactional_id=f"{group}.{ACTIONS.full_name(prefix)}.0")
+            await next_owner.start()  # fences every earlier producer of the partition's id
+            try:
+                await publish(broker.bootstrap, prefix, [late])
+
+                def fenced_or_sent() -> bool:
+                    fenced = zombie.metrics.registry.get_sample_value(
+                        "keyyo_executor_fenced_total", {"group": group})
+                    return bool(fenced) or any(r["params"].get("MSG") == late.message for r in sb.requests)
+
+                await wait_for(fenced_or_sent, 30, interval=0.1, what="the zombie fenced (or sending)")
+                await asyncio.sleep(1.5)  # more than the line's pacing: a send would have left by now
+                assert not [r for r in sb.requests if r["params"].get("MSG") == late.message], \
+                    "the zombie sent an action after the partition's next owner started"
+                assert zombie.metrics.registry.get_sample_value(
+                    "keyyo_executor_fenced_total", {"group": group}) == 1
+                assert late.action_id not in await final_results(broker.bootstrap, prefix)
+            finally:
+                await next_owner.stop()
+        # The partition's real next owner: reads the journal (no attempt of the late SMS), sends it.
+        async with executor(broker.bootstrap, prefix, url):
+            async def late_sent() -> bool:
+                got = await final_results(broker.bootstrap, prefix)
+                return got.get(late.action_id, {}).get("status") == "sent"
+
+            await wait_for(late_sent, 30, interval=0.2, what="the late SMS sent by the next owner")
+    assert [r["params"]["MSG"] for r in sb.requests if r["executed"]] == [first.message, late.message]
