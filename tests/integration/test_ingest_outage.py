@@ -210,7 +210,9 @@ async def test_a_processor_rides_out_a_broker_outage_without_setting_anything_as
     assert ready["progressing"]
 
 
-async def test_the_executor_rides_out_a_broker_outage_and_sends_once(broker_up: LocalKafka, prefix: str) -> None:
+async def test_the_executor_rides_out_a_broker_outage_and_sends_once(
+    broker_up: LocalKafka, prefix: str,
+) -> None:
     """An action that comes due while Kafka is away is not sent then (its ``sending`` cannot be
     committed), and is sent once after Kafka is back, by the same executor, which never stopped."""
     from deploy.topics import create_topics
@@ -223,29 +225,28 @@ async def test_the_executor_rides_out_a_broker_outage_and_sends_once(broker_up: 
     sb = Sandbox(passwords=PASSWORDS)
     first = sms(1, LINES[0])
     due_while_away = sms(2, LINES[1], not_before=time.time_ns() // 1_000_000 + 4000)
-    async with running(sb) as url:
-        async with executor(bootstrap, prefix, url) as ex:
-            await publish(bootstrap, prefix, [first, due_while_away])
+    async with running(sb) as url, executor(bootstrap, prefix, url) as ex:
+        await publish(bootstrap, prefix, [first, due_while_away])
 
-            async def first_sent() -> bool:
-                got = await final_results(bootstrap, prefix)
-                return got.get(first.action_id, {}).get("status") == "sent"
+        async def first_sent() -> bool:
+            got = await final_results(bootstrap, prefix)
+            return got.get(first.action_id, {}).get("status") == "sent"
 
-            await wait_for(first_sent, 30, interval=0.2, what="the first SMS sent")
-            await asyncio.to_thread(broker_up.stop)
-            away_until = time.time() + 8  # past the second action's not_before
-            await asyncio.sleep(away_until - time.time())
-            sent_while_away = [r for r in sb.requests if r["params"].get("MSG") == due_while_away.message]
-            await asyncio.to_thread(lambda: broker_up.start(progress=False))
-            back_at = time.time()
+        await wait_for(first_sent, 30, interval=0.2, what="the first SMS sent")
+        await asyncio.to_thread(broker_up.stop)
+        await asyncio.sleep(8)  # away past the second action's not_before
+        sent_while_away = [r for r in sb.requests if r["params"].get("MSG") == due_while_away.message]
+        await asyncio.to_thread(lambda: broker_up.start(progress=False))
+        back_at = time.time()
 
-            async def second_sent() -> bool:
-                got = await final_results(bootstrap, prefix)
-                return got.get(due_while_away.action_id, {}).get("status") == "sent"
+        async def second_sent() -> bool:
+            got = await final_results(bootstrap, prefix)
+            return got.get(due_while_away.action_id, {}).get("status") == "sent"
 
-            await wait_for(second_sent, 90, interval=0.5, what="the second SMS sent once Kafka is back")
-            assert ex.readiness() == {"joined": True, "restored": True}
+        await wait_for(second_sent, 90, interval=0.5, what="the second SMS sent once Kafka is back")
+        assert ex.readiness() == {"joined": True, "restored": True}
     assert sent_while_away == [], "an SMS left while its `sending` could not be committed"
     second = [r for r in sb.requests if r["params"].get("MSG") == due_while_away.message and r["executed"]]
     assert len(second) == 1 and second[0]["at"] >= back_at
-    assert [r["params"]["MSG"] for r in sb.requests if r["executed"]] == [first.message, due_while_away.message]
+    executed = [r["params"]["MSG"] for r in sb.requests if r["executed"]]
+    assert executed == [first.message, due_while_away.message]
