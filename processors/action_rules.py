@@ -122,12 +122,7 @@ class ActionRulesLogic:
             return []
         t = call.tenant
         outputs: list[Output] = []
-        for sched in tr.schedules:  # armed by the tenant's first record after they appear
-            skey = f"s/{t}/{sched.signature}"
-            if store.get(skey) is None:
-                at = next_occurrence(sched, tr, now_ms)
-                store.put(skey, str(at).encode())
-                store.wake(skey, at)
+        self._arm(store, tr, t, now_ms)  # also at each start: here for schedules added meanwhile
         outputs.extend(self._cancellations(store, call, now_ms))
         for rule in tr.rules:
             matches = self._matches(rule, call)
@@ -278,6 +273,28 @@ class ActionRulesLogic:
     def _remember(store: Store, dkey: str, value: dict[str, Any], now_ms: int) -> None:
         store.put(dkey, orjson.dumps(value))
         store.wake(dkey, now_ms + REMEMBER_MS)
+
+    # -- schedules --------------------------------------------------------------------------
+
+    def known_domains(self) -> dict[str, bytes]:
+        """The tenants with schedules: their partitions arm them at start, before any record."""
+        return {t: t.encode() for t, tr in self.config.tenants.items() if tr.schedules}
+
+    def on_start(self, store: Store, domain: str, now_ms: int) -> list[Output]:
+        """Arm the tenant's schedules that have no next time yet."""
+        tr = self.config.tenants.get(domain)
+        if tr is not None:
+            self._arm(store, tr, domain, now_ms)
+        return []
+
+    @staticmethod
+    def _arm(store: Store, tr: TenantRules, t: str, now_ms: int) -> None:
+        for sched in tr.schedules:
+            skey = f"s/{t}/{sched.signature}"
+            if store.get(skey) is None:
+                at = next_occurrence(sched, tr, now_ms)
+                store.put(skey, str(at).encode())
+                store.wake(skey, at)
 
     # -- timers -----------------------------------------------------------------------------
 

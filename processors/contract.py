@@ -26,18 +26,26 @@ The rules, which the logic may rely on and must keep:
    way the record goes to the dead-letter topic with the reason, in the same transaction, and the
    state is left as it was before the record. Any other exception is treated the same way (and
    logged as a bug): one record never stops a partition.
+7. **Known domains** (optional, :class:`StartsDomains`). A logic that must act for a domain
+   before any record of it arrives (a tenant's schedules) names the domains it knows of and the
+   input key their records carry (``known_domains``). When a partition starts (after its state is
+   restored, on every assignment), the partition's first transaction calls ``on_start`` for each
+   such domain whose key falls in that partition, at the domain's stream time, in isolation as for
+   a record. It must be idempotent (a start may repeat): set up what is missing, change nothing
+   else. In replay mode a domain without a clock yet (no record seen) is skipped.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import orjson
 
 from processors.output import Output
 from processors.state import Store
 
-__all__ = ["Invalid", "Logic", "Output", "Refused", "Store", "json_object"]
+__all__ = ["Invalid", "Logic", "Output", "Refused", "StartsDomains", "Store", "json_object"]
 
 E = TypeVar("E")
 
@@ -86,4 +94,17 @@ class Logic(Protocol[E]):
 
     def on_timer(self, store: Store, key: str, now_ms: int) -> list[Output]:
         """The timer of ``key`` is due; return the outputs to write."""
+        ...
+
+
+@runtime_checkable
+class StartsDomains(Protocol):
+    """A logic that acts for domains known before their first record (rule 7)."""
+
+    def known_domains(self) -> Mapping[str, bytes]:
+        """Domain -> the input record key its records carry (which decides its partition)."""
+        ...
+
+    def on_start(self, store: Store, domain: str, now_ms: int) -> list[Output]:
+        """A partition holding ``domain`` starts: set up what is missing; return outputs."""
         ...

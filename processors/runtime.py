@@ -136,6 +136,8 @@ class _Partition:
     closing: bool = False
     busy: bool = False
     paused: bool = False
+    starting: bool = True
+    """Until its first transaction commits: that transaction also runs the logic's ``on_start``."""
 
 
 class _BatchWriter:
@@ -320,7 +322,7 @@ class Runtime:
                 part.wakeup.clear()
                 if part.closing:
                     break
-            if part.queue or part.step.has_due(self.clock()):
+            if part.queue or part.starting or part.step.has_due(self.clock()):
                 await self._process(part)
             if part.paused and len(part.queue) < s.queue_high // 2 and self._consumer is not None:
                 self._consumer.resume(part.tp)
@@ -360,6 +362,8 @@ class Runtime:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await part.wakeup.wait()
+            if part.starting:
+                outputs.extend(step.start(await self._owns(part), self.clock(), part.tp.partition))
             if flush_ms is not None:
                 outputs.extend(step.flush(flush_ms, part.tp.partition))
             outputs.extend(step.timers(self.clock(), part.tp.partition))
@@ -388,6 +392,7 @@ class Runtime:
             part.busy = False
             part.txn_started = None
         store.commit()
+        part.starting = False
         self.metrics.dead_letters.inc(step.dead_letters)
         step.dead_letters = 0
         if records:
@@ -431,6 +436,11 @@ class Runtime:
             part.queue.clear()  # read again from the first record of the aborted batch
             self._consumer.seek(part.tp, records[0].offset)
         await asyncio.sleep(min(0.25 * 2 ** min(part.failures, 5), 5.0))
+
+    async def _owns(self, part: _Partition) -> Callable[[bytes], bool]:
+        """Whether an input key falls in ``part`` (Kafka's default partitioner, as producers pick)."""
+        everyone = sorted(await part.producer.partitions_for(part.tp.topic))
+        return lambda key: int(_PARTITIONER(key, everyone, everyone)) == part.tp.partition
 
     def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
         return _BatchWriter(producer, self._partitions, self._key_partition)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from processors.contract import Invalid, Logic, Refused
+from processors.contract import Invalid, Logic, Refused, StartsDomains
 from processors.output import Output
 from processors.state import Store
 from schemas.notification import rfc3339_ms
@@ -167,6 +167,26 @@ class Step:
         if (largest := self.store.step_largest()) > limit:
             return f"state entry of {largest} bytes exceeds {limit} bytes"
         return None
+
+    # -- start ------------------------------------------------------------------------------
+
+    def start(self, owns: Callable[[bytes], bool], wall_ms: int, partition: int) -> list[Output]:
+        """A partition's start: ``on_start`` for each domain the logic knows of whose key
+        ``owns`` (contract, rule 7); in replay mode a domain without a clock yet is skipped."""
+        logic = self.logic
+        if not isinstance(logic, StartsDomains):
+            return []
+        outputs: list[Output] = []
+        for domain, key in logic.known_domains().items():
+            if not owns(key) or (self.mode == "replay" and self.store.time(domain) == 0):
+                continue
+            now = self.now(domain, wall_ms)
+            produced, problem = self._isolated(
+                domain, functools.partial(logic.on_start, self.store, domain, now), "start failed",
+                ("start", partition, None))
+            outputs.extend(produced if problem is None
+                           else [self._timer_dead_letter(partition, domain, "start", problem)])
+        return outputs
 
     # -- timers -----------------------------------------------------------------------------
 

@@ -137,3 +137,45 @@ async def test_every_missed_caller_gets_one_sms_through_kills(
         assert sent_here == 1 if results[a["action_id"]]["status"] == "sent" else sent_here <= 1
     assert statuses["unknown"] <= len(lines)
     assert not [r for r in requests if r["status"] == 500], "a line got more than one request per second"
+
+
+async def test_the_rules_processor_arms_schedules_before_any_call(broker: Broker, prefix: str,
+                                                                   tmp_path: Path) -> None:
+    """Not one call record: each partition's start arms the schedules of the tenants it holds, in
+    its state's changelog, so a tenant without calls still gets its profile switches; a restart
+    arms nothing twice."""
+    from processors.observability import ProcessorMetrics
+    from processors.runtime import Runtime
+    from tests.integration.pipeline import provision
+    from tests.kafka import read_topic
+
+    tenants = [f"quiet{i}" for i in range(6)]  # spread over the three partitions
+    rules = tmp_path / "rules.toml"
+    rules.write_text("".join(
+        f'[[tenants.{t}.schedules]]\nname = "closed"\nline = "33123456789"\nprofile = "Fermé"\n'
+        f'at = "18:00"\ndays = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]\n' for t in tenants))
+    await provision(broker.bootstrap, prefix, spec=ACTION_RULES_SPEC)
+    settings = ACTION_RULES_SPEC.settings(broker.bootstrap, prefix)
+
+    async def start_and_stop() -> None:
+        runtime = Runtime(settings, ACTION_RULES_SPEC.logic(rules=str(rules)),
+                          ProcessorMetrics(settings.group))
+        task = asyncio.create_task(runtime.run())
+        try:
+            await wait_for(lambda: len(runtime.parts) == 3 and not runtime.restoring
+                           and not any(p.starting for p in runtime.parts.values()), 60,
+                           interval=0.1, what="three partitions started")
+        finally:
+            runtime.stop()
+            await asyncio.wait_for(task, 60)
+
+    async def armed() -> list[str]:
+        await settled(broker.bootstrap, settings.changelog_topic)
+        return [r.key.decode() for r in await read_topic(broker.bootstrap, settings.changelog_topic)
+                if r.key is not None and r.key.decode().startswith("s/")]
+
+    await start_and_stop()
+    first = await armed()
+    assert sorted(key.split("/")[1] for key in first) == tenants  # each tenant's schedule, once
+    await start_and_stop()
+    assert await armed() == first  # nothing written again

@@ -309,6 +309,39 @@ def test_a_schedule_switches_the_profile_at_local_times_on_its_days() -> None:
     assert len({a["action_id"] for a in switches}) == 5
 
 
+def test_a_tenant_without_any_call_gets_its_switches() -> None:
+    """A partition's start arms the schedules of the tenants it holds, before any record."""
+    r = Rules(rules(SCHEDULE))
+    r.at(NOON)  # the partition's first transaction, as the processor starts
+    for day in range(18, 21):
+        r.at(parse_rfc3339_ms(f"2026-11-{day:02d}T17:00:10Z"))
+    assert [a["not_before"] for a in r.actions()] == [
+        f"2026-11-{day}T17:00:00.000Z" for day in (18, 19, 20)]
+
+
+def test_starting_again_neither_rearms_nor_repeats_a_switch() -> None:
+    r = Rules(rules(SCHEDULE))
+    r.at(NOON)
+    r.at(parse_rfc3339_ms("2026-11-18T17:00:10Z"))
+    state = dict(r.driver.store.committed())
+    assert any(key.startswith("s/acme/") for key in state), "the schedule was not armed"
+    r.driver.restart()
+    r.at(parse_rfc3339_ms("2026-11-18T17:30:00Z"))
+    assert r.driver.store.committed() == state
+    r.driver.restart()
+    r.at(parse_rfc3339_ms("2026-11-19T17:00:10Z"))
+    assert [a["not_before"][:10] for a in r.actions()] == ["2026-11-18", "2026-11-19"]
+
+
+def test_a_partition_arms_only_the_schedules_of_its_own_tenants() -> None:
+    two = rules(SCHEDULE + SCHEDULE.replace("tenants.acme", "tenants.other"))
+    driver = Driver(ActionRulesLogic(two), mode="live", processor="action-rules", wall_ms=NOON,
+                    owns=lambda key: key == b"other")
+    driver.tick(NOON)
+    driver.tick(parse_rfc3339_ms("2026-11-18T17:00:10Z"))
+    assert [a["tenant"] for a in driver.values(ACTIONS.name)] == ["other"]
+
+
 def test_a_schedule_follows_summer_time() -> None:
     tr = rules(SCHEDULE).tenants["acme"]
     sched = tr.schedules[0]
