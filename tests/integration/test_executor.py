@@ -24,7 +24,7 @@ from schemas.topics import ACTION_RESULTS, ACTIONS
 from tests.kafka import Broker, read_values, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-LINES = [f"3310000{i:04d}" for i in range(4)]
+LINES = [f"3310000{i:04d}" for i in range(6)]
 PASSWORDS = {line: f"pw-{line}" for line in LINES}
 
 
@@ -265,3 +265,46 @@ async def test_a_zombie_executor_is_fenced_and_sends_nothing(broker: Broker, pre
 
             await wait_for(late_sent, 30, interval=0.2, what="the late SMS sent by the next owner")
     assert [r["params"]["MSG"] for r in sb.requests if r["executed"]] == [first.message, late.message]
+
+
+async def test_executors_joining_and_leaving_send_each_action_once_at_the_lines_pace(
+    broker: Broker, prefix: str,
+) -> None:
+    """Two executors of one group over three partitions: the second joins while the first is
+    sending, then the first leaves. Partitions change hands twice mid-flight; every SMS is sent
+    exactly once, and each line keeps one request per second across owners."""
+    await create_topics(broker.bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=3)
+    sb = Sandbox(passwords=PASSWORDS)
+    tenants = ["acme", "initech", "globex", "vandelay", "stark", "wonka"]  # two per partition
+    actions = [sms(100 * t + i, LINES[t], tenant=tenant)  # a line of each tenant's own
+               for t, tenant in enumerate(tenants) for i in range(6)]
+    async with running(sb) as url:
+        await publish(broker.bootstrap, prefix, actions)
+
+        async def final_count() -> int:
+            return sum(1 for r in (await final_results(broker.bootstrap, prefix)).values() if r["final"])
+
+        async with executor(broker.bootstrap, prefix, url) as first:
+            await wait_for(lambda: len([r for r in sb.requests if r["executed"]]) >= 4, 30, interval=0.1,
+                           what="the first executor sending")
+            async with executor(broker.bootstrap, prefix, url) as second:
+                await wait_for(lambda: second.parts and len(first.parts) < 3, 60, interval=0.1,
+                               what="the partitions shared")
+                sent_before_leaving = len([r for r in sb.requests if r["executed"]])
+                assert sent_before_leaving < len(actions), "everything was sent before the second joined"
+                first.stop()  # leaves the group: the second takes every partition over
+                await wait_for(lambda: len(second.parts) == 3, 60, interval=0.1,
+                               what="the second owning every partition")
+
+                async def all_final() -> bool:
+                    return await final_count() == len(actions)
+
+                await wait_for(all_final, 90, interval=0.3, what="every action final")
+    got = await final_results(broker.bootstrap, prefix)
+    assert {got[a.action_id]["status"] for a in actions} == {"sent"}
+    executed = [r for r in sb.requests if r["executed"]]
+    assert sorted(r["params"]["MSG"] for r in executed) == sorted(a.message for a in actions)  # once each
+    assert not [r for r in sb.requests if r["status"] == 500], "a line got two requests within 1 s"
+    for line in {a.account for a in actions}:
+        times = [r["at"] for r in executed if r["account"] == line]
+        assert all(b - a >= 1.0 for a, b in itertools.pairwise(times)), line
