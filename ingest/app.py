@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets as secrets_module
 import signal
@@ -24,6 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.action_results import ActionResults
+from ingest.budget import Budgets
 from ingest.config import IngestSettings, Tenant
 from ingest.metrics import IngestMetrics
 from ingest.parsing import ALIASES, SECRET_PARAM, Refusal, parse_notification, query_pairs
@@ -44,6 +46,10 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TEMPLATE_WARNED: web.AppKey[set[str]] = web.AppKey("template_warned")
 RESULTS = web.AppKey("results", ActionResults)
 ACCEPTED: web.AppKey[dict[str, str]] = web.AppKey("accepted")
+BUDGETS = web.AppKey("budgets", Budgets)
+THROTTLED: web.AppKey[dict[str, list[float]]] = web.AppKey("throttled")
+THROTTLE_LOG_S = 60.0
+"""A throttled tenant is logged at most once per this many seconds (with the count meanwhile)."""
 """Actions this process accepted and has no result of yet: id -> tenant (bounded)."""
 
 MAX_BODY = 64 * 1024
@@ -192,6 +198,8 @@ async def handle_notification(request: web.Request) -> web.Response:
         metrics.requests["forbidden"].inc()
         return _json(403, {"error": "forbidden", "field": None,
                            "detail": f"source address {source_ip} is not allowed for this tenant"})
+    if (wait := app[BUDGETS].take(tenant_id)) is not None:
+        return _throttled(app, tenant_id, wait)
     if refusal is None and len(raw_query) > MAX_QUERY:
         refusal = Refusal("uri_too_long", None, f"query string longer than {MAX_QUERY} bytes", status=414)
     if refusal is None:
@@ -218,6 +226,24 @@ async def handle_notification(request: web.Request) -> web.Response:
     query = redact(raw_query[:MAX_QUERY], secrets, form=True) or ""
     body = redact(body_text, secrets, form=form)
     return await _refuse(request, tenant_id, source_ip, received_ms, refusal, query, body)
+
+
+def _throttled(app: web.Application, tenant_id: str, wait_s: float) -> web.Response:
+    """429 for a tenant over its budget; counted, and logged at most once a minute per tenant."""
+    app[METRICS].requests["throttled"].inc()
+    seen = app[THROTTLED].setdefault(tenant_id, [0.0, 0.0])  # [last logged (monotonic), count since]
+    seen[1] += 1
+    now = time.monotonic()
+    if now - seen[0] >= THROTTLE_LOG_S:
+        tenant = app[SETTINGS].tenants[tenant_id]
+        limit = tenant.max_per_second if tenant.max_per_second is not None else \
+            app[SETTINGS].tenant_max_per_second
+        log.warning(f"tenant {tenant_id} is over its {limit:g} requests/s: answered 429",
+                    extra={"tenant": tenant_id, "limit": limit, "throttled": int(seen[1])})
+        seen[0], seen[1] = now, 0.0
+    return _json(429, {"error": "too_many_requests", "field": None,
+                       "detail": f"more than this tenant's requests per second; retry in {wait_s:.1f} s"},
+                 headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 
 def _incomplete_template(app: web.Application, tenant_id: str, no_dref: bool, no_tsms: bool) -> None:
@@ -287,6 +313,8 @@ async def handle_action_post(request: web.Request) -> web.Response:
     tenant_id, token, refused = _api_tenant(request)
     if refused is not None:
         return refused
+    if (wait := app[BUDGETS].take(tenant_id)) is not None:
+        return _throttled(app, tenant_id, wait)
     raw = await _read_body(request, settings.body_timeout_seconds)
     text: str | None = None
     refusal: Refusal | None = None
@@ -383,6 +411,10 @@ def build_app(settings: IngestSettings, clock: Clock = wall_clock_ms) -> web.App
     app[CLOCK] = clock
     app[TEMPLATE_WARNED] = set()
     app[ACCEPTED] = {}
+    app[BUDGETS] = Budgets({
+        tid: t.max_per_second if t.max_per_second is not None else settings.tenant_max_per_second
+        for tid, t in settings.tenants.items()})
+    app[THROTTLED] = {}
     app.cleanup_ctx.append(_publisher_ctx)
     route = "/v1/keyyo/{tenant}/notifications"
     app.router.add_get(route, handle_notification, allow_head=False)

@@ -34,6 +34,9 @@ class Tenant:
     api_token_sha256: bytes | None = None
     """SHA-256 digest of the actions API's bearer token (separate from the notification secret);
     None: the tenant has no actions API."""
+    max_per_second: float | None = None
+    """Requests per second (notifications and actions API together) this tenant may send to one
+    edge process; more get 429. None: ``[ingest] tenant_max_per_second``; 0: no limit."""
 
     def key_matches(self, secret: str) -> bool:
         """Constant-time check of the secret against the stored digest."""
@@ -87,8 +90,17 @@ class IngestSettings:
     """A POST body not complete within this is refused (408)."""
     action_results_kept: int = 50_000
     """Latest action results the edge keeps in memory for ``GET .../actions/{id}`` (oldest first out)."""
+    tenant_max_per_second: float = 0.0
+    """Each tenant's request budget per edge process unless its own ``max_per_second`` says
+    otherwise; 0: no limit."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Unused sections, kept for other deployables sharing the file."""
+
+
+def _non_negative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0 (0: no limit)")
+    return float(value)
 
 
 def hash_secret(secret: str) -> str:
@@ -116,7 +128,11 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
         raise ConfigError(f"{where}: api_token_sha256 must be 64 hex digits (keyyo-stream secret --api)")
     if api is not None and api.lower() == token.lower():
         raise ConfigError(f"{where}: api_token_sha256 must differ from token_sha256 (separate secrets)")
-    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets), bytes.fromhex(api) if api else None)
+    limit = raw.get("max_per_second")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0):
+        raise ConfigError(f"{where}: max_per_second must be a number >= 0 (0: no limit)")
+    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets), bytes.fromhex(api) if api else None,
+                  float(limit) if limit is not None else None)
 
 
 def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettings:
@@ -148,6 +164,8 @@ def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettin
             max_event_behind_seconds=float(ingest.get("max_event_behind_seconds", 86_400.0)),
             body_timeout_seconds=float(ingest.get("body_timeout_seconds", 10.0)),
             action_results_kept=int(ingest.get("action_results_kept", 50_000)),
+            tenant_max_per_second=_non_negative(ingest.get("tenant_max_per_second", 0.0),
+                                                "tenant_max_per_second"),
             extra={k: v for k, v in data.items() if k not in ("tenants", "kafka", "ingest")},
         )
     except (TypeError, ValueError) as exc:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("accepted", "spooled", "rejected", "unauthorized", "forbidden", "unavailable", "malformed")
+OUTCOMES = ("accepted", "spooled", "rejected", "unauthorized", "forbidden", "throttled", "unavailable",
+            "malformed")
 
 
 class IngestMetrics:

@@ -83,11 +83,11 @@ async def running_edge(
     """Create the prefix's topics, start the edge, yield it, then shut it down gracefully."""
     if create:
         await create_topics(bootstrap, prefix, partitions=3)
-    settings = IngestSettings(
-        tenants=tenants(), bootstrap_servers=bootstrap, topic_prefix=prefix,
-        produce_budget_seconds=budget_s, spool_dir=spool_dir, spool_max_bytes=spool_max_bytes,
+    settings = IngestSettings(**{
+        "tenants": tenants(), "bootstrap_servers": bootstrap, "topic_prefix": prefix,
+        "produce_budget_seconds": budget_s, "spool_dir": spool_dir, "spool_max_bytes": spool_max_bytes,
         **overrides,
-    )
+    })
     client = TestClient(EdgeTestServer(build_app(settings)))
     await client.start_server()
     try:

@@ -4,6 +4,7 @@ shape for every refusal, nothing that tells tenants apart."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ import orjson
 import pytest
 
 from devtools.traffic import answered_incoming
-from tests.integration.edge import SECRET, TENANT, Edge, running_edge
+from tests.integration.edge import SECRET, TENANT, Edge, running_edge, tenants
 from tests.kafka import Broker, read_values
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -152,3 +153,31 @@ async def test_unknown_tenant_and_wrong_key_look_alike_and_the_key_is_checked_fi
             locked = resp.status
     assert len(set(answers)) == 1 and answers[0][0] == 401
     assert locked == 403  # the right key, from an address the tenant does not allow
+
+
+async def test_a_noisy_tenant_is_held_to_its_budget_and_slows_no_other(broker: Broker, prefix: str) -> None:
+    """acme may send 5 requests/s (a burst of 10), the others 1,000/s. A flood with acme's name
+    but a wrong key spends nothing of acme's budget; acme's own flood is answered 429 past its
+    burst, while globex, on the same edge, gets every request through; the topic holds exactly
+    the 200s."""
+    limited = {**tenants(), TENANT: dataclasses.replace(tenants()[TENANT], max_per_second=5)}
+    async with running_edge(broker.bootstrap, prefix, tenants=limited, tenant_max_per_second=1000) as edge:
+        for _ in range(30):
+            assert (await edge.notify(CALL, key="wrong")).status == 401
+        answers = []
+        for i in range(30):
+            async with edge.client.get(f"/v1/keyyo/{TENANT}/notifications",
+                                       params={"key": SECRET, **CALL, "callref": str(i)}) as resp:
+                answers.append((resp.status, resp.headers.get("Retry-After"), await resp.json()))
+            assert (await edge.notify({**CALL, "callref": str(i)}, tenant="globex")).status == 200
+        metrics = (await edge.get("/metrics"))[1]
+    statuses = [status for status, _, _ in answers]
+    accepted = statuses.count(200)
+    assert 10 <= accepted <= 12 and statuses[:10] == [200] * 10  # the burst, and what refilled meanwhile
+    assert statuses.count(429) == 30 - accepted
+    throttled = [(retry, body) for status, retry, body in answers if status == 429]
+    assert all(retry == "1" and body["error"] == "too_many_requests" for retry, body in throttled)
+    values = await read_values(broker.bootstrap, edge.topic)
+    assert sum(1 for v in values if v["tenant"] == TENANT) == accepted
+    assert sum(1 for v in values if v["tenant"] == "globex") == 30
+    assert f'keyyo_ingest_requests_total{{outcome="throttled"}} {30 - accepted}.0' in metrics

@@ -50,8 +50,47 @@ token_sha256 = "{hash_secret('other')}"
         (f'[tenants.acme]\ntoken_sha256 = "{"0" * 64}"\nallow_from = ["300.1.1.1/8"]\n', "allow_from"),
         ("[tenants\n", "ingest.toml"),
         ('[ingest]\nproduce_budget_seconds = "soon"\n', "[ingest]"),
+        (f'[tenants.acme]\ntoken_sha256 = "{"0" * 64}"\nmax_per_second = -1\n',
+         "tenants.acme]: max_per_second"),
+        (f'[tenants.acme]\ntoken_sha256 = "{"0" * 64}"\nmax_per_second = "fast"\n', "max_per_second"),
+        ("[ingest]\ntenant_max_per_second = true\n", "[ingest]: tenant_max_per_second"),
     ],
 )
 def test_errors_say_where(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_settings(write(tmp_path, text), env={})
+
+
+def test_request_budgets_per_tenant(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""
+[ingest]
+tenant_max_per_second = 200
+[tenants.acme]
+token_sha256 = "{hash_secret('s3cret')}"
+max_per_second = 50
+[tenants.globex]
+token_sha256 = "{hash_secret('other')}"
+[tenants.initech]
+token_sha256 = "{hash_secret('third')}"
+max_per_second = 0
+""")
+    settings = load_settings(path, env={})
+    assert settings.tenant_max_per_second == 200
+    assert [settings.tenants[t].max_per_second for t in ("acme", "globex", "initech")] == [50, None, 0]
+    assert load_settings(write(tmp_path, ""), env={}).tenant_max_per_second == 0  # no limit by default
+
+
+def test_a_budget_lets_a_burst_through_then_refills_at_its_rate() -> None:
+    from ingest.budget import Budgets
+
+    now = [100.0]
+    budgets = Budgets({"acme": 5.0, "globex": 0.0}, clock=lambda: now[0])
+    assert [budgets.take("acme") for _ in range(10)] == [None] * 10  # two seconds' worth at once
+    wait = budgets.take("acme")
+    assert wait == pytest.approx(0.2)  # one request's worth at 5/s
+    assert all(budgets.take("globex") is None for _ in range(1000))  # 0: no limit
+    assert budgets.take("unknown") is None
+    now[0] += 0.2
+    assert budgets.take("acme") is None and budgets.take("acme") is not None
+    now[0] += 60
+    assert [budgets.take("acme") for _ in range(11)].count(None) == 10  # refilled to the burst, no more
