@@ -8,7 +8,9 @@ ids, legs, revision 1), in the order their calls ended.
 
 1. Throughput: the records topic is filled; a raw aiokafka consumer reads it (the baseline), then
    one acd-stats process (replay mode, exactly-once transactions, changelog) drains it. Both
-   figures come from the same run on the same topic; the ratio is printed.
+   figures come from the same run on the same topic; the ratio is printed. Then a copy of the
+   records is drained by the same runtime with a logic that passes each record on (the runtime's
+   own ceiling; how much of the gap is the logic's).
 2. Logic alone: the same records through the pure logic and an in-memory store (µs per record).
 3. Memory: Python allocations of the state per open interval (tracemalloc), with the per-call
    entries an interval keeps for restatement.

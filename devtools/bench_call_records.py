@@ -10,8 +10,10 @@
    update; measured after ``--warmup`` seconds of traffic (a new broker's JIT compiles first).
 4. Throughput: the notification topic is filled with simulated traffic; one call-records process
    (replay mode, exactly-once transactions, changelog) drains it; a raw aiokafka consumer reads
-   the same topic in the same run as the baseline (ratio). ``--state-entries N`` drains it again
-   with N state entries restored first.
+   the same topic in the same run as the baseline (ratio); a copy of the input is drained by the
+   same runtime with a logic that passes each record on (the runtime's own ceiling, to tell the
+   logic's cost from the runtime's). ``--state-entries N`` drains it again with N state entries
+   restored first.
 
     python -m devtools.bench_call_records [--notifications 200000] [--rate 1000] [--seconds 15]
         [--warmup 60] [--state-entries N] [--latency-only] [--slice-ms MS]
