@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError,
 from aiokafka.partitioner import DefaultPartitioner
 
 from processors import checkpoint
-from processors.contract import Logic
+from processors.contract import Logic, StartsDomains
 from processors.observability import ProcessorMetrics
 from processors.output import Output, coalesce
 from processors.state import Store
@@ -136,8 +136,9 @@ class _Partition:
     closing: bool = False
     busy: bool = False
     paused: bool = False
-    starting: bool = True
-    """Until its first transaction commits: that transaction also runs the logic's ``on_start``."""
+    starting: bool = False
+    """For a logic with ``on_start``, until the partition's first transaction commits (that
+    transaction runs it)."""
 
 
 class _BatchWriter:
@@ -506,7 +507,9 @@ class Runtime:
         store = Store()
         step = Step(self.logic, store, s.group, mode=s.mode, allowed_lateness_ms=s.allowed_lateness_ms,
                     limits=s.limits, clock=self.clock)
-        return _Partition(tp, producer, store, step)
+        part = _Partition(tp, producer, store, step)
+        part.starting = isinstance(self.logic, StartsDomains)  # else no transaction just to start
+        return part
 
     async def _open(self, part: _Partition) -> None:
         """Fence the previous owner (its open transaction is aborted), then restore the state;
