@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from processors.keyyo_api import ExecutorConfig, backoff_s, classify, request_for
+from processors.runtime import stop_consumer
 from schemas.actions import (
     FINAL_STATUSES,
     NOT_REPEATABLE,
@@ -56,6 +57,10 @@ HEALTH_PORT = 9131
 """The executor's preferred side port (the next free one when it is busy)."""
 STOP_WRITE_S = 30.0
 """While stopping, how long a result write waits for an absent Kafka before it is abandoned."""
+COMMIT_WAIT_S = 10.0
+"""How long an offset commit may wait for Kafka (a later one carries the same offsets)."""
+STOP_LEAVE_S = 10.0
+"""While stopping, how long leaving the consumer group may take (Kafka away: it cannot)."""
 
 
 class _Abandoned(Exception):
@@ -306,8 +311,7 @@ class Executor:
         finally:
             for part in list(self.parts.values()):
                 await self._close(part)
-            with contextlib.suppress(KafkaError):
-                await consumer.stop()
+            await stop_consumer(consumer, STOP_LEAVE_S)
             await self._session.close()
 
     async def _check_partitions(self) -> None:
@@ -592,16 +596,24 @@ class Executor:
         :class:`_Fenced` once another executor owns the partition."""
         delay = 0.2
         stopping_since: float | None = None
+
+        def give_up() -> bool:
+            nonlocal stopping_since
+            if not self._stopping.is_set():
+                return False
+            stopping_since = stopping_since or time.monotonic()
+            if time.monotonic() - stopping_since <= STOP_WRITE_S:
+                return False
+            log.error("result abandoned at shutdown, Kafka away", extra={"action_id": aid})
+            return True
+
         while True:
             fut = part.writer.submit(aid.encode(), value)
             while not fut.done():
                 await asyncio.wait({fut}, timeout=1.0)
-                if not fut.done() and self._stopping.is_set():
-                    stopping_since = stopping_since or time.monotonic()
-                    if time.monotonic() - stopping_since > STOP_WRITE_S:
-                        log.error("result abandoned at shutdown, Kafka away", extra={"action_id": aid})
-                        fut.add_done_callback(_retrieved)
-                        raise _Abandoned
+                if not fut.done() and give_up():
+                    fut.add_done_callback(_retrieved)
+                    raise _Abandoned
             try:
                 fut.result()
                 return
@@ -610,11 +622,8 @@ class Executor:
                 raise
             except KafkaError as exc:
                 log.warning("result not written yet; retrying", extra={"error": repr(exc)})
-                if self._stopping.is_set():
-                    stopping_since = stopping_since or time.monotonic()
-                    if time.monotonic() - stopping_since > STOP_WRITE_S:
-                        log.error("result abandoned at shutdown, Kafka away", extra={"action_id": aid})
-                        raise _Abandoned from exc
+                if give_up():
+                    raise _Abandoned from exc
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 
@@ -639,9 +648,9 @@ class Executor:
                 offsets[part.tp] = offset
         if not offsets:
             return
-        try:
-            await self._consumer.commit(offsets)
-        except KafkaError as exc:  # the next commit carries the same offsets (or a rebalance redoes them)
+        try:  # bounded: with the coordinator gone, aiokafka would wait for it as long as it takes
+            await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_WAIT_S)
+        except (KafkaError, TimeoutError) as exc:  # the next commit carries the same offsets
             log.warning("offset commit failed", extra={"error": repr(exc)})
             return
         for part in parts:

@@ -91,6 +91,9 @@ class RuntimeSettings:
     """Older checkpoints are ignored: below the changelog's ``delete.retention.ms`` (24 h), so no
     tombstone a checkpoint predates has been compacted away."""
     restore_batch: int = 5000
+    close_wait_s: float = 30.0
+    """How long giving up a partition (stop or rebalance) waits for its transaction in progress;
+    past it (Kafka away) the transaction is abandoned, to be aborted by Kafka or the next owner."""
     """Changelog records applied between two yields to the event loop while restoring."""
 
     @property
@@ -296,12 +299,11 @@ class Runtime:
                         idle_since = time.monotonic()
                     elif time.monotonic() - idle_since >= s.until_idle_s:
                         break
-            for part in list(self.parts.values()):
-                await self._close(part, flush_ms=s.flush_at_end_ms)
-        finally:
-            for part in list(self.parts.values()):
-                await self._close(part)
-            await consumer.stop()
+            await asyncio.gather(*(self._close(part, flush_ms=s.flush_at_end_ms)
+                                   for part in list(self.parts.values())))
+        finally:  # partitions side by side: with Kafka away each may wait close_wait_s
+            await asyncio.gather(*(self._close(part) for part in list(self.parts.values())))
+            await stop_consumer(consumer, 10.0)
 
     async def _at_end(self, consumer: AIOKafkaConsumer) -> bool:
         for tp, part in self.parts.items():
@@ -612,19 +614,27 @@ class Runtime:
         self.metrics.assigned.set(len(self.parts))
 
     async def _close(self, part: _Partition, flush_ms: int | None = None) -> None:
-        """Let the worker finish its transaction, optionally fire every timer, stop the producer."""
+        """Let the worker finish its transaction (within ``close_wait_s``), optionally fire every
+        timer, stop the producer."""
         self.parts.pop(part.tp, None)
         part.closing = True
         part.wakeup.set()
-        if part.worker is not None:
-            with contextlib.suppress(Exception):
-                await part.worker
-        if flush_ms is not None:
+        abandoned = False
+        if part.worker is not None and not part.worker.done():
+            await asyncio.wait({part.worker}, timeout=self.settings.close_wait_s)
+            if not part.worker.done():  # Kafka away: its transaction cannot end
+                abandoned = True
+                self.log.warning("transaction abandoned: Kafka did not answer; it is aborted by Kafka "
+                                 "or by the partition's next owner", extra={
+                                     "topic": part.tp.topic, "partition": part.tp.partition})
+                part.worker.cancel()
+                await asyncio.wait({part.worker}, timeout=5)
+        if flush_ms is not None and not abandoned:
             part.queue.clear()  # only the timers: records left are read again by the next owner
             await self._flush_at_end(part, flush_ms)
-        with contextlib.suppress(Exception):
-            await part.producer.stop()
-        if part.restored and not part.fenced and not self.failed:
+        with contextlib.suppress(Exception):  # bounded: with Kafka away it would wait to flush
+            await asyncio.wait_for(part.producer.stop(), 5)
+        if part.restored and not part.fenced and not self.failed and not abandoned:
             await self._save(part, keep=flush_ms is None and not self._stopping.is_set())
         for gauge in (self.metrics.lag, self.metrics.state_entries, self.metrics.stuck,
                       self.metrics.restore_remaining):
@@ -675,6 +685,22 @@ class Runtime:
                     max(0, high - part.position))
             self.metrics.state_entries.labels(self.metrics.processor, str(tp.partition)).set(
                 len(part.store))
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, within_s: float) -> None:
+    """Stop a group consumer in bounded time. With Kafka away, leaving the group waits for a
+    coordinator that is gone (the group drops the member after its session timeout instead), and
+    aiokafka's fetcher lets its own task's cancellation out of ``stop``: neither stops the caller,
+    unless the caller itself is being cancelled."""
+    try:
+        await asyncio.wait_for(consumer.stop(), within_s)
+    except (KafkaError, TimeoutError) as exc:
+        log.warning("consumer not stopped cleanly (Kafka away?)", extra={"error": repr(exc)[:300]})
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("consumer not stopped cleanly (Kafka away?)", extra={"error": "CancelledError"})
 
 
 def _kafka_away(exc: BaseException) -> bool:

@@ -250,3 +250,76 @@ async def test_the_executor_rides_out_a_broker_outage_and_sends_once(
     assert len(second) == 1 and second[0]["at"] >= back_at
     executed = [r["params"]["MSG"] for r in sb.requests if r["executed"]]
     assert executed == [first.message, due_while_away.message]
+
+
+async def test_an_executor_stopped_with_kafka_away_exits_and_nothing_is_sent_twice(
+    broker_up: LocalKafka, prefix: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped while its request is at Keyyo and Kafka is away: the result cannot be written, so
+    after ``STOP_WRITE_S`` it is abandoned and the process exits anyway; the next owner finds
+    ``sending`` without a result and reports the SMS ``unknown``, never sending it again."""
+    import processors.executor as executor_module
+    from deploy.topics import create_topics
+    from devtools.sandbox import Faults, Sandbox, running
+    from schemas.topics import ACTION_RESULTS, ACTIONS
+    from tests.integration.test_executor import LINES, PASSWORDS, executor, final_results, publish, sms
+
+    monkeypatch.setattr(executor_module, "STOP_WRITE_S", 3.0)
+    bootstrap = broker_up.bootstrap
+    await create_topics(bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=1)
+    sb = Sandbox(passwords=PASSWORDS, faults=Faults(hang_rate=1.0, hang_seconds=4.0))
+    hung = sms(1, LINES[0])
+    async with running(sb) as url:
+        await publish(bootstrap, prefix, [hung])
+        stopped_in = None
+        async with executor(bootstrap, prefix, url) as ex:
+            await wait_for(lambda: any(r["executed"] for r in sb.requests), 30, interval=0.1,
+                           what="the request at Keyyo")
+            await asyncio.to_thread(broker_up.stop)
+            started = time.monotonic()
+            ex.stop()
+        stopped_in = time.monotonic() - started  # the context waited for run() to return
+        await asyncio.to_thread(lambda: broker_up.start(progress=False))
+        sb.faults = Faults()
+        async with executor(bootstrap, prefix, url):
+            async def settled() -> bool:
+                return bool((await final_results(bootstrap, prefix)).get(hung.action_id, {}).get("final"))
+
+            await wait_for(settled, 60, interval=0.3, what="the SMS settled by the next owner")
+    assert stopped_in < 30, f"the executor took {stopped_in:.0f} s to stop with Kafka away"
+    assert (await final_results(bootstrap, prefix))[hung.action_id]["status"] == "unknown"
+    assert len([r for r in sb.requests if r["executed"]]) == 1
+
+
+async def test_a_processor_stopped_with_kafka_away_exits(broker_up: LocalKafka, prefix: str) -> None:
+    """SIGTERM while Kafka is away, with records processed but their transaction not committed:
+    the process still ends in bounded time, and a new one after Kafka is back writes every record
+    once (the uncommitted transaction is aborted and redone)."""
+    from devtools.simulator import Chaos
+    from processors.registry import CALL_RECORDS_SPEC
+    from tests.integration.pipeline import FAST, provision, records, running_processor, send_to_kafka, traffic
+    from tests.truth import expected_records, final_records
+
+    bootstrap = broker_up.bootstrap
+    await provision(bootstrap, prefix)
+    calls, sends = traffic(seed=43, rate=8, duration=2, start_ms=time.time_ns() // 1_000_000, chaos=Chaos())
+    logic = CALL_RECORDS_SPEC.logic(**{**FAST, "linger": 4})  # the closes come due while Kafka is away
+    started = None
+    async with running_processor(bootstrap, prefix, logic=logic, close_wait_s=5.0) as runtime:
+        await wait_for(lambda: runtime.joined and not runtime.restoring, 30, what="processor ready")
+        await send_to_kafka(bootstrap, prefix, sends)
+        await asyncio.sleep(1)
+        await asyncio.to_thread(broker_up.stop)
+        await wait_for(lambda: runtime.stuck(), 30, interval=0.2, what="a transaction waiting for Kafka")
+        started = time.monotonic()
+    stopped_in = time.monotonic() - started
+    await asyncio.to_thread(lambda: broker_up.start(progress=False))
+    expected = expected_records(calls)
+    async with running_processor(bootstrap, prefix, logic=logic):
+        async def complete() -> bool:
+            return final_records(await records(bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 90, interval=0.5, what="every call's record after the restart")
+    assert stopped_in < 45, f"the processor took {stopped_in:.0f} s to stop with Kafka away"
+    got = final_records(await records(bootstrap, prefix))
+    assert {k: got[k] for k in expected} == expected
