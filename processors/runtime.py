@@ -91,10 +91,10 @@ class RuntimeSettings:
     """Older checkpoints are ignored: below the changelog's ``delete.retention.ms`` (24 h), so no
     tombstone a checkpoint predates has been compacted away."""
     restore_batch: int = 5000
+    """Changelog records applied between two yields to the event loop while restoring."""
     close_wait_s: float = 30.0
     """How long giving up a partition (stop or rebalance) waits for its transaction in progress;
     past it (Kafka away) the transaction is abandoned, to be aborted by Kafka or the next owner."""
-    """Changelog records applied between two yields to the event loop while restoring."""
 
     @property
     def changelog_topic(self) -> str:
