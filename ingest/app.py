@@ -46,11 +46,12 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TEMPLATE_WARNED: web.AppKey[set[str]] = web.AppKey("template_warned")
 RESULTS = web.AppKey("results", ActionResults)
 ACCEPTED: web.AppKey[dict[str, str]] = web.AppKey("accepted")
+"""Actions this process accepted and has no result of yet: id -> tenant (bounded)."""
 BUDGETS = web.AppKey("budgets", Budgets)
 THROTTLED: web.AppKey[dict[str, list[float]]] = web.AppKey("throttled")
+"""Per throttled tenant: [when it was last logged (monotonic), requests refused since]."""
 THROTTLE_LOG_S = 60.0
 """A throttled tenant is logged at most once per this many seconds (with the count meanwhile)."""
-"""Actions this process accepted and has no result of yet: id -> tenant (bounded)."""
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024

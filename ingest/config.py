@@ -129,10 +129,11 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
     if api is not None and api.lower() == token.lower():
         raise ConfigError(f"{where}: api_token_sha256 must differ from token_sha256 (separate secrets)")
     limit = raw.get("max_per_second")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 0):
-        raise ConfigError(f"{where}: max_per_second must be a number >= 0 (0: no limit)")
-    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets), bytes.fromhex(api) if api else None,
-                  float(limit) if limit is not None else None)
+    try:
+        budget = None if limit is None else _non_negative(limit, "max_per_second")
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets), bytes.fromhex(api) if api else None, budget)
 
 
 def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettings:
