@@ -343,6 +343,8 @@ class Runtime:
             await producer.begin_transaction()
             writer = self._writer(producer)
             outputs: list[Output] = []
+            if part.starting:  # before any record, as the driver does
+                outputs.extend(step.start(await self._owns(part), self.clock(), part.tp.partition))
             budget = s.slice_ms / 1000  # processing time left to this transaction
             commit_at = time.perf_counter() + s.commit_interval_ms / 1000
             while True:
@@ -365,8 +367,6 @@ class Runtime:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await part.wakeup.wait()
-            if part.starting:
-                outputs.extend(step.start(await self._owns(part), self.clock(), part.tp.partition))
             if flush_ms is not None:
                 outputs.extend(step.flush(flush_ms, part.tp.partition))
             outputs.extend(step.timers(self.clock(), part.tp.partition))
