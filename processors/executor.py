@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
@@ -37,6 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError, ProducerFenced
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from deploy.tail import topic_partitions
 from processors.keyyo_api import ExecutorConfig, backoff_s, classify, request_for
 from processors.runtime import stop_consumer
 from schemas.actions import (
@@ -81,6 +83,8 @@ class _Journal:
         self.producer = producer
         self.topic = topic
         self.partition = partition
+        self.on_fenced: Callable[[], None] = lambda: None
+        """Called once, when Kafka first refuses a write because another producer took the id."""
         self.fenced = False
         self._pending: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -108,6 +112,7 @@ class _Journal:
                 await self.producer.commit_transaction()
             except ProducerFenced:
                 self.fenced = True
+                self.on_fenced()
                 _settle(batch, _Fenced())
                 _settle(self._pending, _Fenced())
                 self._pending = []
@@ -228,8 +233,6 @@ class _Part:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     restore_task: asyncio.Task[None] | None = None
     closing: bool = False
-    fenced: bool = False
-    """Another executor started this partition's transactional id: this one no longer owns it."""
 
     def commit_offset(self) -> int | None:
         """Lowest unfinished offset, else one past the last read."""
@@ -279,7 +282,6 @@ class Executor:
     async def run(self) -> None:
         """Consume and execute until :meth:`stop`."""
         s = self.settings
-        await self._check_partitions()
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s,
                                         sock_connect=self.config.connect_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
@@ -289,6 +291,7 @@ class Executor:
             session_timeout_ms=10000, heartbeat_interval_ms=1000, max_poll_interval_ms=300000)
         try:
             await consumer.start()
+            await self._check_partitions(consumer)
             consumer.subscribe([s.actions_topic], listener=_Listener(self))
             last_commit = time.monotonic()
             while not self._stopping.is_set():
@@ -314,21 +317,16 @@ class Executor:
             await stop_consumer(consumer, STOP_LEAVE_S)
             await self._session.close()
 
-    async def _check_partitions(self) -> None:
+    async def _check_partitions(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
-        producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap, client_id=f"{s.group}-check")
-        await producer.start()
-        try:
-            actions = await producer.partitions_for(s.actions_topic)
-            results = await producer.partitions_for(s.results_topic)
-        except KafkaError as exc:
-            raise RuntimeError(f"{s.actions_topic} or {s.results_topic} is "
-                               f"missing ({exc!r}); run `keyyo-stream topics create`") from None
-        finally:
-            await producer.stop()
+        actions = await topic_partitions(consumer, s.actions_topic)
+        results = await topic_partitions(consumer, s.results_topic)
+        if not actions or not results:
+            raise RuntimeError(f"{s.actions_topic if not actions else s.results_topic} is missing; "
+                               "run `keyyo-stream topics create`")
         if len(results) < len(actions):
             raise RuntimeError(
-                f"{self.settings.results_topic} has {len(results or ())} partitions, fewer than the "
+                f"{self.settings.results_topic} has {len(results)} partitions, fewer than the "
                 f"{len(actions)} of {self.settings.actions_topic}: it must have as many (it is the "
                 "executor's journal); run `keyyo-stream topics create`")
 
@@ -341,8 +339,9 @@ class Executor:
         for tp in assigned:
             if tp in self.parts:
                 continue
-            part = self.parts[tp] = _Part(tp, _Journal(self._journal_producer(tp), s.results_topic,
-                                                       tp.partition))
+            journal = _Journal(self._journal_producer(tp), s.results_topic, tp.partition)
+            part = self.parts[tp] = _Part(tp, journal)
+            journal.on_fenced = functools.partial(self._fenced, part)
             part.restore_task = asyncio.create_task(self._restore(part), name=f"journal-{tp.partition}")
         self.metrics.partitions.set(len(self.parts))
 
@@ -617,9 +616,6 @@ class Executor:
             try:
                 fut.result()
                 return
-            except _Fenced:
-                self._fenced(part)
-                raise
             except KafkaError as exc:
                 log.warning("result not written yet; retrying", extra={"error": repr(exc)})
                 if give_up():
@@ -628,9 +624,8 @@ class Executor:
                 delay = min(5.0, delay * 2)
 
     def _fenced(self, part: _Part) -> None:
-        if part.fenced:
-            return
-        part.fenced = part.closing = True
+        """Another executor started the partition's transactional id: stop its lines here."""
+        part.closing = True
         self.metrics.fenced.inc()
         log.error("fenced: another executor owns this partition now; nothing more is sent from it "
                   "here", extra={"topic": part.tp.topic, "partition": part.tp.partition})
@@ -641,7 +636,7 @@ class Executor:
         assert self._consumer is not None
         offsets = {}
         for part in parts:
-            if part.fenced:
+            if part.writer.fenced:
                 continue  # its offsets are its new owner's to commit
             offset = part.commit_offset()
             if offset is not None and offset != part.committed:

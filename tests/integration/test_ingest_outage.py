@@ -224,7 +224,7 @@ async def test_the_executor_rides_out_a_broker_outage_and_sends_once(
     await create_topics(bootstrap, prefix, topics=(ACTIONS, ACTION_RESULTS), partitions=1)
     sb = Sandbox(passwords=PASSWORDS)
     first = sms(1, LINES[0])
-    due_while_away = sms(2, LINES[1], not_before=time.time_ns() // 1_000_000 + 4000)
+    due_while_away = sms(2, LINES[1], not_before=time.time_ns() // 1_000_000 + 10_000)
     async with running(sb) as url, executor(bootstrap, prefix, url) as ex:
         await publish(bootstrap, prefix, [first, due_while_away])
 
@@ -233,8 +233,11 @@ async def test_the_executor_rides_out_a_broker_outage_and_sends_once(
             return got.get(first.action_id, {}).get("status") == "sent"
 
         await wait_for(first_sent, 30, interval=0.2, what="the first SMS sent")
+        assert LINES[1] in ex.detail()["queued"], "the second SMS left its queue before its time"
         await asyncio.to_thread(broker_up.stop)
-        await asyncio.sleep(8)  # away past the second action's not_before
+        # Out of its line's queue: its attempt has begun, and waits for `sending` to commit.
+        await wait_for(lambda: LINES[1] not in ex.detail()["queued"], 30, interval=0.1,
+                       what="the second SMS due while Kafka is away")
         sent_while_away = [r for r in sb.requests if r["params"].get("MSG") == due_while_away.message]
         await asyncio.to_thread(lambda: broker_up.start(progress=False))
         back_at = time.time()
@@ -297,7 +300,15 @@ async def test_a_processor_stopped_with_kafka_away_exits(broker_up: LocalKafka, 
     once (the uncommitted transaction is aborted and redone)."""
     from devtools.simulator import Chaos
     from processors.registry import CALL_RECORDS_SPEC
-    from tests.integration.pipeline import FAST, provision, records, running_processor, send_to_kafka, traffic
+    from tests.integration.pipeline import (
+        FAST,
+        provision,
+        records,
+        running_processor,
+        send_to_kafka,
+        traffic,
+        updates,
+    )
     from tests.truth import expected_records, final_records
 
     bootstrap = broker_up.bootstrap
@@ -308,7 +319,10 @@ async def test_a_processor_stopped_with_kafka_away_exits(broker_up: LocalKafka, 
     async with running_processor(bootstrap, prefix, logic=logic, close_wait_s=5.0) as runtime:
         await wait_for(lambda: runtime.joined and not runtime.restoring, 30, what="processor ready")
         await send_to_kafka(bootstrap, prefix, sends)
-        await asyncio.sleep(1)
+        async def all_folded() -> bool:  # committed: what is left open is the closes' transactions
+            return len(await updates(bootstrap, prefix)) >= len(sends)
+
+        await wait_for(all_folded, 30, interval=0.2, what="every notification's update")
         await asyncio.to_thread(broker_up.stop)
         await wait_for(lambda: runtime.stuck(), 30, interval=0.2, what="a transaction waiting for Kafka")
         started = time.monotonic()
