@@ -607,10 +607,10 @@ class Runtime:
         return count, source
 
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
-        for tp in revoked:
-            part = self.parts.get(tp)
-            if part is not None:
-                await self._close(part)
+        """Give up partitions side by side: with Kafka slow, each may wait ``close_wait_s`` for its
+        transaction, and one after the other they would outlast the group's rebalance timeout."""
+        parts = [part for tp in sorted(revoked) if (part := self.parts.get(tp)) is not None]
+        await asyncio.gather(*(self._close(part) for part in parts))
         self.metrics.assigned.set(len(self.parts))
 
     async def _close(self, part: _Partition, flush_ms: int | None = None) -> None:

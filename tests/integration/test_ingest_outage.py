@@ -337,3 +337,56 @@ async def test_a_processor_stopped_with_kafka_away_exits(broker_up: LocalKafka, 
     assert stopped_in < 45, f"the processor took {stopped_in:.0f} s to stop with Kafka away"
     got = final_records(await records(bootstrap, prefix))
     assert {k: got[k] for k in expected} == expected
+
+
+async def test_partitions_given_up_with_kafka_away_close_side_by_side(
+        broker_up: LocalKafka, prefix: str) -> None:
+    """A rebalance that takes partitions away while their transactions wait for Kafka (their
+    transaction coordinator gone, say) closes them side by side: each waits ``close_wait_s`` at
+    most, together, not one after the other (which, partition by partition, would outlast the
+    group's rebalance timeout). Every call's record is still written once after Kafka is back."""
+    from devtools.simulator import Chaos
+    from processors.registry import CALL_RECORDS_SPEC
+    from tests.integration.pipeline import (
+        FAST,
+        provision,
+        records,
+        running_processor,
+        send_to_kafka,
+        traffic,
+        updates,
+    )
+    from tests.truth import expected_records, final_records
+
+    bootstrap = broker_up.bootstrap
+    await provision(bootstrap, prefix)
+    calls, sends = traffic(seed=47, rate=12, duration=2, start_ms=time.time_ns() // 1_000_000, chaos=Chaos())
+    logic = CALL_RECORDS_SPEC.logic(**{**FAST, "linger": 4})  # the closes come due while Kafka is away
+    async with running_processor(bootstrap, prefix, logic=logic, close_wait_s=8.0) as runtime:
+        await wait_for(lambda: runtime.joined and not runtime.restoring, 30, what="processor ready")
+        await send_to_kafka(bootstrap, prefix, sends)
+
+        async def all_folded() -> bool:
+            return len(await updates(bootstrap, prefix)) >= len(sends)
+
+        await wait_for(all_folded, 30, interval=0.2, what="every notification's update")
+        await asyncio.to_thread(broker_up.stop)
+        await wait_for(lambda: sum(p.busy for p in runtime.parts.values()) >= 2, 30, interval=0.1,
+                       what="two partitions' transactions waiting for Kafka")
+        parts = list(runtime.parts.values())
+        revoking = asyncio.create_task(runtime._revoke({p.tp for p in parts}))
+        # One after the other, the second partition would start closing only after the first had
+        # waited its 8 s.
+        await wait_for(lambda: all(p.closing for p in parts) and not revoking.done(), 4, interval=0.05,
+                       what="every partition closing at once")
+        await asyncio.wait_for(revoking, 30)
+        assert not runtime.parts
+    await asyncio.to_thread(lambda: broker_up.start(progress=False))
+    expected = expected_records(calls)
+    async with running_processor(bootstrap, prefix, logic=logic):
+        async def complete() -> bool:
+            return final_records(await records(bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 90, interval=0.5, what="every call's record after the restart")
+    got = final_records(await records(bootstrap, prefix))
+    assert {k: got[k] for k in expected} == expected
