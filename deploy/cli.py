@@ -143,6 +143,18 @@ def _commit_interval(text: str) -> int:
     return value
 
 
+def _close_wait(text: str) -> float:
+    """``--close-wait``: 1 to 45 s (giving partitions up must end within the group's 60 s
+    rebalance timeout, producer and consumer stops included)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 1 <= value <= 45:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside 1 to 45 s")
+    return value
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     """Run a declared processor (one process of its consumer group)."""
     from deploy.topics import provision_processor
@@ -164,6 +176,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         limits=Limits(max_ahead_ms=int(args.max_ahead * 1000), max_value_bytes=args.max_value_bytes),
         max_attempts=args.max_attempts,
         state_dir=None if args.no_checkpoints else Path(args.state_dir).expanduser(),
+        close_wait_s=args.close_wait,
     )
     try:
         logic = spec.logic(**{o.dest: getattr(args, o.dest) for o in spec.options})
@@ -262,6 +275,11 @@ def add_runtime_options(p: argparse.ArgumentParser, spec: ProcessorSpec) -> None
                    help="largest output or state value one record may write; larger: dead-lettered")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="transactions Kafka may refuse with a record before it is dead-lettered")
+    p.add_argument("--close-wait", type=_close_wait, default=30.0, metavar="SECONDS",
+                   help="giving a partition up (stop or rebalance) waits this long for its "
+                        "transaction in progress; past it (Kafka away) the transaction is abandoned, "
+                        "to be aborted by Kafka or the next owner (default %(default)g, 1 to 45; keep "
+                        "the stop grace period above it + 15 s)")
     p.add_argument("--state-dir", default="~/.local/state/keyyo-stream/checkpoints",
                    help="where each partition's state is checkpointed when the process stops or "
                         "gives a partition up, so a restart replays only the changelog's tail "

@@ -39,6 +39,11 @@ def served_port(args: argparse.Namespace) -> int:
     return int(args.health_port if args.health_port is not None else PROCESSORS[args.name].health_port)
 
 
+STOP_MARGIN_S = 15
+"""What a processor's stop takes beyond ``--close-wait``: the producers' and the consumer's bounded
+stops (5 s and 10 s)."""
+
+
 def compose() -> dict[str, Any]:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
@@ -66,6 +71,8 @@ def test_compose_commands_parse_and_healthchecks_hit_served_ports() -> None:
         args = build_parser().parse_args(service["command"])
         if name == "topics":
             continue
+        if args.command == "process":  # a stop with Kafka away must end before the kill
+            assert int(service["stop_grace_period"].rstrip("s")) >= args.close_wait + STOP_MARGIN_S, name
         check = " ".join(service["healthcheck"]["test"])
         port, path = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", check).groups()  # type: ignore[union-attr]
         assert int(port) == served_port(args), name
@@ -105,6 +112,8 @@ def test_kubernetes_args_parse_and_probes_hit_served_ports() -> None:
             doc = next(d for d in k8s() if f"{d['kind']}/{d['metadata']['name']}" == where)
             replicas = doc["spec"]["replicas"]
             assert replicas <= PROCESSORS[args.name].input.partitions, where
+            grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert grace >= args.close_wait + STOP_MARGIN_S, where
         declared = {p["containerPort"] for p in container.get("ports", [])}
         if args.command != "topics":
             assert served_port(args) in declared, where
@@ -154,3 +163,88 @@ def test_a_commit_interval_out_of_bounds_is_one_clear_error(capsys: pytest.Captu
         with pytest.raises(SystemExit):
             parser.parse_args(["process", "call-records", "--commit-interval-ms", bad])
         assert reason in capsys.readouterr().err
+
+
+def test_a_close_wait_out_of_bounds_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["process", "acd-stats"]).close_wait == 30
+    assert parser.parse_args(["process", "call-records", "--close-wait", "12.5"]).close_wait == 12.5
+    for bad, reason in (("60", "60 is outside 1 to 45 s"), ("0", "0 is outside"), ("later", "not a number")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["process", "call-records", "--close-wait", bad])
+        assert reason in capsys.readouterr().err
+
+
+ALERT_SEVERITIES = {"critical", "warning", "info"}
+SCRAPE_LABELS = {"instance", "job"}
+"""Labels Prometheus adds to every series it scrapes."""
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((DEPLOY / "alerts.yaml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name the edge, the processors and the executor export -> its labels."""
+    from ingest.metrics import IngestMetrics
+    from processors.executor import ExecutorMetrics
+
+    out: dict[str, set[str]] = {}
+    for registry in (IngestMetrics().registry, ProcessorMetrics("p").registry, ExecutorMetrics("g").registry):
+        for collector, names in registry._collector_to_names.items():  # private: no public listing
+            labels = set(collector._labelnames)  # type: ignore[attr-defined]
+            if getattr(collector, "_type", "") == "histogram":
+                labels.add("le")
+            for name in names:
+                out[name] = labels
+    return out
+
+
+def label_values() -> dict[tuple[str, str], set[str]]:
+    """The values a label takes, for the labels the rules select on (as the code writes them)."""
+    from ingest.metrics import OUTCOMES, IngestMetrics
+    from schemas.actions import STATUSES
+
+    return {
+        ("keyyo_ingest_requests_total", "outcome"): set(OUTCOMES),
+        ("keyyo_ingest_incomplete_template_total", "missing"): set(IngestMetrics().incomplete_template),
+        ("keyyo_processor_failed_transactions_total", "kind"): {"kafka_away", "refused"},  # runtime._failed
+        ("keyyo_executor_actions_total", "status"): set(STATUSES),
+        ("keyyo_executor_requests_total", "answer"): {"not_sent", "lost"},  # or an HTTP status
+    }
+
+
+def test_alert_rules_are_complete_and_name_only_what_the_services_export() -> None:
+    rules = alert_rules()
+    assert len(rules) >= 15
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), "two rules share a name"
+    series, values = exported_series(), label_values()
+    for rule in rules:
+        where = rule["alert"]
+        assert re.fullmatch(r"Keyyo[A-Z][A-Za-z]+", where)
+        assert rule["labels"]["severity"] in ALERT_SEVERITIES, where
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], where
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), where
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")"), where
+        used = re.findall(r"\b(keyyo_[a-z_]+)\b(\{[^}]*\})?", expr)
+        assert used, f"{where}: no keyyo metric"
+        available = set(SCRAPE_LABELS)
+        for name, selector in used:
+            assert name in series, f"{where}: {name} is not a series the services export"
+            available |= series[name]
+            for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+                assert label in series[name], f"{where}: {name} has no label {label}"
+                known = values.get((name, label))
+                assert known is not None, f"{where}: no known values for {name}{{{label}}}"
+                wanted = set(value.split("|")) if op in ("=~", "!~") else {value}
+                assert wanted <= known, f"{where}: {name}{{{label}}} never takes {wanted - known}"
+        for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            for label in (g.strip() for g in grouping.split(",") if g.strip()):
+                assert label in available, f"{where}: grouped by {label}, which its series lack"
+        for label in re.findall(r"\$labels\.(\w+)", str(rule["annotations"])):
+            grouped = {g.strip() for gr in re.findall(r"\bby\s*\(([^)]*)\)", expr) for g in gr.split(",")}
+            assert label in grouped, f"{where}: the annotations use {label}, which the alert does not keep"
