@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
+import logging
 import os
 import secrets
 import sys
@@ -120,6 +122,36 @@ def cmd_secret(args: argparse.Namespace) -> int:
     print(f'token_sha256 = "{hash_secret(secret)}"')
     print('# allow_from = ["62.39.136.157/32", "83.136.160.79/32"]')
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the pipeline's topics and consumer groups as Kafka has them; 1 if problems."""
+    from aiokafka.errors import KafkaError
+
+    from deploy.status import collect, render
+    from processors.registry import PROCESSORS
+
+    groups: dict[str, str] = {}
+    for item in args.group:
+        name, _, group = item.partition("=")
+        if name not in (*PROCESSORS, "execute-actions") or not group:
+            print(f"error: --group {item!r}: expected NAME=GROUP, NAME one of "
+                  f"{', '.join((*PROCESSORS, 'execute-actions'))}", file=sys.stderr)
+            return 2
+        groups[name] = group
+    prefix = args.prefix if args.prefix is not None else os.environ.get("KEYYO_TOPIC_PREFIX", "")
+    bootstrap = _bootstrap(args)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its reconnect errors: ours says it once
+    try:
+        status = asyncio.run(collect(bootstrap, prefix, groups))
+    except (KafkaError, OSError) as exc:
+        print(f"error: Kafka at {bootstrap} did not answer: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(status.as_dict(), indent=2))
+    else:
+        print(render(status))
+    return 1 if status.problems else 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -471,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=None, help="exit after N records")
     p.add_argument("--timeout", type=float, default=None, help="exit after N idle seconds")
     p.add_argument("--raw", action="store_true", help="print the JSON values as they are")
+
+    p = add("status", cmd_status, "The pipeline as Kafka sees it: brokers, topics, changelogs, and "
+            "each consumer group's state, members and lag; problems listed with what to do (exit 1).")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--prefix", help="topic prefix (default $KEYYO_TOPIC_PREFIX or none)")
+    p.add_argument("--group", action="append", default=[], metavar="NAME=GROUP",
+                   help="a stage run with its own --group (NAME: call-records, acd-stats, action-rules "
+                        "or execute-actions); repeatable")
+    p.add_argument("--format", choices=["text", "json"], default="text")
 
     p = add("run", cmd_run, "Local stack on defaults: broker, topics, ingest, every processor "
             "(call-records, acd-stats, action-rules), the action executor against the Keyyo sandbox, "
