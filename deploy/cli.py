@@ -76,10 +76,16 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Run the HTTP ingest edge."""
     from ingest.app import serve
-    from ingest.config import ConfigError, load_settings
+    from ingest.config import ConfigError, IngestSettings, load_settings
+
+    def load() -> IngestSettings:  # at start, and again on SIGHUP
+        loaded = load_settings(Path(args.config))
+        if args.worker is not None and loaded.spool_dir is not None:  # one of several: its own spool
+            loaded = dataclasses.replace(loaded, spool_dir=loaded.spool_dir / f"worker-{args.worker}")
+        return loaded
 
     try:
-        settings = load_settings(Path(args.config))
+        settings = load()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,12 +96,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return run_workers(Path(args.config), args.host, args.port, args.workers, args.metrics_host,
                            metrics_port, args.log_level, args.log_format, args.uvloop)
     own_port = None
-    if args.worker is not None:  # one of several: own spool, own port for metrics and probes
-        if settings.spool_dir is not None:
-            settings = dataclasses.replace(settings, spool_dir=settings.spool_dir / f"worker-{args.worker}")
+    if args.worker is not None:  # one of several: own port for metrics and probes
         own_port = (args.metrics_host, metrics_port)
     _before_serving(args.uvloop)
-    serve(settings, args.host, args.port, reuse_port=args.worker is not None, own_port=own_port)
+    serve(settings, args.host, args.port, reuse_port=args.worker is not None, own_port=own_port,
+          reload=load)
     return 0
 
 

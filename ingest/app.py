@@ -8,6 +8,7 @@ Routes: ``GET|POST /v1/keyyo/{tenant}/notifications``, the actions API (``POST
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest.action_results import ActionResults
 from ingest.budget import Budgets
-from ingest.config import IngestSettings, Tenant
+from ingest.config import ConfigError, IngestSettings, Tenant
 from ingest.metrics import IngestMetrics
 from ingest.parsing import ALIASES, SECRET_PARAM, Refusal, parse_notification, query_pairs
 from ingest.publisher import Outcome, Publisher
@@ -47,7 +48,6 @@ TEMPLATE_WARNED: web.AppKey[set[str]] = web.AppKey("template_warned")
 RESULTS = web.AppKey("results", ActionResults)
 ACCEPTED: web.AppKey[dict[str, str]] = web.AppKey("accepted")
 """Actions this process accepted and has no result of yet: id -> tenant (bounded)."""
-BUDGETS = web.AppKey("budgets", Budgets)
 THROTTLED: web.AppKey[dict[str, list[float]]] = web.AppKey("throttled")
 """Per throttled tenant: [when it was last logged (monotonic), requests refused since]."""
 THROTTLE_LOG_S = 60.0
@@ -60,8 +60,38 @@ MAX_REQUEST_LINE = 64 * 1024
 """Past this, aiohttp cannot read the request: a JSON 400 answer, counted, not kept."""
 _JSON = "application/json"
 _REDACTED = "REDACTED"
-_UNKNOWN_TENANT = Tenant("", bytes(32))
+_UNKNOWN_TENANT = Tenant("", (bytes(32),))
 """Stands in for an unknown tenant, so its refusal costs and says the same as a wrong key."""
+PREVIOUS_KEY_LOG_S = 60.0
+"""A tenant still sending a previous key (a rotation under way) is logged at most this often."""
+
+
+class TenantTable:
+    """The tenants and their request budgets, replaced whole when the configuration is read again
+    (SIGHUP): a request reads the table once it has its key, so it never sees half of a change."""
+
+    def __init__(self, settings: IngestSettings) -> None:
+        self.by_id: dict[str, Tenant] = {}
+        self.default_max_per_second = 0.0
+        self.budgets = Budgets({})
+        self.replace(settings)
+
+    def replace(self, settings: IngestSettings) -> None:
+        """Take the tenants of ``settings`` (budgets start full again)."""
+        self.by_id = settings.tenants
+        self.default_max_per_second = settings.tenant_max_per_second
+        self.budgets = Budgets({tid: self.limit(t) for tid, t in settings.tenants.items()})
+
+    def limit(self, tenant: Tenant) -> float:
+        """A tenant's requests/s per edge process (0: no limit)."""
+        return tenant.max_per_second if tenant.max_per_second is not None else self.default_max_per_second
+
+
+TENANTS = web.AppKey("tenants", TenantTable)
+PREVIOUS_KEY: web.AppKey[dict[str, list[float]]] = web.AppKey("previous_key")
+"""Per tenant seen with a previous key: [when it was last logged (monotonic), requests since]."""
+RELOADABLE = ("tenants", "tenant_max_per_second")
+"""The settings a reload applies; the others (Kafka, spool, limits) need a restart."""
 
 
 def wall_clock_ms() -> int:
@@ -188,10 +218,11 @@ async def handle_notification(request: web.Request) -> web.Response:
         else:
             params.extend(parsed)
     # The key first, the same answer for an unknown tenant and a wrong key: no enumeration.
-    tenant = settings.tenants.get(tenant_id)
+    tenants = app[TENANTS]
+    tenant = tenants.by_id.get(tenant_id)
     secrets = [v for k, v in params if k == SECRET_PARAM]
-    key_ok = (tenant or _UNKNOWN_TENANT).key_matches(secrets[0] if len(secrets) == 1 else "")
-    if tenant is None or len(secrets) != 1 or not key_ok:
+    key = (tenant or _UNKNOWN_TENANT).key_index(secrets[0] if len(secrets) == 1 else "")
+    if tenant is None or len(secrets) != 1 or key is None:
         metrics.requests["unauthorized"].inc()
         return _json(401, {"error": "unauthorized", "field": SECRET_PARAM,
                            "detail": "unknown tenant, or missing or wrong key"})
@@ -199,7 +230,9 @@ async def handle_notification(request: web.Request) -> web.Response:
         metrics.requests["forbidden"].inc()
         return _json(403, {"error": "forbidden", "field": None,
                            "detail": f"source address {source_ip} is not allowed for this tenant"})
-    if (wait := app[BUDGETS].take(tenant_id)) is not None:
+    if key:
+        _previous_key(app, tenant_id)
+    if (wait := tenants.budgets.take(tenant_id)) is not None:
         return _throttled(app, tenant_id, wait)
     if refusal is None and len(raw_query) > MAX_QUERY:
         refusal = Refusal("uri_too_long", None, f"query string longer than {MAX_QUERY} bytes", status=414)
@@ -229,19 +262,64 @@ async def handle_notification(request: web.Request) -> web.Response:
     return await _refuse(request, tenant_id, source_ip, received_ms, refusal, query, body)
 
 
+def _previous_key(app: web.Application, tenant_id: str) -> None:
+    """A request with one of the tenant's previous keys (a rotation under way): counted, and
+    logged at most once a minute per tenant, so the operator knows when the old key can go."""
+    app[METRICS].previous_key.inc()
+    if (count := _now_and_then(app[PREVIOUS_KEY], tenant_id, PREVIOUS_KEY_LOG_S)) is not None:
+        log.warning(f"tenant {tenant_id} still sends a previous key: its notification URL in the "
+                    "Keyyo Manager is not updated yet", extra={"tenant": tenant_id, "requests": count})
+
+
+def _now_and_then(seen: dict[str, list[float]], tenant_id: str, every_s: float) -> int | None:
+    """Count one more event of ``tenant_id``; when it was last said over ``every_s`` ago (or never),
+    the events since, to be said now; else None. ``seen``: tenant -> [when said, count since]."""
+    entry = seen.setdefault(tenant_id, [-math.inf, 0.0])
+    entry[1] += 1
+    now = time.monotonic()
+    if now - entry[0] < every_s:
+        return None
+    count = int(entry[1])
+    entry[0], entry[1] = now, 0.0
+    return count
+
+
+def reload_tenants(app: web.Application, load: Callable[[], IngestSettings]) -> bool:
+    """Read the configuration again and apply its tenants (keys, sources, budgets); a file with a
+    mistake changes nothing (one error line). Settings other than the tenants need a restart: a
+    change to them is named in a warning and not applied. True when applied."""
+    metrics = app[METRICS]
+    try:
+        new = load()
+    except ConfigError as exc:
+        metrics.reloads["failed"].inc()
+        log.error(f"configuration not reloaded, the running one is kept: {exc}")
+        return False
+    old = app[SETTINGS]
+    ignored = [f.name for f in dataclasses.fields(IngestSettings)
+               if f.name not in (*RELOADABLE, "extra") and getattr(new, f.name) != getattr(old, f.name)]
+    if ignored:
+        log.warning("configuration reloaded except settings that need a restart: " + ", ".join(ignored),
+                    extra={"not_applied": ignored})
+    before = app[TENANTS].by_id
+    app[TENANTS].replace(new)
+    metrics.reloads["applied"].inc()
+    log.info("configuration reloaded", extra={
+        "tenants": len(new.tenants), "added": sorted(new.tenants.keys() - before.keys()),
+        "removed": sorted(before.keys() - new.tenants.keys()),
+        "changed": sorted(t for t in new.tenants.keys() & before.keys() if new.tenants[t] != before[t])})
+    return True
+
+
 def _throttled(app: web.Application, tenant_id: str, wait_s: float) -> web.Response:
     """429 for a tenant over its budget; counted, and logged at most once a minute per tenant."""
     app[METRICS].requests["throttled"].inc()
-    seen = app[THROTTLED].setdefault(tenant_id, [0.0, 0.0])  # [last logged (monotonic), count since]
-    seen[1] += 1
-    now = time.monotonic()
-    if now - seen[0] >= THROTTLE_LOG_S:
-        tenant = app[SETTINGS].tenants[tenant_id]
-        limit = tenant.max_per_second if tenant.max_per_second is not None else \
-            app[SETTINGS].tenant_max_per_second
+    if (count := _now_and_then(app[THROTTLED], tenant_id, THROTTLE_LOG_S)) is not None:
+        table = app[TENANTS]
+        tenant = table.by_id.get(tenant_id)
+        limit = table.limit(tenant) if tenant is not None else 0.0
         log.warning(f"tenant {tenant_id} is over its {limit:g} requests/s: answered 429",
-                    extra={"tenant": tenant_id, "limit": limit, "throttled": int(seen[1])})
-        seen[0], seen[1] = now, 0.0
+                    extra={"tenant": tenant_id, "limit": limit, "throttled": count})
     return _json(429, {"error": "too_many_requests", "field": None,
                        "detail": f"more than this tenant's requests per second; retry in {wait_s:.1f} s"},
                  headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
@@ -296,7 +374,7 @@ def _api_tenant(request: web.Request) -> tuple[str, str, web.Response | None]:
     unknown tenant, a tenant without API token and a wrong token: no enumeration)."""
     tenant_id = request.match_info["tenant"]
     token = _bearer(request)
-    tenant = request.app[SETTINGS].tenants.get(tenant_id)
+    tenant = request.app[TENANTS].by_id.get(tenant_id)
     if not (tenant or _UNKNOWN_TENANT).api_token_matches(token) or tenant is None:
         request.app[METRICS].requests["unauthorized"].inc()
         return tenant_id, token, _json(
@@ -314,7 +392,7 @@ async def handle_action_post(request: web.Request) -> web.Response:
     tenant_id, token, refused = _api_tenant(request)
     if refused is not None:
         return refused
-    if (wait := app[BUDGETS].take(tenant_id)) is not None:
+    if (wait := app[TENANTS].budgets.take(tenant_id)) is not None:
         return _throttled(app, tenant_id, wait)
     raw = await _read_body(request, settings.body_timeout_seconds)
     text: str | None = None
@@ -412,10 +490,9 @@ def build_app(settings: IngestSettings, clock: Clock = wall_clock_ms) -> web.App
     app[CLOCK] = clock
     app[TEMPLATE_WARNED] = set()
     app[ACCEPTED] = {}
-    app[BUDGETS] = Budgets({
-        tid: t.max_per_second if t.max_per_second is not None else settings.tenant_max_per_second
-        for tid, t in settings.tenants.items()})
+    app[TENANTS] = TenantTable(settings)
     app[THROTTLED] = {}
+    app[PREVIOUS_KEY] = {}
     app.cleanup_ctx.append(_publisher_ctx)
     route = "/v1/keyyo/{tenant}/notifications"
     app.router.add_get(route, handle_notification, allow_head=False)
@@ -474,13 +551,18 @@ class EdgeRunner(web.AppRunner):
 
 
 async def run_edge(settings: IngestSettings, host: str, port: int, stop: asyncio.Event,
-                   reuse_port: bool = False, own_port: tuple[str, int] | None = None) -> None:
+                   reuse_port: bool = False, own_port: tuple[str, int] | None = None,
+                   reload: Callable[[], IngestSettings] | None = None) -> None:
     """Serve until ``stop`` is set; then stop taking requests, finish those in flight, flush.
 
     ``own_port`` (host, port): the same app also on a port of this process alone, so one worker
-    of several sharing ``port`` can be scraped (``/metrics``) and probed by itself.
+    of several sharing ``port`` can be scraped (``/metrics``) and probed by itself. ``reload``:
+    where SIGHUP reads the configuration again (:func:`reload_tenants`).
     """
-    runner = EdgeRunner(build_app(settings), shutdown_timeout=10.0)
+    app = build_app(settings)
+    if reload is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_tenants, app, reload)
+    runner = EdgeRunner(app, shutdown_timeout=10.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
@@ -495,14 +577,17 @@ async def run_edge(settings: IngestSettings, host: str, port: int, stop: asyncio
 
 
 def serve(settings: IngestSettings, host: str, port: int, reuse_port: bool = False,
-          own_port: tuple[str, int] | None = None) -> None:
-    """Run the edge until SIGINT/SIGTERM; then stop taking requests and flush the producer."""
+          own_port: tuple[str, int] | None = None,
+          reload: Callable[[], IngestSettings] | None = None) -> None:
+    """Run the edge until SIGINT/SIGTERM; then stop taking requests and flush the producer.
+    SIGHUP reads the tenants again (``reload``)."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_edge(settings, host, port, stop, reuse_port=reuse_port, own_port=own_port)
+        await run_edge(settings, host, port, stop, reuse_port=reuse_port, own_port=own_port,
+                       reload=reload)
 
     asyncio.run(main())

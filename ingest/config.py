@@ -1,4 +1,5 @@
-"""Ingest settings and tenants, read once from a TOML file (and the environment for Kafka)."""
+"""Ingest settings and tenants, read from a TOML file (and the environment for Kafka); the
+edge reads the tenants again on SIGHUP."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 _TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_KEYS = 4
+"""Secrets a tenant's ``token_sha256`` may list at once (a rotation under way)."""
 
 
 class ConfigError(ValueError):
@@ -27,8 +30,9 @@ class Tenant:
 
     id: str
     """Path segment in ``/v1/keyyo/{tenant}/notifications``."""
-    token_sha256: bytes
-    """SHA-256 digest of the secret passed as ``key=``."""
+    tokens_sha256: tuple[bytes, ...]
+    """SHA-256 digests of the secrets accepted as ``key=``: the current one first, then those
+    still accepted while a rotation is under way (see :data:`MAX_KEYS`)."""
     allow_from: tuple[IPNetwork, ...] = ()
     """Source networks allowed to notify; empty means any (the actions API is not restricted)."""
     api_token_sha256: bytes | None = None
@@ -38,10 +42,19 @@ class Tenant:
     """Requests per second (notifications and actions API together) this tenant may send to one
     edge process; more get 429. None: ``[ingest] tenant_max_per_second``; 0: no limit."""
 
-    def key_matches(self, secret: str) -> bool:
-        """Constant-time check of the secret against the stored digest."""
+    def key_index(self, secret: str) -> int | None:
+        """Which accepted secret ``secret`` is (0: the current one, 1 or more: one still accepted
+        during a rotation), None if none; every digest is compared, in constant time each."""
         digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
-        return hmac.compare_digest(digest, self.token_sha256)
+        found = None
+        for index, token in enumerate(self.tokens_sha256):
+            if hmac.compare_digest(digest, token) and found is None:
+                found = index
+        return found
+
+    def key_matches(self, secret: str) -> bool:
+        """True when ``secret`` is one of the tenant's accepted secrets."""
+        return self.key_index(secret) is not None
 
     def api_token_matches(self, token: str) -> bool:
         """Constant-time check of an actions API token (always False without one configured)."""
@@ -114,9 +127,15 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
         raise ConfigError(f"{where}: tenant id must match {_TENANT_ID.pattern}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
-    token = raw.get("token_sha256")
-    if not isinstance(token, str) or not _SHA256_HEX.fullmatch(token.lower()):
-        raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (keyyo-stream secret)")
+    given = raw.get("token_sha256")
+    tokens = [given] if isinstance(given, str) else given
+    if (not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_KEYS
+            or not all(isinstance(t, str) and _SHA256_HEX.fullmatch(t.lower()) for t in tokens)):
+        raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (keyyo-stream secret), or a "
+                          f"list of 1 to {MAX_KEYS} of them during a key rotation, the current one first")
+    tokens = [t.lower() for t in tokens]
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"{where}: token_sha256 lists the same secret twice")
     nets: list[IPNetwork] = []
     for cidr in raw.get("allow_from", []):
         try:
@@ -126,14 +145,15 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
     api = raw.get("api_token_sha256")
     if api is not None and (not isinstance(api, str) or not _SHA256_HEX.fullmatch(api.lower())):
         raise ConfigError(f"{where}: api_token_sha256 must be 64 hex digits (keyyo-stream secret --api)")
-    if api is not None and api.lower() == token.lower():
+    if api is not None and api.lower() in tokens:
         raise ConfigError(f"{where}: api_token_sha256 must differ from token_sha256 (separate secrets)")
     limit = raw.get("max_per_second")
     try:
         budget = None if limit is None else _non_negative(limit, "max_per_second")
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return Tenant(tenant_id, bytes.fromhex(token), tuple(nets), bytes.fromhex(api) if api else None, budget)
+    return Tenant(tenant_id, tuple(bytes.fromhex(t) for t in tokens), tuple(nets),
+                  bytes.fromhex(api) if api else None, budget)
 
 
 def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettings:

@@ -44,6 +44,16 @@ class IngestMetrics:
             "keyyo_ingest_actions_accepted", "Actions API requests written to the actions topic, by kind.",
             ["kind"], registry=self.registry,
         )
+        self.previous_key = Counter(
+            "keyyo_ingest_previous_key_requests",
+            "Notifications authenticated with a tenant's previous key (a key rotation under way; the "
+            "log names the tenant).", registry=self.registry,
+        )
+        reloads = Counter(
+            "keyyo_ingest_config_reloads", "Configuration reloads on SIGHUP, by result.", ["result"],
+            registry=self.registry,
+        )
+        self.reloads = {result: reloads.labels(result) for result in ("applied", "failed")}
         self.rejected_unrecorded = Counter(
             "keyyo_ingest_rejected_unrecorded",
             "Refused requests that could not be written to the rejected topic.",

@@ -4,8 +4,8 @@ The kernel spreads new connections over the workers. Each worker is a whole edge
 producer, its own spool (``<spool_dir>/worker-<i>``, replayed by the worker of that index), and
 its own port for ``/metrics``, ``/healthz`` and ``/readyz`` (``--metrics-port`` + i, on
 ``--metrics-host``): counters are per worker, a scraper sums them. This supervisor forwards
-SIGTERM/SIGINT to every worker and waits for them (each finishes its requests and flushes); a
-worker that dies is started again, unless they keep dying.
+SIGTERM/SIGINT to every worker and waits for them (each finishes its requests and flushes), and
+SIGHUP (each reads its tenants again); a worker that dies is started again, unless they keep dying.
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ def run_workers(config: Path, host: str, port: int, workers: int, metrics_host: 
         print(f"ingest worker {index}: pid {procs[index].pid}, http://{host}:{port}, own port "
               f"http://{metrics_host}:{metrics_port + index}/metrics", flush=True)
 
+    def reload(signum: int, _frame: FrameType | None) -> None:
+        for proc in procs.values():  # each worker reads the configuration again
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(workers):
         start(index)
     restarts: deque[float] = deque()

@@ -63,6 +63,9 @@ COMMIT_WAIT_S = 10.0
 """How long an offset commit may wait for Kafka (a later one carries the same offsets)."""
 STOP_LEAVE_S = 10.0
 """While stopping, how long leaving the consumer group may take (Kafka away: it cannot)."""
+STUCK_AFTER_S = 10.0
+"""A partition whose oldest result has waited this long to be written is reported stuck
+(``/readyz``, ``keyyo_executor_stuck_partitions``): its actions wait meanwhile."""
 
 
 class _Abandoned(Exception):
@@ -86,6 +89,9 @@ class _Journal:
         self.on_fenced: Callable[[], None] = lambda: None
         """Called once, when Kafka first refuses a write because another producer took the id."""
         self.fenced = False
+        self.unwritten_since: float | None = None
+        """When the oldest write not yet committed was asked for (monotonic); None when every write
+        is committed. A write waiting long means Kafka is away or refuses this partition's writes."""
         self._pending: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -96,6 +102,8 @@ class _Journal:
         if self.fenced:
             fut.set_exception(_Fenced())
             return fut
+        if self.unwritten_since is None:
+            self.unwritten_since = time.monotonic()
         self._pending.append((key, value, fut))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"journal-writer-{self.partition}")
@@ -120,9 +128,10 @@ class _Journal:
             except KafkaError as exc:
                 with contextlib.suppress(Exception):
                     await self.producer.abort_transaction()
-                _settle(batch, exc)
+                _settle(batch, exc)  # the writer tries again; unwritten_since keeps counting
                 continue
             _settle(batch, None)
+            self.unwritten_since = time.monotonic() if self._pending else None
 
     async def close(self) -> None:
         """Stop writing (whatever is still pending fails) and stop the producer."""
@@ -192,6 +201,9 @@ class ExecutorMetrics:
         self.fenced = Counter("keyyo_executor_fenced", "Partitions this process found another "
                               "executor had taken over (fenced: nothing more sent from them here).",
                               ["group"], registry=self.registry).labels(group)
+        self.stuck = Gauge("keyyo_executor_stuck_partitions", "Owned partitions whose oldest result "
+                           "has waited over 10 s to be written (Kafka away, or refusing): their "
+                           "actions wait.", ["group"], registry=self.registry).labels(group)
         self.group = group
 
 
@@ -271,13 +283,26 @@ class Executor:
         self._stopping.set()
 
     def readiness(self) -> dict[str, bool]:
-        """For ``/readyz``: joined the group, every owned partition's journal read."""
-        return {"joined": self.joined, "restored": all(p.ready.is_set() for p in self.parts.values())}
+        """For ``/readyz``: joined the group, every owned partition's journal read, none stuck."""
+        return {"joined": self.joined, "restored": all(p.ready.is_set() for p in self.parts.values()),
+                "progressing": not self.stuck()}
 
     def detail(self) -> dict[str, Any]:
-        """``/readyz``'s detail: queued actions per line."""
-        return {"queued": {line.account: len(line.heap) for p in self.parts.values()
-                           for line in p.lines.values() if line.heap}}
+        """``/readyz``'s detail: queued actions per line, and the stuck partitions."""
+        out: dict[str, Any] = {"queued": {line.account: len(line.heap) for p in self.parts.values()
+                                          for line in p.lines.values() if line.heap}}
+        if stuck := self.stuck():
+            out["stuck"] = stuck
+        return out
+
+    def stuck(self) -> dict[str, dict[str, Any]]:
+        """Owned partitions whose oldest result has waited over :data:`STUCK_AFTER_S` to be
+        written, and for how long (a fenced partition is not waiting: it is given up)."""
+        now = time.monotonic()
+        return {f"{p.tp.topic}:{p.tp.partition}": {"waiting_s": round(now - since, 1)}
+                for p in self.parts.values()
+                if not p.writer.fenced and (since := p.writer.unwritten_since) is not None
+                and now - since > STUCK_AFTER_S}
 
     async def run(self) -> None:
         """Consume and execute until :meth:`stop`."""
@@ -310,6 +335,7 @@ class Executor:
                     last_commit = time.monotonic()
                 self.metrics.queued.set(sum(len(x.heap) for p in self.parts.values()
                                             for x in p.lines.values()))
+                self.metrics.stuck.set(len(self.stuck()))
             await self.release(list(self.parts))
         finally:
             for part in list(self.parts.values()):

@@ -89,7 +89,7 @@ async def test_answers_rate_limit_expiry_and_duplicates(broker: Broker, prefix: 
                 return len(got) == 8 and all(r["final"] for r in got.values())
 
             await wait_for(done, 60, interval=0.3, what="a final result for every action")
-            assert ex.readiness() == {"joined": True, "restored": True}
+            assert ex.readiness() == {"joined": True, "restored": True, "progressing": True}
     got = await final_results(broker.bootstrap, prefix)
     statuses = {a.action_id: got[a.action_id]["status"] for a in [*four, *other, expired, no_credentials]}
     assert [statuses[a.action_id] for a in four + other] == ["sent"] * 6

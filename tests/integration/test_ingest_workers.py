@@ -89,3 +89,108 @@ async def test_two_workers_share_the_port_and_stop_together(
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+async def test_sighup_reloads_the_tenants_of_every_worker_without_a_refused_request(
+    broker: Broker, prefix: str, tmp_path: Path,
+) -> None:
+    """A key rotated and a tenant added without a restart: SIGHUP to the supervisor makes both
+    workers read the tenants again while requests keep flowing (none refused); the previous key is
+    accepted while listed, counted and logged, then refused once dropped; a file with a mistake
+    changes nothing. No secret is logged."""
+    await create_topics(broker.bootstrap, prefix, partitions=3)
+    config = tmp_path / "ingest.toml"
+    config.write_text(f'[tenants.acme]\ntoken_sha256 = "{hash_secret("old-key-1")}"\n')
+    port, own = free_port(), free_port()
+    while own + 1 == port or own == port:
+        own = free_port()
+    log = tmp_path / "ingest.log"
+    with log.open("wb") as out:
+        supervisor = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+            [sys.executable, "-m", "deploy.cli", "--log-level", "info", "ingest", "--config", str(config),
+             "--port", str(port), "--workers", "2", "--metrics-port", str(own)],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KEYYO_TOPIC_PREFIX": prefix,
+                 "PYTHONUNBUFFERED": "1"})
+    now = time.time_ns() // 1_000_000
+    params = iter([p for i in range(200) for p in answered_incoming("33123456789", f"336{i:08d}",
+                                                                     now - 600_000 + i * 1000)])
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async def metric(name: str) -> list[float]:
+                found = []
+                for p in (own, own + 1):
+                    try:
+                        async with session.get(f"http://127.0.0.1:{p}/metrics") as resp:
+                            text = await resp.text()
+                    except aiohttp.ClientError:
+                        return []
+                    m = re.search(rf"^{re.escape(name)} ([0-9.]+)$", text, re.M)
+                    found.append(float(m.group(1)) if m else 0.0)
+                return found
+
+            async def send(tenant: str, key: str, n: int = 6) -> list[int]:
+                statuses = []
+                for _ in range(n):  # a new connection each: both workers get some
+                    async with session.get(f"http://127.0.0.1:{port}/v1/keyyo/{tenant}/notifications",
+                                           params={"key": key, **next(params)}) as resp:
+                        statuses.append(resp.status)
+                return statuses
+
+            async def reloaded(result: str, times: int) -> bool:
+                return await metric(f'keyyo_ingest_config_reloads_total{{result="{result}"}}') == [times] * 2
+
+            await wait_for(lambda: metric("keyyo_ingest_previous_key_requests_total"), 60, interval=0.3,
+                           what="both workers up")
+            assert await send("acme", "old-key-1") == [200] * 6
+
+            # Rotation begins and a tenant is added, while acme keeps sending with its old key.
+            flowing: list[int] = []
+            stop = asyncio.Event()
+
+            async def keep_sending() -> None:
+                while not stop.is_set():
+                    flowing.extend(await send("acme", "old-key-1", 1))
+
+            sender = asyncio.create_task(keep_sending())
+            await asyncio.sleep(0.3)
+            config.write_text(f'[tenants.acme]\ntoken_sha256 = ["{hash_secret("new-key-2")}", '
+                              f'"{hash_secret("old-key-1")}"]\n'
+                              f'[tenants.globex]\ntoken_sha256 = "{hash_secret("globex-key-3")}"\n')
+            supervisor.send_signal(signal.SIGHUP)
+            await wait_for(lambda: reloaded("applied", 1), 30, interval=0.2, what="both workers reloaded")
+            await asyncio.sleep(0.3)
+            stop.set()
+            await sender
+            assert flowing and set(flowing) == {200}, flowing  # nothing refused across the reload
+            assert await send("acme", "new-key-2") == [200] * 6
+            assert await send("globex", "globex-key-3") == [200] * 6
+            counted = sum(await metric("keyyo_ingest_previous_key_requests_total"))
+            assert await send("acme", "old-key-1") == [200] * 6  # still accepted, as a previous key
+            assert sum(await metric("keyyo_ingest_previous_key_requests_total")) == counted + 6
+
+            # Rotation done: the old key is refused; the new one and globex go on.
+            config.write_text(f'[tenants.acme]\ntoken_sha256 = "{hash_secret("new-key-2")}"\n'
+                              f'[tenants.globex]\ntoken_sha256 = "{hash_secret("globex-key-3")}"\n')
+            supervisor.send_signal(signal.SIGHUP)
+            await wait_for(lambda: reloaded("applied", 2), 30, interval=0.2, what="the second reload")
+            assert await send("acme", "old-key-1") == [401] * 6
+            assert await send("acme", "new-key-2") == [200] * 6
+
+            # A mistake in the file: nothing changes, each worker says why in one line.
+            config.write_text('[tenants.acme]\ntoken_sha256 = "not-a-digest"\n')
+            supervisor.send_signal(signal.SIGHUP)
+            await wait_for(lambda: reloaded("failed", 1), 30, interval=0.2, what="the failed reload")
+            assert await send("globex", "globex-key-3") == [200] * 6
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(supervisor.wait, 30) == 0
+        text = log.read_text()
+        assert "tenant acme still sends a previous key" in text
+        assert text.count("configuration not reloaded, the running one is kept") == 2
+        assert '"added":["globex"]' in text
+        for secret in ("old-key-1", "new-key-2", "globex-key-3"):
+            assert secret not in text
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,13 @@ token_sha256 = "{hash_secret('other')}"
          "tenants.acme]: max_per_second"),
         (f'[tenants.acme]\ntoken_sha256 = "{"0" * 64}"\nmax_per_second = "fast"\n', "max_per_second"),
         ("[ingest]\ntenant_max_per_second = true\n", "[ingest]: tenant_max_per_second"),
+        (f'[tenants.acme]\ntoken_sha256 = ["{"0" * 64}", "{"0" * 64}"]\n', "lists the same secret twice"),
+        (f'[tenants.acme]\ntoken_sha256 = [{", ".join(repr(str(i) * 64) for i in range(5))}]\n',
+         "a list of 1 to 4"),
+        ("[tenants.acme]\ntoken_sha256 = []\n", "a list of 1 to 4"),
+        (f'[tenants.acme]\ntoken_sha256 = ["{"0" * 64}", "xyz"]\n', "tenants.acme]: token_sha256"),
+        (f'[tenants.acme]\ntoken_sha256 = ["{"0" * 64}", "{"1" * 64}"]\napi_token_sha256 = "{"1" * 64}"\n',
+         "api_token_sha256 must differ"),
     ],
 )
 def test_errors_say_where(tmp_path: Path, text: str, message: str) -> None:
@@ -94,3 +102,58 @@ def test_a_budget_lets_a_burst_through_then_refills_at_its_rate() -> None:
     assert budgets.take("acme") is None and budgets.take("acme") is not None
     now[0] += 60
     assert [budgets.take("acme") for _ in range(11)].count(None) == 10  # refilled to the burst, no more
+
+
+def test_a_key_rotation_accepts_every_listed_key_and_says_which(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""
+[tenants.acme]
+token_sha256 = ["{hash_secret('new-secret')}", "{hash_secret('old-secret')}"]
+[tenants.globex]
+token_sha256 = "{hash_secret('other')}"
+""")
+    tenants = load_settings(path, env={}).tenants
+    acme = tenants["acme"]
+    assert [acme.key_index(k) for k in ("new-secret", "old-secret", "other", "")] == [0, 1, None, None]
+    assert acme.key_matches("old-secret") and not tenants["globex"].key_matches("old-secret")
+    assert tenants["globex"].key_index("other") == 0
+
+
+def test_a_reload_applies_the_tenants_and_keeps_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ingest.app import TENANTS, build_app, reload_tenants
+
+    caplog.set_level(logging.INFO, logger="keyyo.ingest")
+    first = f"""
+[ingest]
+produce_budget_seconds = 2.0
+[tenants.acme]
+token_sha256 = "{hash_secret('s3cret')}"
+max_per_second = 5
+"""
+    path = write(tmp_path, first)
+    app = build_app(load_settings(path, env={}))
+    table = app[TENANTS]
+    assert list(table.by_id) == ["acme"] and table.budgets.take("acme") is None
+
+    path.write_text(f"""
+[ingest]
+produce_budget_seconds = 9.0
+[tenants.acme]
+token_sha256 = ["{hash_secret('rotated')}", "{hash_secret('s3cret')}"]
+[tenants.globex]
+token_sha256 = "{hash_secret('other')}"
+""")
+    assert reload_tenants(app, lambda: load_settings(path, env={}))
+    assert app[TENANTS] is table and sorted(table.by_id) == ["acme", "globex"]
+    assert table.by_id["acme"].key_index("s3cret") == 1
+    assert all(table.budgets.take("acme") is None for _ in range(100))  # its budget went with the file
+    assert "configuration reloaded except settings that need a restart: produce_budget_seconds" in caplog.text
+    reloaded = next(r for r in caplog.records if r.getMessage() == "configuration reloaded")
+    assert (reloaded.added, reloaded.removed, reloaded.changed) == (["globex"], [], ["acme"])  # type: ignore[attr-defined]
+
+    path.write_text("[tenants.acme]\ntoken_sha256 = 'oops'\n")
+    caplog.clear()
+    assert not reload_tenants(app, lambda: load_settings(path, env={}))
+    assert sorted(table.by_id) == ["acme", "globex"]  # a mistake changes nothing
+    assert "configuration not reloaded, the running one is kept: " in caplog.text
+    assert "token_sha256 must be 64 hex digits" in caplog.text

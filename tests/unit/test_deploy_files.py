@@ -209,6 +209,7 @@ def label_values() -> dict[tuple[str, str], set[str]]:
     return {
         ("keyyo_ingest_requests_total", "outcome"): set(OUTCOMES),
         ("keyyo_ingest_incomplete_template_total", "missing"): set(IngestMetrics().incomplete_template),
+        ("keyyo_ingest_config_reloads_total", "result"): set(IngestMetrics().reloads),
         ("keyyo_processor_failed_transactions_total", "kind"): {"kafka_away", "refused"},  # runtime._failed
         ("keyyo_executor_actions_total", "status"): set(STATUSES),
         ("keyyo_executor_requests_total", "answer"): {"not_sent", "lost"},  # or an HTTP status
