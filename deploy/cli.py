@@ -14,7 +14,7 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from deploy import logs
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from processors.registry import ProcessorSpec
 
 Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T", int, float)
 
 
 def _bootstrap(args: argparse.Namespace) -> str:
@@ -169,27 +170,25 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _commit_interval(text: str) -> int:
-    """``--commit-interval-ms``: 0 to 5000 (a transaction open longer would read as stuck)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of milliseconds: {text!r}") from None
-    if not 0 <= value <= 5000:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0 to 5000 ms")
-    return value
+def _bounded(convert: Callable[[str], T], low: T, high: T, unit: str, what: str) -> Callable[[str], T]:
+    """An option's type: ``convert``'s value, from ``low`` to ``high``; one clear line if not."""
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside {low:g} to {high:g} {unit}")
+        return value
+
+    return parse
 
 
-def _close_wait(text: str) -> float:
-    """``--close-wait``: 1 to 45 s (giving partitions up must end within the group's 60 s
-    rebalance timeout, producer and consumer stops included)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 1 <= value <= 45:
-        raise argparse.ArgumentTypeError(f"{value:g} is outside 1 to 45 s")
-    return value
+_commit_interval = _bounded(int, 0, 5000, "ms", "whole number of milliseconds")
+"""``--commit-interval-ms``: 0 to 5000 (a transaction open longer would read as stuck)."""
+_close_wait = _bounded(float, 1.0, 45.0, "s", "number of seconds")
+"""``--close-wait``: 1 to 45 s (giving partitions up must end within the group's 60 s rebalance
+timeout, producer and consumer stops included)."""
 
 
 def cmd_process(args: argparse.Namespace) -> int:

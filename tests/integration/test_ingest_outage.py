@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -302,49 +303,66 @@ async def test_an_executor_stopped_with_kafka_away_exits_and_nothing_is_sent_twi
     assert len([r for r in sb.requests if r["executed"]]) == 1
 
 
-async def test_a_processor_stopped_with_kafka_away_exits(broker_up: LocalKafka, prefix: str) -> None:
-    """SIGTERM while Kafka is away, with records processed but their transaction not committed:
-    the process still ends in bounded time, and a new one after Kafka is back writes every record
-    once (the uncommitted transaction is aborted and redone)."""
+@asynccontextmanager
+async def closes_waiting_for_kafka(broker_up: LocalKafka, prefix: str, seed: int, rate: float,
+                                   **overrides: Any) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """A call-records runtime whose notifications are all folded and committed, then Kafka stopped
+    while the calls' closes come due (their transactions wait for it); yields (runtime, calls)."""
     from devtools.simulator import Chaos
-    from processors.registry import CALL_RECORDS_SPEC
-    from tests.integration.pipeline import (
-        FAST,
-        provision,
-        records,
-        running_processor,
-        send_to_kafka,
-        traffic,
-        updates,
-    )
-    from tests.truth import expected_records, final_records
+    from tests.integration.pipeline import provision, running_processor, send_to_kafka, traffic, updates
 
     bootstrap = broker_up.bootstrap
     await provision(bootstrap, prefix)
-    calls, sends = traffic(seed=43, rate=8, duration=2, start_ms=time.time_ns() // 1_000_000, chaos=Chaos())
-    logic = CALL_RECORDS_SPEC.logic(**{**FAST, "linger": 4})  # the closes come due while Kafka is away
-    started = None
-    async with running_processor(bootstrap, prefix, logic=logic, close_wait_s=5.0) as runtime:
+    start_ms = time.time_ns() // 1_000_000
+    calls, sends = traffic(seed=seed, rate=rate, duration=2, start_ms=start_ms, chaos=Chaos())
+    async with running_processor(bootstrap, prefix, logic=_lingering(), **overrides) as runtime:
         await wait_for(lambda: runtime.joined and not runtime.restoring, 30, what="processor ready")
         await send_to_kafka(bootstrap, prefix, sends)
+
         async def all_folded() -> bool:  # committed: what is left open is the closes' transactions
             return len(await updates(bootstrap, prefix)) >= len(sends)
 
         await wait_for(all_folded, 30, interval=0.2, what="every notification's update")
         await asyncio.to_thread(broker_up.stop)
+        yield runtime, calls
+
+
+def _lingering() -> Any:
+    from processors.registry import CALL_RECORDS_SPEC
+    from tests.integration.pipeline import FAST
+
+    return CALL_RECORDS_SPEC.logic(**{**FAST, "linger": 4})  # the closes come due while Kafka is away
+
+
+async def every_record_once_after_kafka_is_back(broker_up: LocalKafka, prefix: str, calls: list[Any]) -> None:
+    """Kafka started again, a new process writes every call's record, once (whatever transaction
+    was left open is aborted and redone)."""
+    from tests.integration.pipeline import records, running_processor
+    from tests.truth import expected_records, final_records
+
+    await asyncio.to_thread(lambda: broker_up.start(progress=False))
+    expected = expected_records(calls)
+    async with running_processor(broker_up.bootstrap, prefix, logic=_lingering()):
+        async def complete() -> bool:
+            return final_records(await records(broker_up.bootstrap, prefix)).keys() >= expected.keys()
+
+        await wait_for(complete, 90, interval=0.5, what="every call's record after the restart")
+    got = final_records(await records(broker_up.bootstrap, prefix))
+    assert {k: got[k] for k in expected} == expected
+
+
+async def test_a_processor_stopped_with_kafka_away_exits(broker_up: LocalKafka, prefix: str) -> None:
+    """SIGTERM while Kafka is away, with records processed but their transaction not committed:
+    the process still ends in bounded time, and a new one after Kafka is back writes every record
+    once (the uncommitted transaction is aborted and redone)."""
+    started = None
+    waiting = closes_waiting_for_kafka(broker_up, prefix, seed=43, rate=8, close_wait_s=5.0)
+    async with waiting as (runtime, calls):
         await wait_for(lambda: runtime.stuck(), 30, interval=0.2, what="a transaction waiting for Kafka")
         started = time.monotonic()
     stopped_in = time.monotonic() - started
-    await asyncio.to_thread(lambda: broker_up.start(progress=False))
-    expected = expected_records(calls)
-    async with running_processor(bootstrap, prefix, logic=logic):
-        async def complete() -> bool:
-            return final_records(await records(bootstrap, prefix)).keys() >= expected.keys()
-
-        await wait_for(complete, 90, interval=0.5, what="every call's record after the restart")
+    await every_record_once_after_kafka_is_back(broker_up, prefix, calls)
     assert stopped_in < 45, f"the processor took {stopped_in:.0f} s to stop with Kafka away"
-    got = final_records(await records(bootstrap, prefix))
-    assert {k: got[k] for k in expected} == expected
 
 
 async def test_partitions_given_up_with_kafka_away_close_side_by_side(
@@ -353,32 +371,8 @@ async def test_partitions_given_up_with_kafka_away_close_side_by_side(
     transaction coordinator gone, say) closes them side by side: each waits ``close_wait_s`` at
     most, together, not one after the other (which, partition by partition, would outlast the
     group's rebalance timeout). Every call's record is still written once after Kafka is back."""
-    from devtools.simulator import Chaos
-    from processors.registry import CALL_RECORDS_SPEC
-    from tests.integration.pipeline import (
-        FAST,
-        provision,
-        records,
-        running_processor,
-        send_to_kafka,
-        traffic,
-        updates,
-    )
-    from tests.truth import expected_records, final_records
-
-    bootstrap = broker_up.bootstrap
-    await provision(bootstrap, prefix)
-    calls, sends = traffic(seed=47, rate=12, duration=2, start_ms=time.time_ns() // 1_000_000, chaos=Chaos())
-    logic = CALL_RECORDS_SPEC.logic(**{**FAST, "linger": 4})  # the closes come due while Kafka is away
-    async with running_processor(bootstrap, prefix, logic=logic, close_wait_s=8.0) as runtime:
-        await wait_for(lambda: runtime.joined and not runtime.restoring, 30, what="processor ready")
-        await send_to_kafka(bootstrap, prefix, sends)
-
-        async def all_folded() -> bool:
-            return len(await updates(bootstrap, prefix)) >= len(sends)
-
-        await wait_for(all_folded, 30, interval=0.2, what="every notification's update")
-        await asyncio.to_thread(broker_up.stop)
+    waiting = closes_waiting_for_kafka(broker_up, prefix, seed=47, rate=12, close_wait_s=8.0)
+    async with waiting as (runtime, calls):
         await wait_for(lambda: sum(p.busy for p in runtime.parts.values()) >= 2, 30, interval=0.1,
                        what="two partitions' transactions waiting for Kafka")
         parts = list(runtime.parts.values())
@@ -389,12 +383,4 @@ async def test_partitions_given_up_with_kafka_away_close_side_by_side(
                        what="every partition closing at once")
         await asyncio.wait_for(revoking, 30)
         assert not runtime.parts
-    await asyncio.to_thread(lambda: broker_up.start(progress=False))
-    expected = expected_records(calls)
-    async with running_processor(bootstrap, prefix, logic=logic):
-        async def complete() -> bool:
-            return final_records(await records(bootstrap, prefix)).keys() >= expected.keys()
-
-        await wait_for(complete, 90, interval=0.5, what="every call's record after the restart")
-    got = final_records(await records(bootstrap, prefix))
-    assert {k: got[k] for k in expected} == expected
+    await every_record_once_after_kafka_is_back(broker_up, prefix, calls)

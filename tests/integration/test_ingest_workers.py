@@ -26,6 +26,23 @@ from tests.kafka import Broker, read_values, wait_for
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
+def two_workers(config: Path, broker: Broker, prefix: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """``ingest --workers 2`` started (at info level): the supervisor, the shared port, the first
+    worker's own port (the second's is the next one), and the log file next to ``config``."""
+    port, own = free_port(), free_port()
+    while own + 1 == port or own == port:
+        own = free_port()
+    log = config.parent / "ingest.log"
+    with log.open("wb") as out:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "--log-level", "info", "ingest", "--config", str(config),
+             "--port", str(port), "--workers", "2", "--metrics-port", str(own)],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KEYYO_TOPIC_PREFIX": prefix,
+                 "PYTHONUNBUFFERED": "1"})
+    return supervisor, port, own, log
+
+
 async def test_two_workers_share_the_port_and_stop_together(
     broker: Broker, prefix: str, tmp_path: Path,
 ) -> None:
@@ -33,16 +50,7 @@ async def test_two_workers_share_the_port_and_stop_together(
     config = tmp_path / "ingest.toml"
     config.write_text(f'[tenants.acme]\ntoken_sha256 = "{hash_secret(SECRET)}"\n\n'
                       '[ingest]\nspool_dir = "spool"\n')
-    port, own = free_port(), free_port()
-    while own + 1 == port or own == port:
-        own = free_port()
-    log = tmp_path / "ingest.log"
-    with log.open("wb") as out:
-        supervisor = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-            [sys.executable, "-m", "deploy.cli", "ingest", "--config", str(config), "--port", str(port),
-             "--workers", "2", "--metrics-port", str(own)], stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KEYYO_TOPIC_PREFIX": prefix,
-                 "PYTHONUNBUFFERED": "1"})
+    supervisor, port, own, log = two_workers(config, broker, prefix)
     try:
         async with aiohttp.ClientSession() as session:
             async def both_ready() -> bool:
@@ -101,17 +109,7 @@ async def test_sighup_reloads_the_tenants_of_every_worker_without_a_refused_requ
     await create_topics(broker.bootstrap, prefix, partitions=3)
     config = tmp_path / "ingest.toml"
     config.write_text(f'[tenants.acme]\ntoken_sha256 = "{hash_secret("old-key-1")}"\n')
-    port, own = free_port(), free_port()
-    while own + 1 == port or own == port:
-        own = free_port()
-    log = tmp_path / "ingest.log"
-    with log.open("wb") as out:
-        supervisor = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-            [sys.executable, "-m", "deploy.cli", "--log-level", "info", "ingest", "--config", str(config),
-             "--port", str(port), "--workers", "2", "--metrics-port", str(own)],
-            stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "KEYYO_TOPIC_PREFIX": prefix,
-                 "PYTHONUNBUFFERED": "1"})
+    supervisor, port, own, log = two_workers(config, broker, prefix)
     now = time.time_ns() // 1_000_000
     params = iter([p for i in range(200) for p in answered_incoming("33123456789", f"336{i:08d}",
                                                                      now - 600_000 + i * 1000)])
