@@ -42,6 +42,11 @@ class Tenant:
     """Requests per second (notifications and actions API together) this tenant may send to one
     edge process; more get 429. None: ``[ingest] tenant_max_per_second``; 0: no limit."""
 
+    def __post_init__(self) -> None:
+        tokens = self.tokens_sha256
+        if not tokens or not all(isinstance(t, bytes) and len(t) == 32 for t in tokens):
+            raise ValueError("tokens_sha256: a tuple of SHA-256 digests (32 bytes each)")
+
     def key_index(self, secret: str) -> int | None:
         """Which accepted secret ``secret`` is (0: the current one, 1 or more: one still accepted
         during a rotation), None if none; every digest is compared, in constant time each."""
