@@ -277,6 +277,7 @@ class Executor:
         self._consumer: AIOKafkaConsumer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._auth: dict[str, aiohttp.DigestAuthMiddleware] = {}
+        metrics.stuck.set_function(lambda: len(self.stuck()))  # at each scrape: the loop may be waiting
 
     def stop(self) -> None:
         """Finish the requests in flight, write their results, commit, leave the group."""
@@ -335,7 +336,6 @@ class Executor:
                     last_commit = time.monotonic()
                 self.metrics.queued.set(sum(len(x.heap) for p in self.parts.values()
                                             for x in p.lines.values()))
-                self.metrics.stuck.set(len(self.stuck()))
             await self.release(list(self.parts))
         finally:
             for part in list(self.parts.values()):
