@@ -118,7 +118,7 @@ token_sha256 = "{hash_secret('other')}"
     assert tenants["globex"].key_index("other") == 0
 
 
-def test_a_reload_applies_the_tenants_and_keeps_the_rest(
+async def test_a_reload_applies_the_tenants_and_keeps_the_rest(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from ingest.app import TENANTS, build_app, reload_tenants
 
@@ -143,7 +143,7 @@ token_sha256 = ["{hash_secret('rotated')}", "{hash_secret('s3cret')}"]
 [tenants.globex]
 token_sha256 = "{hash_secret('other')}"
 """)
-    assert reload_tenants(app, lambda: load_settings(path, env={}))
+    assert await reload_tenants(app, lambda: load_settings(path, env={}))
     assert app[TENANTS] is table and sorted(table.by_id) == ["acme", "globex"]
     assert table.by_id["acme"].key_index("s3cret") == 1
     assert all(table.budgets.take("acme") is None for _ in range(100))  # its budget went with the file
@@ -153,7 +153,7 @@ token_sha256 = "{hash_secret('other')}"
 
     path.write_text("[tenants.acme]\ntoken_sha256 = 'oops'\n")
     caplog.clear()
-    assert not reload_tenants(app, lambda: load_settings(path, env={}))
+    assert not await reload_tenants(app, lambda: load_settings(path, env={}))
     assert sorted(table.by_id) == ["acme", "globex"]  # a mistake changes nothing
     assert "configuration not reloaded, the running one is kept: " in caplog.text
     assert "token_sha256 must be 64 hex digits" in caplog.text
