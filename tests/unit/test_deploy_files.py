@@ -5,6 +5,7 @@ the command serves on and a path that port really answers; the example configura
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import tomllib
 from collections.abc import Iterator
@@ -216,12 +217,36 @@ def label_values() -> dict[tuple[str, str], set[str]]:
     }
 
 
+def check_promql(where: str, expr: str) -> set[str]:
+    """Fail unless ``expr`` names only series the services export, with labels they carry and
+    values they write, and groups only by labels its series have; return the labels it keeps."""
+    series, values = exported_series(), label_values()
+    assert expr.count("(") == expr.count(")"), where
+    used = re.findall(r"\b(keyyo_[a-z_]+)\b(\{[^}]*\})?", expr)
+    assert used, f"{where}: no keyyo metric"
+    available = set(SCRAPE_LABELS)
+    for name, selector in used:
+        assert name in series, f"{where}: {name} is not a series the services export"
+        available |= series[name]
+        for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+            assert label in series[name], f"{where}: {name} has no label {label}"
+            known = values.get((name, label))
+            assert known is not None, f"{where}: no known values for {name}{{{label}}}"
+            wanted = set(value.split("|")) if op in ("=~", "!~") else {value}
+            assert wanted <= known, f"{where}: {name}{{{label}}} never takes {wanted - known}"
+    kept: set[str] = set()
+    for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        for label in (g.strip() for g in grouping.split(",") if g.strip()):
+            assert label in available, f"{where}: grouped by {label}, which its series lack"
+            kept.add(label)
+    return kept
+
+
 def test_alert_rules_are_complete_and_name_only_what_the_services_export() -> None:
     rules = alert_rules()
     assert len(rules) >= 15
     names = [rule["alert"] for rule in rules]
     assert len(names) == len(set(names)), "two rules share a name"
-    series, values = exported_series(), label_values()
     for rule in rules:
         where = rule["alert"]
         assert re.fullmatch(r"Keyyo[A-Z][A-Za-z]+", where)
@@ -229,23 +254,25 @@ def test_alert_rules_are_complete_and_name_only_what_the_services_export() -> No
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], where
         if "for" in rule:
             assert re.fullmatch(r"\d+[smh]", rule["for"]), where
-        expr = rule["expr"]
-        assert expr.count("(") == expr.count(")"), where
-        used = re.findall(r"\b(keyyo_[a-z_]+)\b(\{[^}]*\})?", expr)
-        assert used, f"{where}: no keyyo metric"
-        available = set(SCRAPE_LABELS)
-        for name, selector in used:
-            assert name in series, f"{where}: {name} is not a series the services export"
-            available |= series[name]
-            for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
-                assert label in series[name], f"{where}: {name} has no label {label}"
-                known = values.get((name, label))
-                assert known is not None, f"{where}: no known values for {name}{{{label}}}"
-                wanted = set(value.split("|")) if op in ("=~", "!~") else {value}
-                assert wanted <= known, f"{where}: {name}{{{label}}} never takes {wanted - known}"
-        for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
-            for label in (g.strip() for g in grouping.split(",") if g.strip()):
-                assert label in available, f"{where}: grouped by {label}, which its series lack"
+        kept = check_promql(where, rule["expr"])
         for label in re.findall(r"\$labels\.(\w+)", str(rule["annotations"])):
-            grouped = {g.strip() for gr in re.findall(r"\bby\s*\(([^)]*)\)", expr) for g in gr.split(",")}
-            assert label in grouped, f"{where}: the annotations use {label}, which the alert does not keep"
+            assert label in kept, f"{where}: the annotations use {label}, which the alert does not keep"
+
+
+def test_the_grafana_dashboard_plots_only_what_the_services_export() -> None:
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource"}
+    seen = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            where = f"{panel['title']} {target['refId']}"
+            kept = check_promql(where, target["expr"])
+            legend = set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"]))
+            assert legend <= kept, f"{where}: the legend prints {legend - kept}, which the query drops"
+            seen |= set(re.findall(r"\b(keyyo_[a-z]+)_", target["expr"]))
+    assert seen == {"keyyo_ingest", "keyyo_processor", "keyyo_executor"}  # every stage has its panels
