@@ -233,7 +233,7 @@ async def handle_notification(request: web.Request) -> web.Response:
         return _json(403, {"error": "forbidden", "field": None,
                            "detail": f"source address {source_ip} is not allowed for this tenant"})
     if key:
-        _previous_key(app, tenant_id)
+        _previous_key(app, tenant_id, "key")
     if (wait := tenants.budgets.take(tenant_id)) is not None:
         return _throttled(app, tenant_id, wait)
     if refusal is None and len(raw_query) > MAX_QUERY:
@@ -264,13 +264,21 @@ async def handle_notification(request: web.Request) -> web.Response:
     return await _refuse(request, tenant_id, source_ip, received_ms, refusal, query, body)
 
 
-def _previous_key(app: web.Application, tenant_id: str) -> None:
-    """A request with one of the tenant's previous keys (a rotation under way): counted, and
-    logged at most once a minute per tenant, so the operator knows when the old key can go."""
-    app[METRICS].previous_key.inc()
-    if (count := _now_and_then(app[PREVIOUS_KEY], tenant_id, PREVIOUS_KEY_LOG_S)) is not None:
-        log.warning(f"tenant {tenant_id} still sends a previous key: its notification URL in the "
-                    "Keyyo Manager is not updated yet", extra={"tenant": tenant_id, "requests": count})
+_STILL_USED = {
+    "key": "key: its notification URL in the Keyyo Manager is not updated yet",
+    "api_token": "actions API token: a client of its actions API still has the old one",
+}
+
+
+def _previous_key(app: web.Application, tenant_id: str, credential: str) -> None:
+    """A request with one of the tenant's previous keys or API tokens (a rotation under way):
+    counted, and logged at most once a minute per tenant and credential, so the operator knows
+    when the old one can go."""
+    app[METRICS].previous_key[credential].inc()
+    count = _now_and_then(app[PREVIOUS_KEY], f"{tenant_id}/{credential}", PREVIOUS_KEY_LOG_S)
+    if count is not None:
+        log.warning(f"tenant {tenant_id} still sends a previous {_STILL_USED[credential]}",
+                    extra={"tenant": tenant_id, "credential": credential, "requests": count})
 
 
 def _now_and_then(seen: dict[str, list[float]], tenant_id: str, every_s: float) -> int | None:
@@ -380,7 +388,10 @@ def _api_tenant(request: web.Request) -> tuple[str, str, web.Response | None]:
     tenant_id = request.match_info["tenant"]
     token = _bearer(request)
     tenant = request.app[TENANTS].by_id.get(tenant_id)
-    if not (tenant or _UNKNOWN_TENANT).api_token_matches(token) or tenant is None:
+    index = (tenant or _UNKNOWN_TENANT).api_token_index(token)
+    if index:
+        _previous_key(request.app, tenant_id, "api_token")
+    if index is None or tenant is None:
         request.app[METRICS].requests["unauthorized"].inc()
         return tenant_id, token, _json(
             401, {"error": "unauthorized", "field": "Authorization",

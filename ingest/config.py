@@ -35,37 +35,33 @@ class Tenant:
     still accepted while a rotation is under way (see :data:`MAX_KEYS`)."""
     allow_from: tuple[IPNetwork, ...] = ()
     """Source networks allowed to notify; empty means any (the actions API is not restricted)."""
-    api_token_sha256: bytes | None = None
-    """SHA-256 digest of the actions API's bearer token (separate from the notification secret);
-    None: the tenant has no actions API."""
+    api_tokens_sha256: tuple[bytes, ...] = ()
+    """SHA-256 digests of the actions API's bearer tokens (separate from the notification
+    secrets), the current one first, as for the key; empty: the tenant has no actions API."""
     max_per_second: float | None = None
     """Requests per second (notifications and actions API together) this tenant may send to one
     edge process; more get 429. None: ``[ingest] tenant_max_per_second``; 0: no limit."""
 
     def __post_init__(self) -> None:
-        tokens = self.tokens_sha256
-        if not tokens or not all(isinstance(t, bytes) and len(t) == 32 for t in tokens):
-            raise ValueError("tokens_sha256: a tuple of SHA-256 digests (32 bytes each)")
+        for name, digests, least in (("tokens_sha256", self.tokens_sha256, 1),
+                                     ("api_tokens_sha256", self.api_tokens_sha256, 0)):
+            if len(digests) < least or not all(isinstance(d, bytes) and len(d) == 32 for d in digests):
+                raise ValueError(f"{name}: a tuple of SHA-256 digests (32 bytes each)")
 
     def key_index(self, secret: str) -> int | None:
         """Which accepted secret ``secret`` is (0: the current one, 1 or more: one still accepted
-        during a rotation), None if none; every digest is compared, in constant time each."""
-        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for index, token in enumerate(self.tokens_sha256):
-            if hmac.compare_digest(digest, token) and found is None:
-                found = index
-        return found
+        during a rotation), None if none."""
+        return _index_of(secret, self.tokens_sha256)
 
     def key_matches(self, secret: str) -> bool:
         """True when ``secret`` is one of the tenant's accepted secrets."""
         return self.key_index(secret) is not None
 
-    def api_token_matches(self, token: str) -> bool:
-        """Constant-time check of an actions API token (always False without one configured)."""
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        expected = self.api_token_sha256 or bytes(32)
-        return hmac.compare_digest(digest, expected) and self.api_token_sha256 is not None
+    def api_token_index(self, token: str) -> int | None:
+        """Which accepted actions API token ``token`` is (as :meth:`key_index`); None if none, and
+        always without an API token configured."""
+        found = _index_of(token, self.api_tokens_sha256 or (bytes(32),))  # the same work without one
+        return found if self.api_tokens_sha256 else None
 
     def source_allowed(self, ip: str) -> bool:
         """True when ``ip`` is in ``allow_from`` (or no list is set)."""
@@ -115,6 +111,34 @@ class IngestSettings:
     """Unused sections, kept for other deployables sharing the file."""
 
 
+def _index_of(secret: str, digests: tuple[bytes, ...]) -> int | None:
+    """The position of ``secret``'s SHA-256 among ``digests``; every one is compared, each in
+    constant time, so the answer's timing says nothing of which matched or how closely."""
+    digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+    found = None
+    for index, expected in enumerate(digests):
+        if hmac.compare_digest(digest, expected) and found is None:
+            found = index
+    return found
+
+
+def _digests(raw: dict[str, Any], name: str, where: str, hint: str) -> list[str]:
+    """A tenant's ``name``: one hex SHA-256 digest, or a list of 1 to :data:`MAX_KEYS` of them
+    during a rotation (the current one first); [] when absent."""
+    given = raw.get(name)
+    if given is None:
+        return []
+    digests = [given] if isinstance(given, str) else given
+    if (not isinstance(digests, list) or not 1 <= len(digests) <= MAX_KEYS
+            or not all(isinstance(d, str) and _SHA256_HEX.fullmatch(d.lower()) for d in digests)):
+        raise ConfigError(f"{where}: {name} must be 64 hex digits ({hint}), or a list of 1 to "
+                          f"{MAX_KEYS} of them during a rotation, the current one first")
+    digests = [d.lower() for d in digests]
+    if len(set(digests)) != len(digests):
+        raise ConfigError(f"{where}: {name} lists the same secret twice")
+    return digests
+
+
 def _non_negative(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"{name} must be a number >= 0 (0: no limit)")
@@ -132,25 +156,17 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
         raise ConfigError(f"{where}: tenant id must match {_TENANT_ID.pattern}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
-    given = raw.get("token_sha256")
-    tokens = [given] if isinstance(given, str) else given
-    if (not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_KEYS
-            or not all(isinstance(t, str) and _SHA256_HEX.fullmatch(t.lower()) for t in tokens)):
-        raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (keyyo-stream secret), or a "
-                          f"list of 1 to {MAX_KEYS} of them during a key rotation, the current one first")
-    tokens = [t.lower() for t in tokens]
-    if len(set(tokens)) != len(tokens):
-        raise ConfigError(f"{where}: token_sha256 lists the same secret twice")
+    tokens = _digests(raw, "token_sha256", where, "keyyo-stream secret")
+    if not tokens:
+        raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (keyyo-stream secret)")
     nets: list[IPNetwork] = []
     for cidr in raw.get("allow_from", []):
         try:
             nets.append(ipaddress.ip_network(cidr, strict=False))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: allow_from entry {cidr!r}: {exc}") from exc
-    api = raw.get("api_token_sha256")
-    if api is not None and (not isinstance(api, str) or not _SHA256_HEX.fullmatch(api.lower())):
-        raise ConfigError(f"{where}: api_token_sha256 must be 64 hex digits (keyyo-stream secret --api)")
-    if api is not None and api.lower() in tokens:
+    api = _digests(raw, "api_token_sha256", where, "keyyo-stream secret --api")
+    if set(api) & set(tokens):
         raise ConfigError(f"{where}: api_token_sha256 must differ from token_sha256 (separate secrets)")
     limit = raw.get("max_per_second")
     try:
@@ -158,7 +174,7 @@ def _tenant(tenant_id: str, raw: Any) -> Tenant:
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return Tenant(tenant_id, tuple(bytes.fromhex(t) for t in tokens), tuple(nets),
-                  bytes.fromhex(api) if api else None, budget)
+                  tuple(bytes.fromhex(t) for t in api), budget)
 
 
 def load_settings(path: Path, env: dict[str, str] | None = None) -> IngestSettings:

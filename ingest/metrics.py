@@ -44,11 +44,12 @@ class IngestMetrics:
             "keyyo_ingest_actions_accepted", "Actions API requests written to the actions topic, by kind.",
             ["kind"], registry=self.registry,
         )
-        self.previous_key = Counter(
+        previous = Counter(
             "keyyo_ingest_previous_key_requests",
-            "Notifications authenticated with a tenant's previous key (a key rotation under way; the "
-            "log names the tenant).", registry=self.registry,
+            "Requests authenticated with a tenant's previous notification key or actions API token "
+            "(a rotation under way; the log names the tenant).", ["credential"], registry=self.registry,
         )
+        self.previous_key = {name: previous.labels(name) for name in ("key", "api_token")}
         reloads = Counter(
             "keyyo_ingest_config_reloads", "Configuration reloads on SIGHUP, by result.", ["result"],
             registry=self.registry,

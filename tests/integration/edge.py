@@ -70,7 +70,7 @@ def tenants() -> dict[str, Tenant]:
     """Test tenants, all with secret SECRET: TENANTS, and ``locked`` (only from 10.0.0.0/8)."""
     digest = (bytes.fromhex(hash_secret(SECRET)),)
     return {
-        **{name: Tenant(name, digest, (), bytes.fromhex(hash_secret(API_TOKEN))) for name in TENANTS},
+        **{name: Tenant(name, digest, (), (bytes.fromhex(hash_secret(API_TOKEN)),)) for name in TENANTS},
         "locked": Tenant("locked", digest, (ipaddress.ip_network("10.0.0.0/8"),)),
     }
 

@@ -59,6 +59,8 @@ token_sha256 = "{hash_secret('other')}"
         (f'[tenants.acme]\ntoken_sha256 = [{", ".join(repr(str(i) * 64) for i in range(5))}]\n',
          "a list of 1 to 4"),
         ("[tenants.acme]\ntoken_sha256 = []\n", "a list of 1 to 4"),
+        (f'[tenants.acme]\ntoken_sha256 = "{"0" * 64}"\napi_token_sha256 = ["{"1" * 64}", "{"0" * 64}"]\n',
+         "api_token_sha256 must differ"),
         (f'[tenants.acme]\ntoken_sha256 = ["{"0" * 64}", "xyz"]\n', "tenants.acme]: token_sha256"),
         (f'[tenants.acme]\ntoken_sha256 = ["{"0" * 64}", "{"1" * 64}"]\napi_token_sha256 = "{"1" * 64}"\n',
          "api_token_sha256 must differ"),
@@ -116,6 +118,17 @@ token_sha256 = "{hash_secret('other')}"
     assert [acme.key_index(k) for k in ("new-secret", "old-secret", "other", "")] == [0, 1, None, None]
     assert acme.key_matches("old-secret") and not tenants["globex"].key_matches("old-secret")
     assert tenants["globex"].key_index("other") == 0
+    assert tenants["globex"].api_token_index("") is None  # no actions API: nothing matches
+
+
+def test_an_api_token_rotation_works_the_same_way(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""
+[tenants.acme]
+token_sha256 = "{hash_secret('key')}"
+api_token_sha256 = ["{hash_secret('api-new')}", "{hash_secret('api-old')}"]
+""")
+    acme = load_settings(path, env={}).tenants["acme"]
+    assert [acme.api_token_index(t) for t in ("api-new", "api-old", "key", "")] == [0, 1, None, None]
 
 
 async def test_a_reload_applies_the_tenants_and_keeps_the_rest(

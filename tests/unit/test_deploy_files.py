@@ -211,6 +211,7 @@ def label_values() -> dict[tuple[str, str], set[str]]:
         ("keyyo_ingest_requests_total", "outcome"): set(OUTCOMES),
         ("keyyo_ingest_incomplete_template_total", "missing"): set(IngestMetrics().incomplete_template),
         ("keyyo_ingest_config_reloads_total", "result"): set(IngestMetrics().reloads),
+        ("keyyo_ingest_previous_key_requests_total", "credential"): set(IngestMetrics().previous_key),
         ("keyyo_processor_failed_transactions_total", "kind"): {"kafka_away", "refused"},  # runtime._failed
         ("keyyo_executor_actions_total", "status"): set(STATUSES),
         ("keyyo_executor_requests_total", "answer"): {"not_sent", "lost"},  # or an HTTP status
