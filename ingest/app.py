@@ -41,6 +41,8 @@ Clock = Callable[[], int]
 """Milliseconds since the epoch."""
 
 SETTINGS = web.AppKey("settings", IngestSettings)
+"""The settings the edge started with; the tenants in use are :data:`TENANTS` (a reload changes
+only those), so its ``tenants`` are never read while serving."""
 METRICS = web.AppKey("metrics", IngestMetrics)
 PUBLISHER = web.AppKey("publisher", Publisher)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")

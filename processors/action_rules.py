@@ -122,7 +122,9 @@ class ActionRulesLogic:
             return []
         t = call.tenant
         outputs: list[Output] = []
-        self._arm(store, tr, t, now_ms)  # also at each start: here for schedules added meanwhile
+        # Also armed at each start, except in replay mode for a tenant without a clock yet: its
+        # first record arms them (a dictionary read per schedule once they are).
+        self._arm(store, tr, t, now_ms)
         outputs.extend(self._cancellations(store, call, now_ms))
         for rule in tr.rules:
             matches = self._matches(rule, call)

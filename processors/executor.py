@@ -61,8 +61,6 @@ STOP_WRITE_S = 30.0
 """While stopping, how long a result write waits for an absent Kafka before it is abandoned."""
 COMMIT_WAIT_S = 10.0
 """How long an offset commit may wait for Kafka (a later one carries the same offsets)."""
-STOP_LEAVE_S = 10.0
-"""While stopping, how long leaving the consumer group may take (Kafka away: it cannot)."""
 STUCK_AFTER_S = 10.0
 """A partition whose oldest result has waited this long to be written is reported stuck
 (``/readyz``, ``keyyo_executor_stuck_partitions``): its actions wait meanwhile."""
@@ -340,7 +338,7 @@ class Executor:
         finally:
             for part in list(self.parts.values()):
                 await self._close(part)
-            await stop_consumer(consumer, STOP_LEAVE_S)
+            await stop_consumer(consumer)
             await self._session.close()
 
     async def _check_partitions(self, consumer: AIOKafkaConsumer) -> None:

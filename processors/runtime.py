@@ -303,7 +303,7 @@ class Runtime:
                                    for part in list(self.parts.values())))
         finally:  # partitions side by side: with Kafka away each may wait close_wait_s
             await asyncio.gather(*(self._close(part) for part in list(self.parts.values())))
-            await stop_consumer(consumer, 10.0)
+            await stop_consumer(consumer)
 
     async def _at_end(self, consumer: AIOKafkaConsumer) -> bool:
         for tp, part in self.parts.items():
@@ -687,7 +687,11 @@ class Runtime:
                 len(part.store))
 
 
-async def stop_consumer(consumer: AIOKafkaConsumer, within_s: float) -> None:
+STOP_LEAVE_S = 10.0
+"""While stopping, how long leaving the consumer group may take (Kafka away: it cannot)."""
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, within_s: float = STOP_LEAVE_S) -> None:
     """Stop a group consumer in bounded time. With Kafka away, leaving the group waits for a
     coordinator that is gone (the group drops the member after its session timeout instead), and
     aiokafka's fetcher lets its own task's cancellation out of ``stop``: neither stops the caller,

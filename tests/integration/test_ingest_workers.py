@@ -151,13 +151,15 @@ async def test_sighup_reloads_the_tenants_of_every_worker_without_a_refused_requ
                     flowing.extend(await send("acme", "old-key-1", 1))
 
             sender = asyncio.create_task(keep_sending())
-            await asyncio.sleep(0.3)
+            await wait_for(lambda: len(flowing) >= 3, 30, interval=0.02, what="requests flowing")
             config.write_text(f'[tenants.acme]\ntoken_sha256 = ["{hash_secret("new-key-2")}", '
                               f'"{hash_secret("old-key-1")}"]\n'
                               f'[tenants.globex]\ntoken_sha256 = "{hash_secret("globex-key-3")}"\n')
             supervisor.send_signal(signal.SIGHUP)
             await wait_for(lambda: reloaded("applied", 1), 30, interval=0.2, what="both workers reloaded")
-            await asyncio.sleep(0.3)
+            after_reload = len(flowing)
+            await wait_for(lambda: len(flowing) >= after_reload + 3, 30, interval=0.02,
+                           what="requests flowing after the reload")
             stop.set()
             await sender
             assert flowing and set(flowing) == {200}, flowing  # nothing refused across the reload
