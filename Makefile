@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup kafka-jars run test lint unit bench-ingest bench-call-records bench-acd-stats bench-actions bench-scaling clean
+.PHONY: setup kafka-jars run test lint unit compile uncompile bench-ingest bench-call-records bench-acd-stats bench-actions bench-scaling clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is needed"; exit 1; }
@@ -35,6 +35,15 @@ lint: setup
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
+# Optional: the per-record modules compiled by mypyc, in place (needs a C compiler); Python then
+# imports them instead of the .py files. A source edited afterwards makes every command refuse to
+# start until `make compile` runs again (or `make uncompile`). See the README's "Compiled build".
+compile: setup
+	$(BIN)/python -m deploy.compiled build
+
+uncompile:
+	$(or $(wildcard $(BIN)/python),$(PYTHON)) -m deploy.compiled clean
+
 # PYTHONNODEBUGRANGES: tracebacks without column carets. Python 3.11 finds those carets by parsing
 # source with `ast` as it formats a traceback, and its AST builder can lose count of its depth
 # (CPython gh-106905): a run then fails with "SystemError: AST constructor recursion depth
@@ -59,5 +68,5 @@ bench-actions: kafka-jars
 bench-scaling: kafka-jars
 	$(BIN)/python -m devtools.bench_scaling
 
-clean:
+clean: uncompile
 	rm -rf $(VENV) .keyyo bench-results .pytest_cache .mypy_cache .ruff_cache

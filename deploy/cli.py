@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from deploy import compiled as compiled_build
 from deploy import logs
 
 if TYPE_CHECKING:
@@ -538,6 +539,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``keyyo-stream`` console script."""
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    try:
+        compiled = compiled_build.check()
+    except compiled_build.CompiledError as exc:  # never run code older than its source
+        print(f"keyyo-stream: {exc}", file=sys.stderr)
+        return 2
+    if compiled:
+        logging.getLogger("keyyo.cli").info(
+            "compiled build (make compile)", extra={"compiled_modules": compiled})
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from deploy import compiled as compiled_build
 from deploy.kafka_local import bootstrap_or_temporary_broker
 from deploy.topics import provision_processor
 from devtools.bench_call_records import fill, processor_throughput, raw_consume, runtime_only
@@ -98,7 +99,8 @@ def main() -> int:
                         help="only ACD calls (a contact centre's line), instead of the full mix")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
-    results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds")}
+    results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+                               "compiled_modules": compiled_build.check()}
     start_ms = (time.time_ns() // 1_000_000) - int(args.hours * 3600_000) - 3600_000
     print(f"simulating {args.records} call records ({args.tenants} tenants, {args.hours:g} h) ...",
           flush=True)

@@ -17,7 +17,7 @@
 
     python -m devtools.bench_call_records [--notifications 200000] [--rate 1000] [--seconds 15]
         [--warmup 60] [--state-entries N] [--latency-only] [--slice-ms MS]
-        [--commit-interval-ms MS] [--profile]
+        [--commit-interval-ms MS] [--profile] [--no-latency]
 
 Writes JSON to ``bench-results/call-records-<time>.json``.
 """
@@ -47,6 +47,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from deploy import compiled as compiled_build
 from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
 from deploy.tail import topic_partitions
 from deploy.topics import provision_processor
@@ -514,7 +515,6 @@ async def throughput(bootstrap: str, count: int, state_entries: int, overrides: 
 
 def report(results: dict[str, Any]) -> None:
     """Print what was measured."""
-    lat = results["latency"]
     if "big_state" in results:
         b = results["big_state"]
         print(f"\nwith {b['state_entries']} state entries: ready after {b['processor']['ready_s']} s "
@@ -532,17 +532,19 @@ def report(results: dict[str, Any]) -> None:
         print(f"the runtime alone (each record passed on, one state entry each), same input: {ro:.0f}/s "
               f"({1e6 / ro:.1f} µs per record); the call-records logic leaves "
               f"{t['ratio_to_runtime_only']:.3f}x of it ({more:.1f} µs per notification more)")
-    print(f"latency 200 -> call update at {lat['achieved_rate']}/s over {lat['measured_s']:.0f}s after "
-          f"{lat['warmup_s']:.0f}s of warm-up, slice {results['slice_ms']} ms, commit interval "
-          f"{results['commit_interval_ms']} ms: p50 {lat['p50_ms']} ms, "
-          f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (issue 10 target p99 < 250 ms; warm-up max "
-          f"{lat['warmup_max_ms']} ms); every update seen: {lat['all_seen']}")
-    windows = ", ".join(f"{v:.0f}" for v in lat["p99_ms_by_window"])
-    print(f"  p99 of each 5 s of the measured traffic: {windows} ms")
-    sp = lat["split"]
-    print(f"  of which 200 -> update appended by the processor: p50 {sp['to_appended_p50_ms']} ms, p99 "
-          f"{sp['to_appended_p99_ms']} ms; appended -> committed and read: p50 "
-          f"{sp['appended_to_seen_p50_ms']} ms, p99 {sp['appended_to_seen_p99_ms']} ms")
+    if "latency" in results:
+        lat = results["latency"]
+        print(f"latency 200 -> call update at {lat['achieved_rate']}/s over {lat['measured_s']:.0f}s after "
+              f"{lat['warmup_s']:.0f}s of warm-up, slice {results['slice_ms']} ms, commit interval "
+              f"{results['commit_interval_ms']} ms: p50 {lat['p50_ms']} ms, "
+              f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (issue 10 target p99 < 250 ms; warm-up max "
+              f"{lat['warmup_max_ms']} ms); every update seen: {lat['all_seen']}")
+        windows = ", ".join(f"{v:.0f}" for v in lat["p99_ms_by_window"])
+        print(f"  p99 of each 5 s of the measured traffic: {windows} ms")
+        sp = lat["split"]
+        print(f"  of which 200 -> update appended by the processor: p50 {sp['to_appended_p50_ms']} ms, p99 "
+              f"{sp['to_appended_p99_ms']} ms; appended -> committed and read: p50 "
+              f"{sp['appended_to_seen_p50_ms']} ms, p99 {sp['appended_to_seen_p99_ms']} ms")
     if "logic" in results:
         lg, st, mem = results["logic"], results["step"], results["memory"]
         print(f"logic alone: {lg['us_per_record']} µs per notification, {lg['decode_us']} µs of it "
@@ -566,6 +568,8 @@ def main() -> int:
                         help="also drain the same input with this many state entries restored "
                              "first (answered calls in progress), against the fresh state")
     parser.add_argument("--latency-only", action="store_true", help="only the end-to-end latency")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the end-to-end latency (as devtools.bench_compiled does)")
     parser.add_argument("--slice-ms", type=int, default=None,
                         help="the processors' transaction slice (default: the processor's own)")
     parser.add_argument("--commit-interval-ms", type=int, default=None,
@@ -575,6 +579,7 @@ def main() -> int:
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
+                               "compiled_modules": compiled_build.check(),
                                "slice_ms": args.slice_ms or SPEC.default_slice_ms,
                                "commit_interval_ms": (SPEC.default_commit_interval_ms
                                                       if args.commit_interval_ms is None
@@ -589,9 +594,10 @@ def main() -> int:
         results["step"] = step_alone(sample, profile=args.profile)
     with bootstrap_or_temporary_broker() as bootstrap:
         # Latency first: the broker is still quiet (the throughput run leaves it compacting).
-        print(f"end-to-end latency at {args.rate:.0f} notifications/s ...", flush=True)
-        results["latency"] = asyncio.run(end_to_end(bootstrap, f"lat{uuid.uuid4().hex[:6]}.",
-                                                    args.rate, args.seconds, overrides, args.warmup))
+        if not args.no_latency:
+            print(f"end-to-end latency at {args.rate:.0f} notifications/s ...", flush=True)
+            results["latency"] = asyncio.run(end_to_end(bootstrap, f"lat{uuid.uuid4().hex[:6]}.",
+                                                        args.rate, args.seconds, overrides, args.warmup))
         if not args.latency_only:
             asyncio.run(throughput(bootstrap, args.notifications, args.state_entries, overrides, results))
     report(results)

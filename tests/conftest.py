@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from deploy import compiled as compiled_build
 from tests.kafka import Broker, session_broker
 
 
@@ -25,5 +26,9 @@ def prefix() -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    try:  # a compiled build older than its sources would test the old code
+        compiled_build.check()
+    except compiled_build.CompiledError as exc:
+        pytest.exit(str(exc), returncode=2)
     # aiokafka logs every failed reconnect at ERROR: noise in tests that stop the broker on purpose.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

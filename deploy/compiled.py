@@ -1,0 +1,180 @@
+"""The optional compiled build: the per-record modules compiled by mypyc, in place (`make compile`).
+
+mypyc (part of mypy, a dev dependency) turns these type-checked modules into C extensions, which
+Python then imports instead of the ``.py`` files beside them; nothing else changes. A manifest
+(``processors/_compiled.json``) keeps the hash of each source it was built from: a source edited
+after the build makes the build **stale**, and every ``keyyo-stream`` command (and the test suite)
+then refuses to start rather than run the old code. ``make uncompile`` goes back to pure Python.
+
+    python -m deploy.compiled build|clean|status [--root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.machinery
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODULES = (
+    "ingest/parsing.py",
+    "schemas/notification.py",
+    "schemas/call_record.py",
+    "schemas/acd_stats.py",
+    "processors/state.py",
+    "processors/step.py",
+    "processors/output.py",
+    "processors/call_records.py",
+    "processors/acd_stats.py",
+)
+"""What each record goes through: decoding and checking, the store, the runtime's step, the two
+processors' logic. Their classes are not meant to be subclassed (an interpreted class cannot
+inherit from a compiled one): a processor implements the contract's protocol instead."""
+
+GROUP = "processors._compiled"
+"""mypyc's shared library of the group, inside a package so that the editable install finds it."""
+
+MANIFEST = "processors/_compiled.json"
+BUILD_DIR = "build/compiled"
+
+
+class CompiledError(Exception):
+    """A compiled build that cannot be used or made; its message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ModuleState:
+    source: str
+    state: str
+    """``pure`` (no extension beside it), ``compiled`` (built from this source), ``stale``."""
+
+
+def _extensions(root: Path, source: str) -> list[Path]:
+    stem = root / source[: -len(".py")]
+    return [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if (p := stem.with_name(stem.name + suffix)).exists()]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def status(root: Path = ROOT) -> list[ModuleState]:
+    """The state of each module, for this interpreter (an extension built for another Python
+    version is not imported by this one, so it counts as absent)."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        manifest = {}
+    built = manifest.get("sources", {}) if isinstance(manifest, dict) else {}
+    states = []
+    for source in MODULES:
+        if not _extensions(root, source):
+            states.append(ModuleState(source, "pure"))
+        elif built.get(source) == _digest(root / source):
+            states.append(ModuleState(source, "compiled"))
+        else:
+            states.append(ModuleState(source, "stale"))
+    return states
+
+
+def check(root: Path = ROOT) -> int:
+    """How many modules run compiled; :class:`CompiledError` if any compiled one is stale."""
+    states = status(root)
+    stale = [s.source for s in states if s.state == "stale"]
+    if stale:
+        raise CompiledError(
+            f"{', '.join(stale)} changed after `make compile`: the compiled copy would run the old "
+            f"code; run `make compile` again, or `make uncompile` for pure Python")
+    return sum(s.state == "compiled" for s in states)
+
+
+def clean(root: Path = ROOT) -> int:
+    """Remove the extensions, the group's shared library, the manifest and the build files."""
+    removed = 0
+    for source in MODULES:
+        for path in _extensions(root, source):
+            path.unlink()
+            removed += 1
+    for path in (root / "processors").glob("_compiled__mypyc.*"):
+        path.unlink()
+        removed += 1
+    (root / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(root / BUILD_DIR, ignore_errors=True)
+    return removed
+
+
+_SETUP = """
+import sys
+from setuptools import setup
+from mypyc.build import mypycify
+setup(name="keyyo-stream-compiled", script_args=["build_ext", "--inplace", "--build-temp",
+      sys.argv[1] + "/temp", "--build-lib", sys.argv[1] + "/lib"],
+      ext_modules=mypycify(sys.argv[2:], group_name={group!r}, target_dir=sys.argv[1] + "/c",
+                           opt_level="3"))
+"""
+
+
+def build(root: Path = ROOT, python: str = sys.executable) -> float:
+    """Compile :data:`MODULES` of the tree at ``root`` in place; seconds taken."""
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        raise CompiledError("no C compiler found (cc or gcc): install one (Debian: apt-get install gcc)")
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        raise CompiledError("mypyc is not installed: it comes with the dev tools "
+                            "(pip install -e '.[dev]', which `make setup` runs)") from None
+    clean(root)
+    digests = {source: _digest(root / source) for source in MODULES}
+    started = time.monotonic()
+    done = subprocess.run(
+        [python, "-c", _SETUP.format(group=GROUP), BUILD_DIR, *MODULES],
+        cwd=root, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        clean(root)
+        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+        raise CompiledError("mypyc failed:\n" + "\n".join(tail))
+    changed = [s for s in MODULES if _digest(root / s) != digests[s]]
+    if changed:  # edited while it compiled: the manifest would vouch for code that was not built
+        clean(root)
+        raise CompiledError(f"{', '.join(changed)} changed during the build; run it again")
+    (root / MANIFEST).write_text(json.dumps(
+        {"sources": digests, "python": sys.version.split()[0], "built_at": int(time.time())}, indent=2))
+    return time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``build``, ``clean`` or ``status`` (the default)."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.compiled", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", nargs="?", choices=["build", "clean", "status"], default="status")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the source tree (default: this one)")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "build":
+            print(f"compiling {len(MODULES)} modules with mypyc (about 30 s on 2 cores) ...", flush=True)
+            seconds = build(args.root)
+            print(f"compiled in {seconds:.0f} s: {', '.join(MODULES)}")
+        elif args.action == "clean":
+            print(f"removed {clean(args.root)} compiled files; the pure Python modules run again")
+        else:
+            for s in status(args.root):
+                print(f"{s.state:9} {s.source}")
+            check(args.root)
+    except CompiledError as exc:
+        print(f"keyyo-stream: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The optional compiled build (`make compile`, deploy/compiled.py): it computes exactly what pure
+Python computes, and a build older than its sources is refused, never run."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from deploy import compiled
+from devtools.bench_call_records import simulated
+from schemas.notification import parse_rfc3339_ms
+
+# Run in a tree (pure or compiled): simulated traffic with hostile records mixed in, through the
+# runtime's step into call records, and those records into acd-stats; prints what came out.
+FOLD = """
+import hashlib, json, sys
+import orjson
+from processors.acd_stats import AcdStatsLogic
+from processors.call_records import CallRecords
+from processors.driver import Driver
+from schemas.notification import parse_rfc3339_ms
+from schemas.topics import CALL_RECORDS
+import processors.call_records, processors.acd_stats, processors.step, schemas.notification
+
+def digest(outputs):
+    h = hashlib.sha256()
+    for o in outputs:
+        h.update(o.topic.encode() + b"|" + (o.key or b"") + b"|" + o.rendered() + b"\\n")
+    return h.hexdigest()
+
+calls = Driver(CallRecords())
+with open(sys.argv[1], "rb") as f:
+    for i, line in enumerate(f):
+        key, value, ts = orjson.loads(line)
+        calls.send(key.encode(), value.encode(), ts)
+        if i % 97 == 0:  # hostile or clumsy records among them: each must be set aside the same way
+            calls.send(b"acme", b'{"schema": "keyyo.notification.v1", "type": "SETUP"', ts)
+            calls.send(b"other", value.encode(), ts)
+calls.flush(24 * 3600_000)
+acd = Driver(AcdStatsLogic())
+for o in calls.outputs:
+    if o.topic == CALL_RECORDS.name:
+        acd.send(o.key, o.rendered())
+acd.flush(24 * 3600_000)
+mods = [processors.call_records, processors.acd_stats, processors.step, schemas.notification]
+print(json.dumps({"compiled": sum(not m.__file__.endswith(".py") for m in mods),
+                  "call_records": [len(calls.outputs), digest(calls.outputs)],
+                  "acd_stats": [len(acd.outputs), digest(acd.outputs)],
+                  "state": hashlib.sha256(orjson.dumps(sorted(
+                      (k, calls.store.get(k).decode()) for k in calls.store.processor_keys()))).hexdigest()}))
+"""
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _fold(tree: Path, traffic: Path) -> dict[str, object]:
+    # One hash seed for every run: timers due at the same time fire tenant by tenant, in the order
+    # of a set of tenants, and that order (not part of the contract) follows the seed.
+    done = subprocess.run([sys.executable, "-c", FOLD, str(traffic)], cwd=tree,
+                          env={"PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def _copy_tree(dest: Path) -> Path:
+    for name in ("schemas", "processors", "deploy", "devtools", "ingest"):
+        shutil.copytree(ROOT / name, dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "_compiled.json"))
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def _cc_and_mypyc() -> bool:
+    try:
+        import mypyc  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.mark.skipif(not _cc_and_mypyc(), reason="needs a C compiler and mypyc (dev tools)")
+def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -> None:
+    tree = _copy_tree(tmp_path / "tree")
+    traffic = tmp_path / "traffic.jsonl"
+    with traffic.open("wb") as f:
+        for n in simulated(4000, 7, 1_795_000_000_000):
+            f.write(orjson.dumps([n.tenant, n.to_json().decode(), parse_rfc3339_ms(n.event_time)]) + b"\n")
+    pure = _fold(tree, traffic)
+    assert pure["compiled"] == 0
+    compiled.build(tree)
+    assert [s.state for s in compiled.status(tree)] == ["compiled"] * len(compiled.MODULES)
+    native = _fold(tree, traffic)
+    assert native["compiled"] == 4  # the modules really were the extensions
+    assert native == {**pure, "compiled": 4}
+    calls_out = pure["call_records"]
+    assert isinstance(calls_out, list) and calls_out[0] > 1000  # the run did fold calls
+    acd_out = pure["acd_stats"]
+    assert isinstance(acd_out, list) and acd_out[0] > 0
+
+    # A source edited after the build: every command refuses to start, in one line.
+    with (tree / "processors" / "call_records.py").open("a") as f:
+        f.write("\n# edited\n")
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "status"], cwd=tmp_path,
+                          env={"PYTHONPATH": str(tree)}, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "keyyo-stream: processors/call_records.py changed after `make compile`: the compiled copy "
+        "would run the old code; run `make compile` again, or `make uncompile` for pure Python"]
+    assert compiled.clean(tree) == len(compiled.MODULES) + 1  # and the group's shared library
+    assert _fold(tree, traffic) == pure
+
+
+def _fake_tree(root: Path) -> Path:
+    for source in compiled.MODULES:
+        (root / source).parent.mkdir(parents=True, exist_ok=True)
+        (root / source).write_text(f"# {source}\n")
+    return root
+
+
+def test_status_tells_pure_compiled_and_stale_modules_apart(tmp_path: Path) -> None:
+    root = _fake_tree(tmp_path)
+    assert {s.state for s in compiled.status(root)} == {"pure"}
+    assert compiled.check(root) == 0
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    first, second = compiled.MODULES[0], compiled.MODULES[1]
+    for source in (first, second):
+        (root / source.replace(".py", suffix)).write_bytes(b"\x7fELF")
+    # Extensions without a manifest vouching for their sources: stale, never trusted.
+    assert [s.state for s in compiled.status(root)][:3] == ["stale", "stale", "pure"]
+    (root / compiled.MANIFEST).write_bytes(orjson.dumps({"sources": {
+        source: compiled._digest(root / source) for source in compiled.MODULES}}))
+    assert [s.state for s in compiled.status(root)][:3] == ["compiled", "compiled", "pure"]
+    assert compiled.check(root) == 2
+    (root / second).write_text("# edited\n")
+    assert [s.state for s in compiled.status(root)][:2] == ["compiled", "stale"]
+    with pytest.raises(compiled.CompiledError, match=f"^{second} changed after `make compile`"):
+        compiled.check(root)
+    # An extension for another Python version is not imported by this one: it does not count.
+    (root / first.replace(".py", ".cpython-29-x86_64-linux-gnu.so")).write_bytes(b"\x7fELF")
+    assert compiled.clean(root) == 2
+    assert {s.state for s in compiled.status(root)} == {"pure"}
+    assert not (root / compiled.MANIFEST).exists()
+    assert (root / first.replace(".py", ".cpython-29-x86_64-linux-gnu.so")).exists()
