@@ -98,6 +98,16 @@ def check(root: Path = ROOT) -> int:
     return sum(s.state == "compiled" for s in states)
 
 
+def copy_tree(dest: Path, root: Path = ROOT) -> Path:
+    """A copy of the tree's packages and ``pyproject.toml`` (mypy's settings) at ``dest``, without
+    any compiled file: for building and comparing a compiled copy beside a pure one."""
+    for name in ("schemas", "processors", "deploy", "devtools", "ingest"):
+        shutil.copytree(root / name, dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "_compiled.json"))
+    shutil.copy(root / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
 def clean(root: Path = ROOT) -> int:
     """Remove the extensions, the group's shared library, the manifest and the build files."""
     removed = 0

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,6 @@ from deploy import compiled
 from deploy.kafka_local import bootstrap_or_temporary_broker
 from devtools.bench_results import write_results
 
-ROOT = Path(__file__).resolve().parent.parent
 START_MS = 1_795_000_000_000
 """The simulated traffic's start (fixed, so both copies get the same input)."""
 
@@ -84,14 +82,6 @@ DRAINS = [("call_records_per_s", "call-records drain, exactly-once"),
           ("call_records_runtime_only_per_s", "  the runtime alone, same input"),
           ("acd_stats_per_s", "acd-stats drain, exactly-once"),
           ("acd_stats_runtime_only_per_s", "  the runtime alone, same input")]
-
-
-def _copy(dest: Path) -> Path:
-    for name in ("schemas", "processors", "deploy", "devtools", "ingest"):
-        shutil.copytree(ROOT / name, dest / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "_compiled.json"))
-    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
-    return dest
 
 
 def _child(tree: Path, args: list[str], env: dict[str, str] | None = None) -> str:
@@ -141,7 +131,7 @@ def main() -> int:
         print(json.dumps(measure()))
         return 0
     with tempfile.TemporaryDirectory(prefix="keyyo-compiled-") as tmp:
-        trees = {"pure": _copy(Path(tmp) / "pure"), "compiled": _copy(Path(tmp) / "compiled")}
+        trees = {name: compiled.copy_tree(Path(tmp) / name) for name in ("pure", "compiled")}
         print(f"compiling {len(compiled.MODULES)} modules of a copy with mypyc ...", flush=True)
         try:
             build_s = compiled.build(trees["compiled"])

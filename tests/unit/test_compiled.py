@@ -57,7 +57,6 @@ print(json.dumps({"compiled": sum(not m.__file__.endswith(".py") for m in mods),
                       (k, calls.store.get(k).decode()) for k in calls.store.processor_keys()))).hexdigest()}))
 """
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _fold(tree: Path, traffic: Path) -> dict[str, object]:
@@ -71,14 +70,6 @@ def _fold(tree: Path, traffic: Path) -> dict[str, object]:
     return result
 
 
-def _copy_tree(dest: Path) -> Path:
-    for name in ("schemas", "processors", "deploy", "devtools", "ingest"):
-        shutil.copytree(ROOT / name, dest / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "_compiled.json"))
-    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
-    return dest
-
-
 def _cc_and_mypyc() -> bool:
     try:
         import mypyc  # noqa: F401
@@ -89,7 +80,7 @@ def _cc_and_mypyc() -> bool:
 
 @pytest.mark.skipif(not _cc_and_mypyc(), reason="needs a C compiler and mypyc (dev tools)")
 def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -> None:
-    tree = _copy_tree(tmp_path / "tree")
+    tree = compiled.copy_tree(tmp_path / "tree")
     traffic = tmp_path / "traffic.jsonl"
     with traffic.open("wb") as f:
         for n in simulated(4000, 7, 1_795_000_000_000):
