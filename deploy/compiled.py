@@ -134,15 +134,23 @@ setup(name="keyyo-stream-compiled", script_args=["build_ext", "--inplace", "--bu
 """
 
 
-def build(root: Path = ROOT, python: str = sys.executable) -> float:
-    """Compile :data:`MODULES` of the tree at ``root`` in place; seconds taken."""
+def missing_tools() -> str | None:
+    """What the build needs and this machine lacks (one line), or None."""
     if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
-        raise CompiledError("no C compiler found (cc or gcc): install one (Debian: apt-get install gcc)")
+        return "no C compiler found (cc or gcc): install one (Debian: apt-get install gcc)"
     try:
         import mypyc  # noqa: F401
     except ImportError:
-        raise CompiledError("mypyc is not installed: it comes with the dev tools "
-                            "(pip install -e '.[dev]', which `make setup` runs)") from None
+        return ("mypyc is not installed: it comes with the dev tools "
+                "(pip install -e '.[dev]', which `make setup` runs)")
+    return None
+
+
+def build(root: Path = ROOT, python: str = sys.executable) -> float:
+    """Compile :data:`MODULES` of the tree at ``root`` in place; seconds taken."""
+    missing = missing_tools()
+    if missing is not None:
+        raise CompiledError(missing)
     clean(root)
     digests = {source: _digest(root / source) for source in MODULES}
     started = time.monotonic()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +57,6 @@ print(json.dumps({"compiled": sum(not m.__file__.endswith(".py") for m in mods),
 """
 
 
-
 def _fold(tree: Path, traffic: Path) -> dict[str, object]:
     # One hash seed for every run: timers due at the same time fire tenant by tenant, in the order
     # of a set of tenants, and that order (not part of the contract) follows the seed.
@@ -70,15 +68,7 @@ def _fold(tree: Path, traffic: Path) -> dict[str, object]:
     return result
 
 
-def _cc_and_mypyc() -> bool:
-    try:
-        import mypyc  # noqa: F401
-    except ImportError:
-        return False
-    return shutil.which("cc") is not None or shutil.which("gcc") is not None
-
-
-@pytest.mark.skipif(not _cc_and_mypyc(), reason="needs a C compiler and mypyc (dev tools)")
+@pytest.mark.skipif(compiled.missing_tools() is not None, reason=str(compiled.missing_tools()))
 def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -> None:
     tree = compiled.copy_tree(tmp_path / "tree")
     traffic = tmp_path / "traffic.jsonl"
