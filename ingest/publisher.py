@@ -19,6 +19,7 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,27 @@ from ingest.spool import Spool, SpooledRecord, encode
 log = logging.getLogger("keyyo.ingest.publisher")
 
 REPLAY_BATCH = 500
-ORIGINAL_SEND_GRACE_S = 120.0
+ORIGINAL_SEND_GRACE_S = 45.0
+"""How long, counted while Kafka answers, the replay waits for the first send of a spooled record
+to settle before it sends the spooled copy: above the producer's 30 s request timeout, so a send
+Kafka took is seen delivered; a send still unsettled after that is wedged, and waiting longer
+would stall every record queued behind it (the copy may then land twice, same ``event_id``)."""
+
+
+async def settled_within(first: asyncio.Future[None], reachable: Callable[[], bool], grace_s: float,
+                         poll_s: float = 0.25) -> str:
+    """Wait for ``first`` to settle, counting only the time while ``reachable()`` holds, for at
+    most ``grace_s`` of it. ``delivered``, ``failed``, or ``unsettled`` when the grace ran out."""
+    counted = 0.0
+    while not first.done() and counted < grace_s:
+        started = time.perf_counter()
+        up = reachable()
+        await asyncio.wait([first], timeout=min(poll_s, grace_s - counted) if up else poll_s)
+        if up:
+            counted += time.perf_counter() - started
+    if not first.done():
+        return "unsettled"
+    return "delivered" if not first.cancelled() and first.exception() is None else "failed"
 
 
 class Outcome(enum.Enum):
@@ -85,6 +106,8 @@ class _SpoolState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Spool offset -> the producer future of a send that timed out before it was spooled.
     originals: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    # Spool offset -> the producer future of its replayed copy, until the batch is marked replayed.
+    copies: dict[int, asyncio.Future[object]] = field(default_factory=dict)
     active: bool = False
 
 
@@ -381,6 +404,7 @@ class Publisher:
                     if state.spool.size == state.spool.replayed and not state.queue:
                         await asyncio.to_thread(state.spool.reset)
                         state.originals.clear()
+                        state.copies.clear()
                         state.active = False
                         log.info("spool replayed; writing to kafka directly again")
                         self.metrics.spool_bytes.set(0)
@@ -395,24 +419,48 @@ class Publisher:
                 await asyncio.sleep(1.0)
                 continue
             await asyncio.to_thread(state.spool.mark_replayed, records[-1].end)
+            end = records[-1].end
+            for kept in (state.originals, state.copies):
+                for done_offset in [o for o in kept if o < end]:
+                    del kept[done_offset]
             self.metrics.spool_bytes.set(state.spool.pending_bytes)
             self.metrics.spool_replayed.inc(len(records))
 
     async def _replay(self, state: _SpoolState, start: int, records: list[SpooledRecord]) -> None:
-        futures: list[asyncio.Future[object]] = []
+        """Send ``records`` (spooled from ``start`` on) and wait until Kafka has every one.
+
+        Raises when Kafka does not take them in time; the next attempt sends again only what
+        surely did not land (a send still pending or delivered is waited for, not repeated)."""
+        mine: list[asyncio.Future[object]] = []
         offset = start
         for rec in records:
-            original = state.originals.get(offset)
-            if original is not None:
-                await asyncio.wait([original], timeout=ORIGINAL_SEND_GRACE_S)
-                delivered = (original.done() and not original.cancelled()
-                             and original.exception() is None)
-                state.originals.pop(offset, None)
-                if delivered:
-                    offset = rec.end
-                    continue
-            async with asyncio.timeout(10.0):
-                futures.append(await self._producer.send(rec.topic, value=rec.value, key=rec.key))
-            offset = rec.end
-        async with asyncio.timeout(30.0):
-            await asyncio.gather(*futures)
+            here, offset = offset, rec.end
+            first = state.originals.get(here)
+            if first is not None:
+                waited = time.perf_counter()
+                outcome = await settled_within(first, lambda: self.kafka_ok, ORIGINAL_SEND_GRACE_S)
+                if outcome == "delivered":
+                    continue  # kept: a later attempt of this batch skips it again
+                del state.originals[here]
+                if outcome == "unsettled":
+                    log.warning("spool replay: the first send of a spooled record is still unsettled "
+                                "after %.0fs with kafka up; sending its spooled copy (should the first "
+                                "land too, the event is there twice, same event_id)", ORIGINAL_SEND_GRACE_S)
+                else:
+                    log.info("spool replay: the first send of a spooled record failed (after %.1fs); "
+                             "sending its spooled copy", time.perf_counter() - waited)
+            copy = state.copies.get(here)
+            if copy is None or copy.cancelled() or (copy.done() and copy.exception() is not None):
+                async with asyncio.timeout(10.0):
+                    copy = state.copies[here] = await self._producer.send(
+                        rec.topic, value=rec.value, key=rec.key)
+            mine.append(copy)
+        if mine:
+            # asyncio.wait, not gather: a timeout must not cancel sends the producer still retries.
+            await asyncio.wait(mine, timeout=30.0)
+        for copy in mine:
+            if not copy.done():
+                raise TimeoutError("the spool's replay was not acknowledged within 30s")
+            if copy.cancelled() or copy.exception() is not None:
+                raise KafkaError(f"the spool's replay failed: {copy.exception()!r}"
+                                 if not copy.cancelled() else "the spool's replay was cancelled")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+
+from ingest.publisher import settled_within
 from ingest.spool import Spool, encode
 
 
@@ -47,3 +51,39 @@ def test_values_may_contain_separators(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.append([encode("t", b"k", b"a\0b\0c")])
     assert spool.read(0, 1)[0].value == b"a\0b\0c"
+
+
+# The replay's wait for the first send of a spooled record (ingest.publisher.settled_within): plain
+# futures stand for the producer's, so each outcome and the grace's clock are seen exactly.
+
+async def test_a_first_send_that_lands_or_fails_is_reported_as_soon_as_it_settles() -> None:
+    loop = asyncio.get_running_loop()
+    landed: asyncio.Future[None] = loop.create_future()
+    loop.call_later(0.05, landed.set_result, None)
+    assert await settled_within(landed, lambda: True, grace_s=5.0, poll_s=1.0) == "delivered"
+    failed: asyncio.Future[None] = loop.create_future()
+    loop.call_later(0.05, failed.set_exception, KafkaError("gone"))
+    assert await settled_within(failed, lambda: True, grace_s=5.0, poll_s=1.0) == "failed"
+
+
+async def test_the_grace_counts_only_while_kafka_answers() -> None:
+    """A long outage is not the first send's fault: the copy is sent only once Kafka has answered
+    for the whole grace and the first send still has not settled."""
+    loop = asyncio.get_running_loop()
+    wedged: asyncio.Future[None] = loop.create_future()
+    up = False
+    started = loop.time()
+
+    def reachable() -> bool:
+        return up
+
+    async def kafka_back_after(delay: float) -> None:
+        nonlocal up
+        await asyncio.sleep(delay)
+        up = True
+
+    back = asyncio.create_task(kafka_back_after(0.3))
+    assert await settled_within(wedged, reachable, grace_s=0.2, poll_s=0.05) == "unsettled"
+    await back
+    assert loop.time() - started >= 0.3 + 0.2 - 0.06  # the outage, then the whole grace
+    assert not wedged.done()  # never cancelled: the producer still owns it
