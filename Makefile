@@ -35,9 +35,10 @@ lint: setup
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
-# Optional: the per-record modules compiled by mypyc, in place (needs a C compiler); Python then
-# imports them instead of the .py files. A source edited afterwards makes every command refuse to
-# start until `make compile` runs again (or `make uncompile`). See the README's "Compiled build".
+# Optional: the per-record modules compiled by mypyc, in place (needs a C compiler), and the native
+# fold of call records (Rust, processors/native; skipped without cargo); Python then imports them
+# instead of the .py files. A source edited afterwards makes every command refuse to start until
+# `make compile` runs again (or `make uncompile`). See the README's "Compiled build".
 compile: setup
 	$(BIN)/python -m deploy.compiled build
 

@@ -1,10 +1,13 @@
-"""The optional compiled build: the per-record modules compiled by mypyc, in place (`make compile`).
+"""The optional compiled build: the per-record modules compiled by mypyc, in place (`make compile`),
+and the native fold of call records (Rust, ``processors/native``) when cargo is installed.
 
 mypyc (part of mypy, a dev dependency) turns these type-checked modules into C extensions, which
-Python then imports instead of the ``.py`` files beside them; nothing else changes. A manifest
-(``processors/_compiled.json``) keeps the hash of each source it was built from: a source edited
-after the build makes the build **stale**, and every ``keyyo-stream`` command (and the test suite)
-then refuses to start rather than run the old code. ``make uncompile`` goes back to pure Python.
+Python then imports instead of the ``.py`` files beside them; nothing else changes. The native
+fold is a Rust extension (PyO3) that ``processors/call_records.py`` uses for the common case of
+a notification when it is there. A manifest (``processors/_compiled.json``) keeps the hash of
+each source it was built from: a source edited after the build makes the build **stale**, and
+every ``keyyo-stream`` command (and the test suite) then refuses to start rather than run the old
+code. ``make uncompile`` goes back to pure Python.
 
     python -m deploy.compiled build|clean|status [--root DIR]
 """
@@ -40,6 +43,11 @@ MODULES = (
 processors' logic. Their classes are not meant to be subclassed (an interpreted class cannot
 inherit from a compiled one): a processor implements the contract's protocol instead."""
 
+NATIVE = "processors/native"
+"""The native fold's crate (its sources: ``Cargo.toml``, ``Cargo.lock``, ``src/``); built into
+``processors/_native`` (:data:`NATIVE_MODULE`). Optional: without cargo, the build skips it."""
+NATIVE_MODULE = "processors/_native"
+
 GROUP = "processors._compiled"
 """mypyc's shared library of the group, inside a package so that the editable install finds it."""
 
@@ -59,13 +67,25 @@ class ModuleState:
 
 
 def _extensions(root: Path, source: str) -> list[Path]:
-    stem = root / source[: -len(".py")]
+    stem = root / (NATIVE_MODULE if source == NATIVE else source[: -len(".py")])
     return [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
             if (p := stem.with_name(stem.name + suffix)).exists()]
 
 
+def _native_sources(crate: Path) -> list[Path]:
+    return [crate / "Cargo.toml", crate / "Cargo.lock", *sorted((crate / "src").rglob("*.rs"))]
+
+
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """A source's SHA-256; for the crate, of its files' names and contents."""
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for part in _native_sources(path):
+        h.update(f"{part.relative_to(path)}\0".encode())
+        h.update(part.read_bytes() if part.exists() else b"(absent)")
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def status(root: Path = ROOT) -> list[ModuleState]:
@@ -77,7 +97,7 @@ def status(root: Path = ROOT) -> list[ModuleState]:
         manifest = {}
     built = manifest.get("sources", {}) if isinstance(manifest, dict) else {}
     states = []
-    for source in MODULES:
+    for source in (*MODULES, NATIVE):
         if not _extensions(root, source):
             states.append(ModuleState(source, "pure"))
         elif built.get(source) == _digest(root / source):
@@ -102,8 +122,8 @@ def copy_tree(dest: Path, root: Path = ROOT) -> Path:
     """A copy of the tree's packages and ``pyproject.toml`` (mypy's settings) at ``dest``, without
     any compiled file: for building and comparing a compiled copy beside a pure one."""
     for name in ("schemas", "processors", "deploy", "devtools", "ingest"):
-        shutil.copytree(root / name, dest / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "_compiled.json"))
+        shutil.copytree(root / name, dest / name, ignore=shutil.ignore_patterns(
+            "__pycache__", "*.so", "*.pyd", "_compiled.json", "target"))
     shutil.copy(root / "pyproject.toml", dest / "pyproject.toml")
     return dest
 
@@ -111,7 +131,7 @@ def copy_tree(dest: Path, root: Path = ROOT) -> Path:
 def clean(root: Path = ROOT) -> int:
     """Remove the extensions, the group's shared library, the manifest and the build files."""
     removed = 0
-    for source in MODULES:
+    for source in (*MODULES, NATIVE):
         for path in _extensions(root, source):
             path.unlink()
             removed += 1
@@ -146,13 +166,46 @@ def missing_tools() -> str | None:
     return None
 
 
-def build(root: Path = ROOT, python: str = sys.executable) -> float:
-    """Compile :data:`MODULES` of the tree at ``root`` in place; seconds taken."""
+def native_missing() -> str | None:
+    """Why the native fold cannot be built here (one line), or None."""
+    if shutil.which("cargo") is None:
+        return "cargo not found: the native fold is skipped (install Rust: https://rustup.rs)"
+    return None
+
+
+def native_target() -> Path:
+    """Cargo's build folder, shared by every tree of this user (its dependencies build once)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "keyyo-stream" / "native-target"
+
+
+def build_native(root: Path = ROOT, python: str = sys.executable, dest: Path | None = None) -> Path:
+    """Build the native fold of the tree at ``root`` with cargo, into ``processors/_native`` (or
+    into the folder ``dest``); the extension's path."""
+    crate = root / NATIVE
+    done = subprocess.run(
+        [shutil.which("cargo") or "cargo", "build", "--release", "--locked", "--quiet", "--manifest-path",
+         str(crate / "Cargo.toml")],
+        env={**os.environ, "CARGO_TARGET_DIR": str(native_target()), "PYO3_PYTHON": python},
+        capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+        raise CompiledError("cargo failed to build the native fold:\n" + "\n".join(tail))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    target = root / (NATIVE_MODULE + suffix) if dest is None else dest / ("_native" + suffix)
+    shutil.copy(native_target() / "release" / "lib_native.so", target)
+    return target
+
+
+def build(root: Path = ROOT, python: str = sys.executable, native: bool = True) -> float:
+    """Compile :data:`MODULES` of the tree at ``root`` in place, and the native fold when
+    ``native`` and cargo is there (:func:`native_missing`); seconds taken."""
     missing = missing_tools()
     if missing is not None:
         raise CompiledError(missing)
     clean(root)
-    digests = {source: _digest(root / source) for source in MODULES}
+    sources = (*MODULES, NATIVE) if native and native_missing() is None else MODULES
+    digests = {source: _digest(root / source) for source in sources}
     started = time.monotonic()
     done = subprocess.run(
         [python, "-c", _SETUP.format(group=GROUP), BUILD_DIR, *MODULES],
@@ -161,7 +214,13 @@ def build(root: Path = ROOT, python: str = sys.executable) -> float:
         clean(root)
         tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
         raise CompiledError("mypyc failed:\n" + "\n".join(tail))
-    changed = [s for s in MODULES if _digest(root / s) != digests[s]]
+    if NATIVE in digests:
+        try:
+            build_native(root, python)
+        except CompiledError:
+            clean(root)
+            raise
+    changed = [s for s in sources if _digest(root / s) != digests[s]]
     if changed:  # edited while it compiled: the manifest would vouch for code that was not built
         clean(root)
         raise CompiledError(f"{', '.join(changed)} changed during the build; run it again")
@@ -179,9 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.action == "build":
-            print(f"compiling {len(MODULES)} modules with mypyc (about 30 s on 2 cores) ...", flush=True)
+            skipped = native_missing()
+            print(f"compiling {len(MODULES)} modules with mypyc"
+                  f"{'' if skipped else ', then the native fold with cargo'} "
+                  f"(about 30 s on 2 cores{'' if skipped else ', a minute more the first time'}) ...",
+                  flush=True)
             seconds = build(args.root)
-            print(f"compiled in {seconds:.0f} s: {', '.join(MODULES)}")
+            print(f"compiled in {seconds:.0f} s: {', '.join(MODULES)}"
+                  f"{'' if skipped else ', ' + NATIVE}")
+            if skipped:
+                print(skipped)
         elif args.action == "clean":
             print(f"removed {clean(args.root)} compiled files; the pure Python modules run again")
         else:

@@ -38,6 +38,11 @@ from schemas.notification import (
 )
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 
+try:  # the optional native fold (processors/native, built by `make compile`)
+    from processors import _native  # type: ignore[attr-defined]
+except ImportError:
+    _native = None
+
 Call = dict[str, Any]
 Leg = list[Any]
 """A leg, in state and here: a list, its fields at the positions below (named once, in the code)."""
@@ -107,8 +112,14 @@ def _iso(ms: int | None) -> str | None:
 class CallRecords:
     """The call-records logic."""
 
-    def __init__(self, config: CallRecordsConfig | None = None) -> None:
-        self.config = config or CallRecordsConfig()
+    def __init__(self, config: CallRecordsConfig | None = None, *, native: Any = _native) -> None:
+        """``native``: the native fold's module (``processors._native`` when `make compile` built
+        it), or None for Python alone. It does the common case of :meth:`on_event` (a DREF, at most
+        one call, within its bounds), byte for byte as the Python below; Python does the rest."""
+        self.config = cfg = config or CallRecordsConfig()
+        self._native = None if native is None else native.Fold(
+            cfg.linger_ms, cfg.ring_timeout_ms, cfg.max_duration_ms, cfg.max_legs, cfg.max_events,
+            CALL_UPDATES.name, CALL_UPDATE_SCHEMA, Output)
 
     # -- input --------------------------------------------------------------------------
 
@@ -140,6 +151,10 @@ class CallRecords:
 
     def on_event(self, store: Store, n: Notification, now_ms: int) -> list[Output]:
         """Fold one notification into its call; return the call update (and a restated record)."""
+        if self._native is not None:
+            done: list[Output] | None = self._native.on_event(store, n)
+            if done is not None:
+                return done
         t = n.tenant
         approximate = n.dref is None
         if approximate:

@@ -50,6 +50,7 @@ for o in calls.outputs:
 acd.flush(24 * 3600_000)
 mods = [processors.call_records, processors.acd_stats, processors.step, schemas.notification]
 print(json.dumps({"compiled": sum(not m.__file__.endswith(".py") for m in mods),
+                  "native": processors.call_records._native is not None,
                   "call_records": [len(calls.outputs), digest(calls.outputs)],
                   "acd_stats": [len(acd.outputs), digest(acd.outputs)],
                   "state": hashlib.sha256(orjson.dumps(sorted(
@@ -76,12 +77,14 @@ def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -
         for n in simulated(4000, 7, 1_795_000_000_000):
             f.write(orjson.dumps([n.tenant, n.to_json().decode(), parse_rfc3339_ms(n.event_time)]) + b"\n")
     pure = _fold(tree, traffic)
-    assert pure["compiled"] == 0
+    assert pure["compiled"] == 0 and pure["native"] is False
     compiled.build(tree)
-    assert [s.state for s in compiled.status(tree)] == ["compiled"] * len(compiled.MODULES)
+    with_native = compiled.native_missing() is None  # the Rust fold too, when cargo is there
+    assert [s.state for s in compiled.status(tree)] == [
+        "compiled"] * len(compiled.MODULES) + ["compiled" if with_native else "pure"]
     native = _fold(tree, traffic)
     assert native["compiled"] == 4  # the modules really were the extensions
-    assert native == {**pure, "compiled": 4}
+    assert native == {**pure, "compiled": 4, "native": with_native}
     calls_out = pure["call_records"]
     assert isinstance(calls_out, list) and calls_out[0] > 1000  # the run did fold calls
     acd_out = pure["acd_stats"]
@@ -97,7 +100,8 @@ def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -
     assert done.stderr.strip().splitlines() == [
         "keyyo-stream: processors/call_records.py changed after `make compile`: the compiled copy "
         "would run the old code; run `make compile` again, or `make uncompile` for pure Python"]
-    assert compiled.clean(tree) == len(compiled.MODULES) + 1  # and the group's shared library
+    # The extensions, the group's shared library and the native fold.
+    assert compiled.clean(tree) == len(compiled.MODULES) + 1 + with_native
     assert _fold(tree, traffic) == pure
 
 
@@ -132,3 +136,26 @@ def test_status_tells_pure_compiled_and_stale_modules_apart(tmp_path: Path) -> N
     assert {s.state for s in compiled.status(root)} == {"pure"}
     assert not (root / compiled.MANIFEST).exists()
     assert (root / first.replace(".py", ".cpython-29-x86_64-linux-gnu.so")).exists()
+
+
+def test_the_native_fold_is_stale_once_any_file_of_its_crate_changes(tmp_path: Path) -> None:
+    root = _fake_tree(tmp_path)
+    crate = root / compiled.NATIVE
+    (crate / "src").mkdir(parents=True)
+    for name, text in (("Cargo.toml", "[package]\n"), ("Cargo.lock", "# lock\n"), ("src/lib.rs", "// a\n")):
+        (crate / name).write_text(text)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (root / (compiled.NATIVE_MODULE + suffix)).write_bytes(b"\x7fELF")
+    assert compiled.status(root)[-1] == compiled.ModuleState(compiled.NATIVE, "stale")
+    (root / compiled.MANIFEST).write_bytes(orjson.dumps({"sources": {
+        compiled.NATIVE: compiled._digest(crate)}}))
+    assert compiled.check(root) == 1
+    for edit in ("Cargo.lock", "src/lib.rs", "src/more.rs"):
+        (root / compiled.MANIFEST).write_bytes(orjson.dumps({"sources": {
+            compiled.NATIVE: compiled._digest(crate)}}))
+        assert compiled.status(root)[-1].state == "compiled"
+        (crate / edit).write_text("// edited\n")
+        with pytest.raises(compiled.CompiledError, match=f"^{compiled.NATIVE} changed after"):
+            compiled.check(root)
+    assert compiled.clean(root) == 1
+    assert compiled.status(root)[-1].state == "pure"

@@ -1,0 +1,714 @@
+//! The common case of `CallRecords.on_event` (processors/call_records.py) in Rust: a notification
+//! with a DREF whose index entries lead to at most one call. It reads and stages state through the
+//! Python `Store` and returns the same outputs, byte for byte, as the Python code; for anything
+//! else (no DREF, calls to merge, a call at its bounds, a state value it does not know) it returns
+//! `None` before touching the store, and the Python code does the work.
+//!
+//! The Python code is the specification: each step below names the Python it mirrors, and
+//! tests/unit/test_native.py runs both over the same records and compares every output and every
+//! state entry.
+
+use pyo3::prelude::*;
+use pyo3::intern;
+use pyo3::types::{PyBool, PyBytes, PyList, PyString};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// A JSON scalar as the state holds it (a leg's slot, a call's header field).
+#[derive(Clone, Debug, PartialEq)]
+enum Val {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Str(String),
+}
+
+impl Val {
+    /// Python's truth value of the same value.
+    fn truthy(&self) -> bool {
+        match self {
+            Val::Null => false,
+            Val::Bool(b) => *b,
+            Val::Int(i) => *i != 0,
+            Val::Str(s) => !s.is_empty(),
+        }
+    }
+
+    fn from_opt(value: Option<String>) -> Val {
+        value.map_or(Val::Null, Val::Str)
+    }
+
+    /// A time slot: null or an integer (anything else is left to Python).
+    fn time(&self) -> Option<Option<i64>> {
+        match self {
+            Val::Null => Some(None),
+            Val::Int(i) => Some(Some(*i)),
+            _ => None,
+        }
+    }
+}
+
+// A leg's positions, as in call_records.py.
+const DREF: usize = 0;
+const CALLREF: usize = 1;
+const ACCOUNT: usize = 2;
+const CALLER: usize = 3;
+const CALLEE: usize = 4;
+const SETUP_AT: usize = 5;
+const CONNECT_AT: usize = 6;
+const RELEASE_AT: usize = 7;
+const REPLACES: usize = 8;
+const SESSION_ID: usize = 9;
+const IS_ACD: usize = 10;
+const REDIRECTING: usize = 11;
+const FIRST_AT: usize = 12;
+const VOICEMAIL: usize = 13;
+const APPROX: usize = 14;
+const LEG_SLOTS: usize = 15;
+
+/// A leg whose time slots are known to be null or integers (checked when it is read).
+struct Leg {
+    slots: Vec<Val>,
+}
+
+impl Leg {
+    fn at(&self, slot: usize) -> Option<i64> {
+        match self.slots[slot] {
+            Val::Int(i) => Some(i),
+            _ => None,
+        }
+    }
+    fn first_at(&self) -> i64 {
+        self.at(FIRST_AT).unwrap_or(0)
+    }
+    fn dref(&self) -> &str {
+        match &self.slots[DREF] {
+            Val::Str(s) => s,
+            _ => "",
+        }
+    }
+}
+
+/// A call as `unpack_call` gives it (its id and tenant are the caller's).
+struct Call {
+    revision: Val,
+    closed: Val,
+    closed_by: Val,
+    closed_at: Val,
+    last_event: Val,
+    events: Vec<String>,
+    legs: Vec<Leg>,
+}
+
+impl Call {
+    fn new() -> Call {
+        Call {
+            revision: Val::Int(0),
+            closed: Val::Bool(false),
+            closed_by: Val::Null,
+            closed_at: Val::Null,
+            last_event: Val::Null,
+            events: Vec::new(),
+            legs: Vec::new(),
+        }
+    }
+}
+
+fn scalar(value: &Value) -> Option<Val> {
+    Some(match value {
+        Value::Null => Val::Null,
+        Value::Bool(b) => Val::Bool(*b),
+        Value::Number(n) => Val::Int(n.as_i64()?),
+        Value::String(s) => Val::Str(s.clone()),
+        _ => return None,
+    })
+}
+
+/// `unpack_call` for the compact form; None for the object form or anything unexpected.
+fn unpack(raw: &[u8]) -> Option<Call> {
+    let data: Value = serde_json::from_slice(raw).ok()?;
+    let items = data.as_array()?;
+    if items.len() != 8 {
+        return None;
+    }
+    let events = items[6]
+        .as_array()?
+        .iter()
+        .map(|e| e.as_str().map(str::to_owned))
+        .collect::<Option<Vec<_>>>()?;
+    let mut legs = Vec::new();
+    for leg in items[7].as_array()? {
+        let slots = leg.as_array()?.iter().map(scalar).collect::<Option<Vec<_>>>()?;
+        if slots.len() != LEG_SLOTS
+            || !matches!(slots[DREF], Val::Str(_))
+            || !matches!(slots[FIRST_AT], Val::Int(_))
+            || [SETUP_AT, CONNECT_AT, RELEASE_AT].iter().any(|&i| slots[i].time().is_none())
+        {
+            return None;
+        }
+        let leg = Leg { slots };
+        if legs.iter().any(|l: &Leg| l.dref() == leg.dref()) {
+            return None; // a dict keyed by DREF would keep one
+        }
+        legs.push(leg);
+    }
+    let last_event = scalar(&items[5])?;
+    last_event.time()?;
+    Some(Call {
+        revision: scalar(&items[1])?,
+        closed: scalar(&items[2])?,
+        closed_by: scalar(&items[3])?,
+        closed_at: scalar(&items[4])?,
+        last_event,
+        events,
+        legs,
+    })
+}
+
+// -- JSON as orjson writes it ---------------------------------------------------------------
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut plain = 0; // start of the bytes not yet written, which need no escape
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[plain..i]);
+        plain = i + 1;
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 15) as usize]);
+            }
+        }
+    }
+    out.extend_from_slice(&bytes[plain..]);
+    out.push(b'"');
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// An integer in decimal, as Python writes it.
+fn put_int(out: &mut Vec<u8>, value: i64) {
+    let mut digits = [0u8; 20];
+    let mut n = value.unsigned_abs();
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// ``width`` decimal digits of ``value`` (0 <= value < 10^width).
+fn put_digits(out: &mut Vec<u8>, value: i64, width: usize) {
+    let mut n = value;
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for i in (0..width).rev() {
+        out[start + i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+fn put_val(out: &mut Vec<u8>, v: &Val) {
+    match v {
+        Val::Null => out.extend_from_slice(b"null"),
+        Val::Bool(true) => out.extend_from_slice(b"true"),
+        Val::Bool(false) => out.extend_from_slice(b"false"),
+        Val::Int(i) => put_int(out, *i),
+        Val::Str(s) => put_str(out, s),
+    }
+}
+
+/// `pack_call`.
+fn pack(call: &Call) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"[1,");
+    for v in [&call.revision, &call.closed, &call.closed_by, &call.closed_at, &call.last_event] {
+        put_val(&mut out, v);
+        out.push(b',');
+    }
+    out.push(b'[');
+    for (i, e) in call.events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        put_str(&mut out, e);
+    }
+    out.extend_from_slice(b"],[");
+    for (i, leg) in call.legs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        for (j, v) in leg.slots.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            put_val(&mut out, v);
+        }
+        out.push(b']');
+    }
+    out.extend_from_slice(b"]]");
+    out
+}
+
+// -- times ----------------------------------------------------------------------------------
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// `parse_rfc3339_ms` of the contract's layout `YYYY-MM-DDTHH:MM:SS.mmmZ` (None for another).
+fn parse_time(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() != 24 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':'
+        || b[19] != b'.' || b[23] != b'Z'
+    {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        b[from..to].iter().try_fold(0i64, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0')))
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, mi, s, ms) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 59 {
+        return None;
+    }
+    Some(((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + s * 1000 + ms)
+}
+
+/// `rfc3339_ms`, quoted.
+fn put_time(out: &mut Vec<u8>, epoch_ms: i64) {
+    let (second, millis) = (epoch_ms.div_euclid(1000), epoch_ms.rem_euclid(1000));
+    let (day, rest) = (second.div_euclid(86_400), second.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(day);
+    out.push(b'"');
+    if (0..10_000).contains(&y) {
+        put_digits(out, y, 4);
+    } else {
+        put_int(out, y);
+    }
+    for (sep, value) in [(b'-', m), (b'-', d), (b'T', rest / 3600), (b':', rest % 3600 / 60), (b':', rest % 60)] {
+        out.push(sep);
+        put_digits(out, value, 2);
+    }
+    out.push(b'.');
+    put_digits(out, millis, 3);
+    out.extend_from_slice(b"Z\"");
+}
+
+fn put_opt_time(out: &mut Vec<u8>, t: Option<i64>) {
+    match t {
+        Some(ms) => put_time(out, ms),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+// -- the fold -------------------------------------------------------------------------------
+
+/// `_call_id`.
+fn call_id(tenant: &str, dref: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(tenant.as_bytes());
+    h.update([0x1f]);
+    h.update(dref.as_bytes());
+    let digest = h.finalize();
+    let mut out = String::with_capacity(32);
+    for b in &digest[..16] {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
+    out
+}
+
+/// The fields of a notification the fold reads.
+struct Note {
+    event_id: String,
+    tenant: String,
+    kind: String,
+    account: String,
+    caller: String,
+    callee: String,
+    callref: Option<String>,
+    dref: String,
+    dref_replace: Option<String>,
+    session_id: Option<String>,
+    is_acd: bool,
+    redirecting_number: Option<String>,
+    event_time: String,
+}
+
+fn opt_str(n: &Bound<'_, PyAny>, name: &Bound<'_, PyString>) -> Option<Option<String>> {
+    n.getattr(name).ok()?.extract().ok()
+}
+
+fn text(n: &Bound<'_, PyAny>, name: &Bound<'_, PyString>) -> Option<String> {
+    n.getattr(name).ok()?.extract().ok()
+}
+
+/// The notification's fields, when it has a DREF and every field has its contract's type.
+fn note_of(py: Python<'_>, n: &Bound<'_, PyAny>) -> Option<Note> {
+    Some(Note {
+        dref: opt_str(n, intern!(py, "dref"))??,
+        event_id: text(n, intern!(py, "event_id"))?,
+        tenant: text(n, intern!(py, "tenant"))?,
+        kind: text(n, intern!(py, "type"))?,
+        account: text(n, intern!(py, "account"))?,
+        caller: text(n, intern!(py, "caller"))?,
+        callee: text(n, intern!(py, "callee"))?,
+        callref: opt_str(n, intern!(py, "callref"))?,
+        dref_replace: opt_str(n, intern!(py, "dref_replace"))?,
+        session_id: opt_str(n, intern!(py, "session_id"))?,
+        is_acd: n.getattr(intern!(py, "is_acd")).ok()?.downcast::<PyBool>().ok()?.is_true(),
+        redirecting_number: opt_str(n, intern!(py, "redirecting_number"))?,
+        event_time: text(n, intern!(py, "event_time"))?,
+    })
+}
+
+fn is_22_digits(s: &str) -> bool {
+    s.len() == 22 && s.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// `_fold`.
+fn fold(call: &mut Call, n: &Note, event_ms: i64) {
+    let index = match call.legs.iter().position(|l| l.dref() == n.dref) {
+        Some(i) => i,
+        None => {
+            call.legs.push(Leg {
+                slots: vec![
+                    Val::Str(n.dref.clone()),
+                    Val::from_opt(n.callref.clone()),
+                    Val::Str(n.account.clone()),
+                    Val::Str(n.caller.clone()),
+                    Val::Str(n.callee.clone()),
+                    Val::Null,
+                    Val::Null,
+                    Val::Null,
+                    Val::from_opt(n.dref_replace.clone()),
+                    Val::from_opt(n.session_id.clone()),
+                    Val::Bool(n.is_acd),
+                    Val::from_opt(n.redirecting_number.clone()),
+                    Val::Int(event_ms),
+                    Val::Bool(false),
+                    Val::Bool(false),
+                ],
+            });
+            call.legs.len() - 1
+        }
+    };
+    let leg = &mut call.legs[index];
+    match n.kind.as_str() {
+        "SETUP" => {
+            leg.slots[CALLREF] = Val::from_opt(n.callref.clone());
+            leg.slots[CALLER] = Val::Str(n.caller.clone());
+            leg.slots[CALLEE] = Val::Str(n.callee.clone());
+            if let Some(r) = n.dref_replace.as_ref().filter(|r| !r.is_empty()) {
+                leg.slots[REPLACES] = Val::Str(r.clone());
+            }
+            if leg.at(SETUP_AT).map_or(true, |at| event_ms < at) {
+                leg.slots[SETUP_AT] = Val::Int(event_ms);
+            }
+        }
+        "CONNECT" => {
+            if leg.at(CONNECT_AT).map_or(true, |at| event_ms < at) {
+                leg.slots[CONNECT_AT] = Val::Int(event_ms);
+            }
+            let answering = if n.callee != n.account { n.callee.as_str() } else { "" };
+            if is_22_digits(answering) {
+                leg.slots[VOICEMAIL] = Val::Bool(true);
+            }
+        }
+        _ => {
+            if leg.at(RELEASE_AT).map_or(true, |at| event_ms > at) {
+                leg.slots[RELEASE_AT] = Val::Int(event_ms);
+            }
+        }
+    }
+    if event_ms < leg.first_at() {
+        leg.slots[FIRST_AT] = Val::Int(event_ms);
+    }
+    if !leg.slots[SESSION_ID].truthy() {
+        leg.slots[SESSION_ID] = Val::from_opt(n.session_id.clone());
+    }
+    if !leg.slots[IS_ACD].truthy() {
+        leg.slots[IS_ACD] = Val::Bool(n.is_acd);
+    }
+    if !leg.slots[REDIRECTING].truthy() {
+        leg.slots[REDIRECTING] = Val::from_opt(n.redirecting_number.clone());
+    }
+    match call.last_event {
+        Val::Int(last) if event_ms <= last => {}
+        _ => call.last_event = Val::Int(event_ms),
+    }
+}
+
+/// `_wake_at`.
+fn wake_at(call: &Call, linger_ms: i64, ring_timeout_ms: i64, max_duration_ms: i64) -> i64 {
+    let open: Vec<&Leg> = call.legs.iter().filter(|l| l.at(RELEASE_AT).is_none()).collect();
+    if open.is_empty() {
+        return call.legs.iter().filter_map(|l| l.at(RELEASE_AT)).max().unwrap_or(0) + linger_ms;
+    }
+    open.iter()
+        .map(|l| match l.at(CONNECT_AT) {
+            Some(at) => at + max_duration_ms,
+            None => l.at(SETUP_AT).unwrap_or_else(|| l.first_at()) + ring_timeout_ms,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// `_leg_out`, written.
+fn put_leg(out: &mut Vec<u8>, leg: &Leg) {
+    out.extend_from_slice(b"{\"dref\":");
+    if leg.slots[APPROX].truthy() {
+        out.extend_from_slice(b"null");
+    } else {
+        put_val(out, &leg.slots[DREF]);
+    }
+    for (name, slot) in [(&b",\"callref\":"[..], CALLREF), (b",\"account\":", ACCOUNT), (b",\"caller\":", CALLER),
+                         (b",\"callee\":", CALLEE)] {
+        out.extend_from_slice(name);
+        put_val(out, &leg.slots[slot]);
+    }
+    out.extend_from_slice(b",\"setup_at\":");
+    put_opt_time(out, leg.at(SETUP_AT));
+    out.extend_from_slice(b",\"connect_at\":");
+    put_opt_time(out, leg.at(CONNECT_AT));
+    out.extend_from_slice(b",\"release_at\":");
+    put_opt_time(out, leg.at(RELEASE_AT));
+    out.extend_from_slice(b",\"replaces\":");
+    put_val(out, &leg.slots[REPLACES]);
+    out.push(b'}');
+}
+
+/// `_update`'s value.
+fn update(call: &Call, id: &str, tenant: &str, schema: &str, event_id: &str, event_ms: i64) -> Vec<u8> {
+    let mut legs: Vec<&Leg> = call.legs.iter().collect();
+    if legs.len() > 1 {
+        legs.sort_by(|a, b| {
+            let ka = a.at(SETUP_AT).unwrap_or_else(|| a.first_at());
+            let kb = b.at(SETUP_AT).unwrap_or_else(|| b.first_at());
+            ka.cmp(&kb).then_with(|| a.dref().cmp(b.dref()))
+        });
+    }
+    let first = legs[0];
+    let (state, is_acd, session_id);
+    if legs.len() == 1 {
+        state = if first.at(RELEASE_AT).is_some() {
+            "ended"
+        } else if first.at(CONNECT_AT).is_some() {
+            "answered"
+        } else {
+            "ringing"
+        };
+        is_acd = first.slots[IS_ACD].clone();
+        session_id = if first.slots[SESSION_ID].truthy() { first.slots[SESSION_ID].clone() } else { Val::Null };
+    } else {
+        state = if legs.iter().all(|l| l.at(RELEASE_AT).is_some()) {
+            "ended"
+        } else if legs.iter().any(|l| l.at(CONNECT_AT).is_some()) {
+            "answered"
+        } else {
+            "ringing"
+        };
+        is_acd = Val::Bool(legs.iter().any(|l| l.slots[IS_ACD].truthy()));
+        session_id = legs.iter().map(|l| &l.slots[SESSION_ID]).find(|s| s.truthy()).cloned().unwrap_or(Val::Null);
+    }
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"{\"schema\":");
+    put_str(&mut out, schema);
+    out.extend_from_slice(b",\"call_id\":");
+    put_str(&mut out, id);
+    out.extend_from_slice(b",\"tenant\":");
+    put_str(&mut out, tenant);
+    out.extend_from_slice(b",\"state\":");
+    put_str(&mut out, state);
+    out.extend_from_slice(b",\"caller\":");
+    put_val(&mut out, &first.slots[CALLER]);
+    out.extend_from_slice(b",\"callee\":");
+    put_val(&mut out, &first.slots[CALLEE]);
+    out.extend_from_slice(b",\"is_acd\":");
+    put_val(&mut out, &is_acd);
+    out.extend_from_slice(b",\"session_id\":");
+    put_val(&mut out, &session_id);
+    out.extend_from_slice(b",\"updated_at\":");
+    put_time(&mut out, event_ms);
+    out.extend_from_slice(b",\"event_id\":");
+    put_str(&mut out, event_id);
+    out.extend_from_slice(b",\"legs\":[");
+    for (i, leg) in legs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        put_leg(&mut out, leg);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Settings and Python objects the fold needs, made once per `CallRecords`.
+#[pyclass(frozen)]
+struct Fold {
+    linger_ms: i64,
+    ring_timeout_ms: i64,
+    max_duration_ms: i64,
+    max_legs: usize,
+    max_events: usize,
+    updates_topic: String,
+    update_schema: String,
+    output: Py<PyAny>,
+}
+
+#[pymethods]
+impl Fold {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(linger_ms: i64, ring_timeout_ms: i64, max_duration_ms: i64, max_legs: usize, max_events: usize,
+           updates_topic: String, update_schema: String, output: Py<PyAny>) -> Fold {
+        Fold { linger_ms, ring_timeout_ms, max_duration_ms, max_legs, max_events, updates_topic,
+               update_schema, output }
+    }
+
+    /// `CallRecords.on_event(store, n, now_ms)` for the common case; None for the others.
+    fn on_event<'py>(&self, py: Python<'py>, store: &Bound<'py, PyAny>, n: &Bound<'py, PyAny>)
+                     -> PyResult<Option<Bound<'py, PyList>>> {
+        let Some(note) = note_of(py, n) else { return Ok(None) }; // no DREF, or not a plain notification
+        let Some(event_ms) = parse_time(&note.event_time) else { return Ok(None) };
+        let t = note.tenant.as_str();
+        let own_id = call_id(t, &note.dref);
+        let mut index_keys = vec![format!("i/{t}/d/{}", note.dref)];
+        if let Some(r) = note.dref_replace.as_ref().filter(|r| !r.is_empty()) {
+            index_keys.push(format!("i/{t}/d/{r}"));
+        }
+        if let Some(s) = note.session_id.as_ref().filter(|s| !s.is_empty()) {
+            index_keys.push(format!("i/{t}/s/{s}"));
+        }
+        if let Some(c) = note.callref.as_ref().filter(|c| !c.is_empty()) {
+            index_keys.push(format!("i/{t}/c/{c}"));
+        }
+        let get = |key: &str| -> PyResult<Option<Vec<u8>>> {
+            let raw = store.call_method1(intern!(py, "get"), (key,))?;
+            if raw.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(raw.downcast::<PyBytes>()?.as_bytes().to_vec()))  // the Store holds bytes
+        };
+        // Which call each index key leads to, and each call's state once read (in first-seen order).
+        let mut pointed: Vec<Option<String>> = vec![None; index_keys.len()];
+        let mut found: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        for (i, key) in index_keys.iter().enumerate() {
+            if let Some(raw) = get(key)? {
+                let Ok(id) = String::from_utf8(raw) else { return Ok(None) };
+                if !found.iter().any(|(f, _)| *f == id) {
+                    found.push((id.clone(), None));
+                }
+                pointed[i] = Some(id);
+            } else if key.as_bytes()[t.len() + 3] == b'd' {
+                let id = if i == 0 { own_id.clone() } else { call_id(t, &key[t.len() + 5..]) };
+                let known = found.iter().position(|(f, _)| *f == id);
+                let state = match known.and_then(|k| found[k].1.clone()) {
+                    Some(state) => Some(state),
+                    None => get(&format!("c/{t}/{id}"))?,
+                };
+                if let Some(state) = state {
+                    match known {
+                        Some(k) => found[k].1 = Some(state),
+                        None => found.push((id.clone(), Some(state))),
+                    }
+                    pointed[i] = Some(id);
+                }
+            }
+        }
+        let mut calls: Vec<(String, Vec<u8>)> = Vec::new();
+        for (id, state) in found {
+            let state = match state {
+                Some(state) => Some(state),
+                None => get(&format!("c/{t}/{id}"))?,
+            };
+            if let Some(state) = state {
+                calls.push((id, state));
+            }
+        }
+        if calls.len() > 1 {
+            return Ok(None); // calls to merge
+        }
+        let (id, mut call) = match calls.pop() {
+            None if self.max_legs >= 1 => (own_id.clone(), Call::new()),
+            None => return Ok(None),
+            Some((id, raw)) => match unpack(&raw) {
+                Some(call) if call.legs.len() < self.max_legs => (id, call),
+                _ => return Ok(None), // another form, or at its bound: Python says why
+            },
+        };
+        let short: String = note.event_id.chars().take(12).collect();
+        if call.events.contains(&short) {
+            return Ok(Some(PyList::empty(py))); // an exact duplicate
+        }
+        if call.events.len() >= self.max_events {
+            return Ok(None);
+        }
+        call.events.push(short);
+        fold(&mut call, &note, event_ms);
+        call.closed = Val::Bool(false);
+        let id_bytes = PyBytes::new(py, id.as_bytes());
+        for (i, key) in index_keys.iter().enumerate() {
+            if pointed[i].as_deref() != Some(id.as_str()) && !(i == 0 && own_id == id) {
+                store.call_method1(intern!(py, "put"), (key, &id_bytes))?;
+            }
+        }
+        let call_key = format!("c/{t}/{id}");
+        store.call_method1(intern!(py, "put"), (&call_key, PyBytes::new(py, &pack(&call))))?;
+        let at = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
+        store.call_method1(intern!(py, "wake"), (&call_key, at))?;
+        let value = update(&call, &id, t, &self.update_schema, &note.event_id, event_ms);
+        let output = self.output.bind(py).call1((
+            &self.updates_topic,
+            PyBytes::new(py, t.as_bytes()),
+            PyBytes::new(py, &value),
+        ))?;
+        Ok(Some(PyList::new(py, [output])?))
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Fold>()
+}

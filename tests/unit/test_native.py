@@ -1,0 +1,200 @@
+"""The native fold of call records (``processors/native``, Rust, built by `make compile`): what it
+does, it does byte for byte as the Python code (its specification); what it leaves to Python
+(no DREF, calls to merge, a call at its bounds, a state value it does not know), Python does.
+
+Each test feeds the same records to two in-memory partitions, one with the native fold and one
+without, and compares every output of every record and, at the end, every state entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from types import ModuleType
+from typing import Any
+
+import orjson
+import pytest
+
+from deploy import compiled
+from devtools.bench_call_records import TENANTS
+from devtools.simulator import Chaos, Planner, plan_traffic, schedule
+from ingest.parsing import parse_notification
+from processors.call_records import CallRecords, CallRecordsConfig, _call_id
+from processors.contract import Output
+from processors.driver import Driver
+from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
+
+T0 = 1_795_000_000_000
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """The native fold built from this tree's crate into a temporary folder (not in place)."""
+    missing = compiled.native_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    path = compiled.build_native(compiled.ROOT, dest=tmp_path_factory.mktemp("native"))
+    spec = importlib.util.spec_from_file_location("_native", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Counting:
+    """The native module as ``CallRecords`` uses it, counting what the fold did and left to Python."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+        self.native = 0
+        self.python = 0
+
+    def Fold(self, *args: Any) -> Any:
+        fold, counter = self.module.Fold(*args), self
+
+        class Wrapped:
+            def on_event(self, store: Any, n: Notification) -> list[Output] | None:
+                out = fold.on_event(store, n)
+                if out is None:
+                    counter.python += 1
+                else:
+                    counter.native += 1
+                return out  # type: ignore[no-any-return]
+        return Wrapped()
+
+
+def _bytes(outputs: list[Output]) -> list[tuple[str, bytes, bytes]]:
+    return [(o.topic, o.key, o.rendered()) for o in outputs]
+
+
+def both(records: list[tuple[bytes, bytes, int]], native: ModuleType,
+         config: CallRecordsConfig | None = None,
+         seed: dict[str, bytes] | None = None) -> tuple[Counting, Driver]:
+    """Every record through a pure and a native partition; every output and the final state equal."""
+    counting = Counting(native)
+    pure = Driver(CallRecords(config, native=None))
+    fast = Driver(CallRecords(config, native=counting))
+    for driver in (pure, fast):
+        for key, value in (seed or {}).items():
+            driver.store.restore(key, value)  # as a restore from the changelog would
+    for i, (key, value, ts) in enumerate(records):
+        assert _bytes(fast.send(key, value, ts)) == _bytes(pure.send(key, value, ts)), f"record {i}"
+    assert _bytes(fast.flush(24 * 3600_000)) == _bytes(pure.flush(24 * 3600_000))
+    assert fast.store.committed() == pure.store.committed()
+    return counting, pure
+
+
+def traffic(n_calls_s: float, seed: int, minimal_every: int = 0,
+            chaos: Chaos | None = None) -> list[tuple[bytes, bytes, int]]:
+    """Simulated traffic (the simulator's mix of scenarios) as records; every ``minimal_every``-th
+    call sent through Keyyo's minimal template (no DREF)."""
+    rng = random.Random(seed)
+    calls = plan_traffic(Planner(TENANTS, 8, rng, time_scale=0.2), rate=100, duration=n_calls_s,
+                         start_ms=T0, chaos=chaos or Chaos())
+    if minimal_every:
+        for call in calls[::minimal_every]:
+            call.minimal = True
+    out = []
+    for s in schedule(calls, chaos or Chaos(), rng):
+        note = parse_notification(s.tenant, list(s.params.items()), "127.0.0.1", s.due)
+        if isinstance(note, Notification):
+            out.append((note.tenant.encode(), note.to_json(), parse_rfc3339_ms(note.event_time)))
+    return out
+
+
+def test_simulated_traffic_with_mishaps_gives_the_same_bytes(native: ModuleType) -> None:
+    records = traffic(30, 11, minimal_every=9,
+                      chaos=Chaos(duplicate=0.05, reorder=0.1, delay=0.05, drop_release=0.03))
+    counting, pure = both(records, native)
+    assert len(records) > 5000
+    # The fold did the common case; Python did the rest (no DREF, merges), and both were seen.
+    assert counting.native > 0.8 * len(records)
+    assert counting.python > 0.05 * len(records)
+    assert len(pure.values("keyyo.call-records.v1")) > 1000
+
+
+def test_calls_at_their_bounds_are_refused_the_same_way(native: ModuleType) -> None:
+    records = traffic(10, 12)
+    counting, pure = both(records, native, CallRecordsConfig(max_legs=2, max_events=3))
+    assert counting.python > 0
+    assert any("refused: the call" in v["reason"] for v in pure.values("keyyo.dead-letters.v1"))
+
+
+def note(kind: str, dref: str | None, at_ms: int, **fields: Any) -> tuple[bytes, bytes, int]:
+    """A notification record with the given fields (the others those of a simple incoming call)."""
+    values: dict[str, Any] = {
+        "event_id": f"{random.Random(f'{kind}{dref}{at_ms}{fields}').getrandbits(128):032x}",
+        "tenant": "acme", "type": kind, "account": "33100000001", "caller": "33600000001",
+        "callee": "33100000001", "callref": None, "dref": dref, "dref_replace": None,
+        "session_id": None, "is_acd": False, "redirecting_number": None, "version": 1,
+        "event_time": rfc3339_ms(at_ms), "received_at": rfc3339_ms(at_ms), "source_ip": "127.0.0.1",
+        **fields,
+    }
+    return b"acme", Notification(**values).to_json(), at_ms
+
+
+def test_identifiers_that_need_escaping_legs_linked_every_way_and_a_merge(native: ModuleType) -> None:
+    t = T0
+    records = [
+        # Identifiers may hold any printable ASCII, quotes and backslashes included.
+        note("SETUP", 'a"b\\c', t, callref='c"1\\', session_id="s\\1"),
+        note("CONNECT", 'a"b\\c', t + 3000, callref='c"1\\', session_id="s\\1"),
+        # A second leg by session, a third replacing the second (attended transfer), one by CALLREF.
+        note("SETUP", "leg2", t + 1000, session_id="s\\1", is_acd=True),
+        note("SETUP", "leg3", t + 5000, dref_replace="leg2", caller="anonymous"),
+        note("SETUP", "leg4", t + 6000, callref='c"1\\', redirecting_number="33100000009"),
+        # Voicemail answers (a 22-digit callee), a RELEASE before its CONNECT, an exact duplicate.
+        note("CONNECT", "leg2", t + 8000, callee="3312345678901234567890"),
+        note("RELEASE", "leg3", t + 9000),
+        note("CONNECT", "leg3", t + 7000),
+        note("RELEASE", "leg3", t + 9000),
+        # Two calls of their own, then a leg in both: one call (Python merges them).
+        note("SETUP", "x1", t + 20_000, session_id="S-x"),
+        note("SETUP", "y1", t + 21_000, callref="C-y"),
+        note("SETUP", "z1", t + 22_000, session_id="S-x", callref="C-y"),
+        note("RELEASE", "x1", t + 30_000),
+        note("RELEASE", "y1", t + 31_000), note("RELEASE", "z1", t + 32_000),
+        # Before the call it joins was seen, and an event earlier than the leg's first.
+        note("RELEASE", "late", t + 40_000), note("SETUP", "late", t + 39_000, caller=""),
+    ]
+    counting, pure = both(records, native)
+    assert counting.native >= 12 and counting.python >= 1
+    finals = pure.values("keyyo.call-records.v1")
+    assert any(len(r["legs"]) == 4 for r in finals) and any(len(r["legs"]) == 3 for r in finals)
+
+
+def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(native: ModuleType) -> None:
+    """Calls in the object form of earlier versions, with odd values, or unreadable: the native
+    fold leaves them to Python, which reads the first, takes the odd values as they are, and sets
+    a record aside for the last."""
+    def key(dref: str) -> str:
+        return f"c/acme/{_call_id('acme', dref)}"
+
+    old_leg = {"dref": "old", "callref": None, "account": "33100000001", "caller": "33600000001",
+               "callee": "33100000001", "setup_at": T0, "connect_at": None, "release_at": None,
+               "first_at": T0}
+    seed = {
+        key("old"): orjson.dumps({"legs": {"old": old_leg}, "events": ["aaaaaaaaaaaa"], "closed": False,
+                                  "revision": 0, "closed_by": None, "closed_at": None,
+                                  "last_event": T0}),
+        # A float time, a short leg, a number where a string goes: not the compact form it writes.
+        key("float"): orjson.dumps([1, 0, False, None, None, T0, [], [
+            ["float", None, "33100000001", "1", "2", T0 + 0.5, None, None, None, None, False, None, T0,
+             False, False]]]),
+        key("short"): orjson.dumps([1, 0, False, None, None, T0, [], [["short", None, "3"]]]),
+        key("odd"): orjson.dumps([1, 2, 0, "release", T0, T0, ["bbbbbbbbbbbb"], [
+            ["odd", 7, "33100000001", 1, "\x01\t\n\x1f\x7fé/\"\\", T0, None, None, "", "", 0, "", T0,
+             0, 0]]]),
+        key("broken"): b"[1, 0, fal",
+        "\x00rt/wake/acme\x1f" + key("old"): str(T0 + 300_000).encode(),
+    }
+    records = [note(kind, dref, T0 + 1000 * i)
+               for i, dref in enumerate(["old", "float", "short", "odd", "broken"])
+               for kind in ("CONNECT", "RELEASE")]
+    counting, pure = both(records, native, seed=seed)
+    assert counting.python >= 6  # every call but the odd one is left to Python ...
+    assert counting.native >= 2  # ... which the native fold reads, odd values as they are
+    reasons = [v["reason"] for v in pure.values("keyyo.dead-letters.v1")]
+    assert any("JSONDecodeError" in r for r in reasons)
+    assert any("IndexError" in r for r in reasons)
