@@ -23,6 +23,7 @@ from ingest.parsing import parse_notification
 from processors.call_records import CallRecords, CallRecordsConfig, _call_id
 from processors.contract import Output
 from processors.driver import Driver
+from processors.step import Limits
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 
 T0 = 1_795_000_000_000
@@ -69,12 +70,12 @@ def _bytes(outputs: list[Output]) -> list[tuple[str, bytes, bytes]]:
 
 
 def both(records: list[tuple[bytes, bytes, int]], native: ModuleType,
-         config: CallRecordsConfig | None = None,
-         seed: dict[str, bytes] | None = None) -> tuple[Counting, Driver]:
+         config: CallRecordsConfig | None = None, seed: dict[str, bytes] | None = None,
+         limits: Limits | None = None) -> tuple[Counting, Driver]:
     """Every record through a pure and a native partition; every output and the final state equal."""
     counting = Counting(native)
-    pure = Driver(CallRecords(config, native=None))
-    fast = Driver(CallRecords(config, native=counting))
+    pure = Driver(CallRecords(config, native=None), limits=limits)
+    fast = Driver(CallRecords(config, native=counting), limits=limits)
     for driver in (pure, fast):
         for key, value in (seed or {}).items():
             driver.store.restore(key, value)  # as a restore from the changelog would
@@ -119,6 +120,16 @@ def test_calls_at_their_bounds_are_refused_the_same_way(native: ModuleType) -> N
     counting, pure = both(records, native, CallRecordsConfig(max_legs=2, max_events=3))
     assert counting.python > 0
     assert any("refused: the call" in v["reason"] for v in pure.values("keyyo.dead-letters.v1"))
+
+
+def test_writes_of_a_record_set_aside_are_undone_the_same_way(native: ModuleType) -> None:
+    """A record whose update or call outgrows the size bound is set aside after the fold staged
+    its writes: the step undoes them (the native fold's included) from the same undo log."""
+    records = traffic(10, 13)
+    counting, pure = both(records, native, limits=Limits(max_value_bytes=900))
+    assert counting.native > 1000
+    reasons = [v["reason"] for v in pure.values("keyyo.dead-letters.v1")]
+    assert sum("exceeds 900 bytes" in r for r in reasons) > 20
 
 
 def note(kind: str, dref: str | None, at_ms: int, **fields: Any) -> tuple[bytes, bytes, int]:

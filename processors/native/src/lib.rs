@@ -10,7 +10,7 @@
 
 use pyo3::prelude::*;
 use pyo3::intern;
-use pyo3::types::{PyBool, PyBytes, PyList, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -584,6 +584,70 @@ fn update(call: &Call, id: &str, tenant: &str, schema: &str, event_id: &str, eve
     out
 }
 
+/// The store as `Store.native_handles()` exposes it for one call: reads and staged writes exactly
+/// as `Store.get`, `Store.put` and `Store.wake` do them, without a Python call each.
+struct StoreView<'py> {
+    py: Python<'py>,
+    staged: Bound<'py, PyDict>,
+    data: Bound<'py, PyDict>,
+    missing: Bound<'py, PyAny>,
+    undo: Option<Bound<'py, PyList>>,
+    wake_prefix: String,
+}
+
+impl<'py> StoreView<'py> {
+    fn of(store: &Bound<'py, PyAny>) -> PyResult<StoreView<'py>> {
+        let py = store.py();
+        let handles = store.call_method0(intern!(py, "native_handles"))?;
+        let (staged, data, missing, undo, wake_prefix): (Bound<PyDict>, Bound<PyDict>, Bound<PyAny>,
+                                                         Option<Bound<PyList>>, String) = handles.extract()?;
+        Ok(StoreView { py, staged, data, missing, undo, wake_prefix })
+    }
+
+    /// `Store.get`.
+    fn get(&self, key: &str) -> PyResult<Option<Vec<u8>>> {
+        let key = PyString::new(self.py, key);
+        let value = match self.staged.get_item(&key)? {
+            Some(value) => value,
+            None => match self.data.get_item(&key)? {
+                Some(value) => value,
+                None => return Ok(None),
+            },
+        };
+        if value.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(value.downcast::<PyBytes>()?.as_bytes().to_vec()))
+    }
+
+    /// `Store._stage` (what `put` and `wake` do once their checks passed).
+    fn stage(&self, key: &str, value: &[u8]) -> PyResult<()> {
+        let key = PyString::new(self.py, key);
+        if let Some(undo) = &self.undo {
+            let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
+            undo.append((&key, previous))?;
+        }
+        self.staged.set_item(key, PyBytes::new(self.py, value))
+    }
+
+    /// `Store.put` of a processor's key (none of the fold's starts with a NUL).
+    fn put(&self, key: &str, value: &[u8]) -> PyResult<()> {
+        debug_assert!(!key.starts_with('\0'));
+        self.stage(key, value)
+    }
+
+    /// `Store.wake`.
+    fn wake(&self, key: &str, at_ms: i64) -> PyResult<()> {
+        let wake_key = format!("{}{key}", self.wake_prefix);
+        let mut value = Vec::with_capacity(16);
+        put_int(&mut value, at_ms);
+        if self.get(&wake_key)?.as_deref() != Some(value.as_slice()) {
+            self.stage(&wake_key, &value)?;
+        }
+        Ok(())
+    }
+}
+
 /// Settings and Python objects the fold needs, made once per `CallRecords`.
 #[pyclass(frozen)]
 struct Fold {
@@ -624,13 +688,8 @@ impl Fold {
         if let Some(c) = note.callref.as_ref().filter(|c| !c.is_empty()) {
             index_keys.push(format!("i/{t}/c/{c}"));
         }
-        let get = |key: &str| -> PyResult<Option<Vec<u8>>> {
-            let raw = store.call_method1(intern!(py, "get"), (key,))?;
-            if raw.is_none() {
-                return Ok(None);
-            }
-            Ok(Some(raw.downcast::<PyBytes>()?.as_bytes().to_vec()))  // the Store holds bytes
-        };
+        let view = StoreView::of(store)?;
+        let get = |key: &str| view.get(key);
         // Which call each index key leads to, and each call's state once read (in first-seen order).
         let mut pointed: Vec<Option<String>> = vec![None; index_keys.len()];
         let mut found: Vec<(String, Option<Vec<u8>>)> = Vec::new();
@@ -688,16 +747,14 @@ impl Fold {
         call.events.push(short);
         fold(&mut call, &note, event_ms);
         call.closed = Val::Bool(false);
-        let id_bytes = PyBytes::new(py, id.as_bytes());
         for (i, key) in index_keys.iter().enumerate() {
             if pointed[i].as_deref() != Some(id.as_str()) && !(i == 0 && own_id == id) {
-                store.call_method1(intern!(py, "put"), (key, &id_bytes))?;
+                view.put(key, id.as_bytes())?;
             }
         }
         let call_key = format!("c/{t}/{id}");
-        store.call_method1(intern!(py, "put"), (&call_key, PyBytes::new(py, &pack(&call))))?;
-        let at = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
-        store.call_method1(intern!(py, "wake"), (&call_key, at))?;
+        view.put(&call_key, &pack(&call))?;
+        view.wake(&call_key, wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms))?;
         let value = update(&call, &id, t, &self.update_schema, &note.event_id, event_ms);
         let output = self.output.bind(py).call1((
             &self.updates_topic,
