@@ -114,18 +114,23 @@ class CallRecords:
 
     def __init__(self, config: CallRecordsConfig | None = None, *, native: Any = _native) -> None:
         """``native``: the native fold's module (``processors._native`` when `make compile` built
-        it), or None for Python alone. It does the common case of :meth:`on_event` (a DREF, at most
-        one call, within its bounds), byte for byte as the Python below; Python does the rest."""
+        it), or None for Python alone. It decodes values laid out as the edge writes them and does
+        the common case of :meth:`on_event` (a DREF, at most one call, within its bounds), byte for
+        byte as the Python below; Python does the rest."""
         self.config = cfg = config or CallRecordsConfig()
         self._native = None if native is None else native.Fold(
             cfg.linger_ms, cfg.ring_timeout_ms, cfg.max_duration_ms, cfg.max_legs, cfg.max_events,
-            CALL_UPDATES.name, CALL_UPDATE_SCHEMA, Output)
+            CALL_UPDATES.name, CALL_UPDATE_SCHEMA, Output, Notification)
 
     # -- input --------------------------------------------------------------------------
 
-    @staticmethod
-    def decode(key: bytes | None, value: bytes | None) -> Notification:
+    def decode(self, key: bytes | None, value: bytes | None) -> Notification:
         """A notification from its record, checked against the contract; :class:`Invalid` if not."""
+        if self._native is not None and key is not None and value is not None:
+            # A value laid out as the edge writes it, keyed by its tenant: read natively.
+            n: Notification | None = self._native.decode(key, value)
+            if n is not None:
+                return n
         if value is None:
             raise Invalid("value: missing (a tombstone)")
         try:

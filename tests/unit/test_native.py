@@ -55,6 +55,9 @@ class Counting:
         fold, counter = self.module.Fold(*args), self
 
         class Wrapped:
+            def decode(self, key: bytes, value: bytes) -> Notification | None:
+                return fold.decode(key, value)  # type: ignore[no-any-return]
+
             def on_event(self, store: Any, n: Notification) -> list[Output] | None:
                 out = fold.on_event(store, n)
                 if out is None:
@@ -186,7 +189,8 @@ def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(nativ
                "callee": "33100000001", "setup_at": T0, "connect_at": None, "release_at": None,
                "first_at": T0}
     seed = {
-        key("old"): orjson.dumps({"legs": {"old": old_leg}, "events": ["aaaaaaaaaaaa"], "closed": False,
+        key("old"): orjson.dumps({"id": _call_id("acme", "old"), "tenant": "acme",
+                                  "legs": {"old": old_leg}, "events": ["aaaaaaaaaaaa"], "closed": False,
                                   "revision": 0, "closed_by": None, "closed_at": None,
                                   "last_event": T0}),
         # A float time, a short leg, a number where a string goes: not the compact form it writes.
@@ -209,3 +213,70 @@ def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(nativ
     reasons = [v["reason"] for v in pure.values("keyyo.dead-letters.v1")]
     assert any("JSONDecodeError" in r for r in reasons)
     assert any("IndexError" in r for r in reasons)
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+def _python_decode(key: bytes, value: bytes) -> Notification | str:
+    try:
+        return CallRecords(native=None).decode(key, value)
+    except Exception as exc:  # the reason a record is set aside
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _variants(rng: random.Random, value: bytes) -> list[bytes]:
+    """Clumsy and hostile neighbours of a canonical value: bytes replaced, dropped or added."""
+    alphabet = b'0123456789abcdefAZaz+-_. :"\\{},nultrTZ\x00\x1f\x7f\xc3\xa9'
+    out = []
+    for _ in range(40):
+        i = rng.randrange(len(value))
+        c = alphabet[rng.randrange(len(alphabet)):][:1]
+        out.append(rng.choice([value[:i] + c + value[i + 1:], value[:i] + value[i + 1:],
+                               value[:i] + c + value[i:]]))
+    return out
+
+
+def _with(value: bytes, **fields: Any) -> bytes:
+    """``value`` with fields replaced, keeping the edge's layout (orjson keeps the key order)."""
+    return orjson.dumps({**orjson.loads(value), **fields})
+
+
+def test_decoding_gives_python_s_notification_or_leaves_the_value_to_python(native: ModuleType) -> None:
+    fold = CallRecords(native=native)._native
+    rng = random.Random(5)
+    base = [(k, v) for k, v, _ in traffic(5, 14, minimal_every=4)]
+    cases = list(base)
+    for key, value in base[:300]:
+        cases.extend((key, v) for v in _variants(rng, value))
+    key, value = base[0]
+    edge_cases: list[dict[str, Any]] = [
+        {"caller": "anonymous"}, {"caller": ""}, {"callee": "+" + "1" * 63}, {"callee": "1" * 65},
+        {"callee": "anonymou"}, {"account": "+"}, {"account": "1" * 64}, {"account": ""},
+        {"callref": "x" * 64}, {"callref": "x" * 65}, {"dref": "d" * 32}, {"dref": "d" * 33},
+        {"dref": ""}, {"dref": 'a"b\\c'}, {"session_id": "s" * 40}, {"session_id": "s" * 41},
+        {"redirecting_number": "+33"}, {"redirecting_number": "33a"}, {"version": 0}, {"version": 9999},
+        {"version": 10000}, {"version": -1}, {"is_acd": True}, {"is_acd": 1}, {"type": "SETUPS"},
+        {"tenant": "-acme"}, {"tenant": "a" * 64}, {"tenant": "a" * 65}, {"source_ip": " " * 64},
+        {"source_ip": ""}, {"source_ip": "é"}, {"event_id": "A" * 32},
+        {"event_time": "2024-02-29T23:59:59.999Z"}, {"event_time": "2023-02-29T10:00:00.000Z"},
+        {"event_time": "2100-02-29T10:00:00.000Z"}, {"event_time": "2000-02-29T10:00:00.000Z"},
+        {"event_time": "1969-12-31T23:59:59.999Z"}, {"event_time": "2199-12-31T23:59:59.999Z"},
+        {"event_time": "2200-01-01T00:00:00.000Z"}, {"event_time": "2026-04-31T00:00:00.000Z"},
+        {"event_time": "2026-01-01T24:00:00.000Z"}, {"event_time": "2026-01-01T23:59:60.000Z"},
+        {"event_time": "2026-00-10T10:00:00.000Z"}, {"event_time": "2026-01-01T10:00:00.000+00:00"},
+        {"received_at": "2026-13-45T99:99:99.999Z"}, {"schema": "keyyo.notification.v2"},
+    ]
+    cases.extend((key, _with(value, **fields)) for fields in edge_cases)
+    cases += [(b"other", value), (key, value + b" "), (key, b" " + value), (key, b"")]
+    natively = 0
+    for key, value in cases:
+        expected = _python_decode(key, value)
+        got = fold.decode(key, value)
+        if got is None:
+            continue  # Python decodes it (the case above)
+        natively += 1
+        assert isinstance(expected, Notification), (value, expected)
+        assert got == expected and [type(getattr(got, f)) for f in Notification.__dataclass_fields__] == [
+            type(getattr(expected, f)) for f in Notification.__dataclass_fields__], value
+    assert natively > len(base)  # every canonical value, and some of the neighbours, natively
+    assert natively < len(cases) - 5000  # the broken ones left to Python

@@ -10,7 +10,7 @@
 
 use pyo3::prelude::*;
 use pyo3::intern;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -648,6 +648,163 @@ impl<'py> StoreView<'py> {
     }
 }
 
+// -- decoding ---------------------------------------------------------------------------------
+
+/// Reads a notification laid out as the edge writes it, field by field, accepting exactly what
+/// `schemas.notification._canonical_layout()` accepts (or less: anything else goes to Python).
+struct Scanner<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+fn is_ident(c: u8) -> bool {
+    (0x21..=0x7e).contains(&c) && c != b'"' && c != b'\\'
+}
+
+impl<'a> Scanner<'a> {
+    fn lit(&mut self, text: &[u8]) -> Option<()> {
+        if self.b.get(self.at..self.at + text.len())? == text {
+            self.at += text.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// A quoted string of bytes accepted by `ok`, `min..=max` of them; its text.
+    fn quoted(&mut self, min: usize, max: usize, ok: impl Fn(u8) -> bool) -> Option<&'a str> {
+        self.lit(b"\"")?;
+        let start = self.at;
+        while self.at < self.b.len() && self.b[self.at] != b'"' {
+            if !ok(self.b[self.at]) {
+                return None;
+            }
+            self.at += 1;
+        }
+        let len = self.at - start;
+        self.lit(b"\"")?;
+        if len < min || len > max {
+            return None;
+        }
+        std::str::from_utf8(&self.b[start..start + len]).ok()
+    }
+
+    fn nullable(&mut self, max: usize, ok: impl Fn(u8) -> bool) -> Option<Option<&'a str>> {
+        if self.lit(b"null").is_some() {
+            return Some(None);
+        }
+        self.quoted(1, max, ok).map(Some)
+    }
+}
+
+/// `\+?[0-9]+` (its length bounded by the caller).
+fn is_number(s: &str) -> bool {
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// The contract's `_TIMESTAMP` (years 1970-2199), and for the event time a real date and time.
+fn is_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    let years = (b[0] == b'1' && b[1] == b'9' && (b'7'..=b'9').contains(&b[2]))
+        || (b[0] == b'2' && (b[1] == b'0' || b[1] == b'1') && b[2].is_ascii_digit());
+    years && b[3].is_ascii_digit() && parse_time(s).is_some()
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// A real date and time (what `datetime.fromisoformat` accepts) in the contract's layout.
+fn valid_time(s: &str) -> bool {
+    let b = s.as_bytes();
+    let num = |from: usize, to: usize| b[from..to].iter().fold(0i64, |acc, &c| acc * 10 + i64::from(c - b'0'));
+    is_timestamp(s) && num(8, 10) <= days_in_month(num(0, 4), num(5, 7))
+}
+
+/// The fields of a canonical notification, in the dataclass's order; None for any other value.
+fn scan(raw: &[u8]) -> Option<(Vec<Option<&str>>, bool, i64)> {
+    let mut sc = Scanner { b: raw, at: 0 };
+    let number64 = |c: u8| c == b'+' || c.is_ascii_digit();
+    let hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
+    let mut f: Vec<Option<&str>> = Vec::with_capacity(16);
+    sc.lit(b"{\"event_id\":")?;
+    f.push(Some(sc.quoted(32, 32, hex)?));
+    sc.lit(b",\"tenant\":")?;
+    let tenant = sc.quoted(1, 64, |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')?;
+    if !tenant.as_bytes()[0].is_ascii_alphanumeric() {
+        return None;
+    }
+    f.push(Some(tenant));
+    sc.lit(b",\"type\":")?;
+    let kind = sc.quoted(5, 7, |c| c.is_ascii_uppercase())?;
+    if !matches!(kind, "SETUP" | "CONNECT" | "RELEASE") {
+        return None;
+    }
+    f.push(Some(kind));
+    sc.lit(b",\"account\":")?;
+    let account = sc.quoted(1, 64, number64)?;
+    if !is_number(account) {
+        return None;
+    }
+    f.push(Some(account));
+    for name in [&b",\"caller\":"[..], b",\"callee\":"] {
+        sc.lit(name)?;
+        let party = sc.quoted(0, 64, |c| number64(c) || c.is_ascii_lowercase())?;
+        if !(party.is_empty() || party == "anonymous" || is_number(party)) {
+            return None;
+        }
+        f.push(Some(party));
+    }
+    for (name, max) in [(&b",\"callref\":"[..], 64), (b",\"dref\":", 32), (b",\"dref_replace\":", 32),
+                        (b",\"session_id\":", 40)] {
+        sc.lit(name)?;
+        f.push(sc.nullable(max, is_ident)?);
+    }
+    sc.lit(b",\"is_acd\":")?;
+    let is_acd = if sc.lit(b"true").is_some() {
+        true
+    } else {
+        sc.lit(b"false")?;
+        false
+    };
+    sc.lit(b",\"redirecting_number\":")?;
+    let redirecting = sc.nullable(64, number64)?;
+    if redirecting.is_some_and(|r| !is_number(r)) {
+        return None;
+    }
+    f.push(redirecting);
+    sc.lit(b",\"version\":")?;
+    let start = sc.at;
+    while sc.at < raw.len() && raw[sc.at].is_ascii_digit() && sc.at - start < 5 {
+        sc.at += 1;
+    }
+    let digits = &raw[start..sc.at];
+    if digits.is_empty() || digits.len() > 4 || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let version = digits.iter().fold(0i64, |acc, &c| acc * 10 + i64::from(c - b'0'));
+    sc.lit(b",\"event_time\":")?;
+    let event_time = sc.quoted(24, 24, |c| c.is_ascii_alphanumeric() || b"-:.".contains(&c))?;
+    sc.lit(b",\"received_at\":")?;
+    let received_at = sc.quoted(24, 24, |c| c.is_ascii_alphanumeric() || b"-:.".contains(&c))?;
+    // The event time is parsed as a real time (Python's check); the reception time matches its pattern.
+    if !valid_time(event_time) || !is_timestamp(received_at) {
+        return None;
+    }
+    f.push(Some(event_time));
+    f.push(Some(received_at));
+    sc.lit(b",\"source_ip\":")?;
+    f.push(Some(sc.quoted(1, 64, |c| (0x20..=0x7e).contains(&c) && c != b'"' && c != b'\\')?));
+    sc.lit(b",\"schema\":\"keyyo.notification.v1\"}")?;
+    (sc.at == raw.len()).then_some((f, is_acd, version))
+}
+
 /// Settings and Python objects the fold needs, made once per `CallRecords`.
 #[pyclass(frozen)]
 struct Fold {
@@ -659,6 +816,7 @@ struct Fold {
     updates_topic: String,
     update_schema: String,
     output: Py<PyAny>,
+    notification: Py<PyAny>,
 }
 
 #[pymethods]
@@ -666,9 +824,31 @@ impl Fold {
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(linger_ms: i64, ring_timeout_ms: i64, max_duration_ms: i64, max_legs: usize, max_events: usize,
-           updates_topic: String, update_schema: String, output: Py<PyAny>) -> Fold {
+           updates_topic: String, update_schema: String, output: Py<PyAny>, notification: Py<PyAny>) -> Fold {
         Fold { linger_ms, ring_timeout_ms, max_duration_ms, max_legs, max_events, updates_topic,
-               update_schema, output }
+               update_schema, output, notification }
+    }
+
+    /// `CallRecords.decode(key, value)` of a value laid out as the edge writes it and keyed by its
+    /// tenant: the `Notification` Python would make of it; None for anything else.
+    fn decode<'py>(&self, py: Python<'py>, key: &[u8], value: &[u8]) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Some((f, is_acd, version)) = scan(value) else { return Ok(None) };
+        if f[1].map(str::as_bytes) != Some(key) {
+            return Ok(None);
+        }
+        let text = |s: Option<&str>| -> Bound<'py, PyAny> {
+            match s {
+                Some(s) => PyString::new(py, s).into_any(),
+                None => py.None().into_bound(py),
+            }
+        };
+        let mut args: Vec<Bound<'py, PyAny>> = f[..10].iter().map(|&s| text(s)).collect();
+        args.push(PyBool::new(py, is_acd).to_owned().into_any());
+        args.push(text(f[10]));
+        args.push(version.into_pyobject(py)?.into_any());
+        args.extend(f[11..].iter().map(|&s| text(s)));
+        let args = PyTuple::new(py, args)?;
+        self.notification.bind(py).call1(args).map(Some)
     }
 
     /// `CallRecords.on_event(store, n, now_ms)` for the common case; None for the others.
