@@ -1,8 +1,9 @@
 """Pure Python against the compiled build (`make compile`): same inputs, same run, alternating.
 
-Two copies of this tree are made in a temporary folder; one is compiled by mypyc
-(``deploy.compiled``, the modules of ``make compile``), the other stays pure. Each measurement
-runs in a child process per copy, pure then compiled, ``--rounds`` times:
+Two copies of this tree are made in a temporary folder; one is compiled (``deploy.compiled``: the
+modules of ``make compile`` by mypyc and, with cargo, the native fold of call records), the other
+stays pure. Each measurement runs in a child process per copy, pure then compiled, ``--rounds``
+times:
 
 1. Per record, without Kafka, on contract-shaped simulated traffic: the edge's parsing and
    checking of a notification (``parse_notification``), the call-records logic alone (decode,
