@@ -114,13 +114,14 @@ class CallRecords:
 
     def __init__(self, config: CallRecordsConfig | None = None, *, native: Any = _native) -> None:
         """``native``: the native fold's module (``processors._native`` when `make compile` built
-        it), or None for Python alone. It decodes values laid out as the edge writes them and does
-        the common case of :meth:`on_event` (a DREF, at most one call, within its bounds), byte for
-        byte as the Python below; Python does the rest."""
+        it), or None for Python alone. It decodes values laid out as the edge writes them, does the
+        common case of :meth:`on_event` (a DREF, at most one call, within its bounds) and the
+        timers of calls, byte for byte as the Python below; Python does the rest."""
         self.config = cfg = config or CallRecordsConfig()
         self._native = None if native is None else native.Fold(
-            cfg.linger_ms, cfg.ring_timeout_ms, cfg.max_duration_ms, cfg.max_legs, cfg.max_events,
-            CALL_UPDATES.name, CALL_UPDATE_SCHEMA, Output, Notification)
+            cfg.linger_ms, cfg.ring_timeout_ms, cfg.max_duration_ms, cfg.retention_ms, cfg.max_legs,
+            cfg.max_events, CALL_UPDATES.name, CALL_UPDATE_SCHEMA, CALL_RECORDS.name, CALL_RECORD_SCHEMA,
+            Output, Notification)
 
     # -- input --------------------------------------------------------------------------
 
@@ -330,6 +331,10 @@ class CallRecords:
     def on_timer(self, store: Store, key: str, now_ms: int) -> list[Output]:
         """Close a call whose time has come, or forget a closed one after its retention (or forget
         the pairing of legs without a DREF of a quiet line)."""
+        if self._native is not None:
+            done: list[Output] | None = self._native.on_timer(store, key, now_ms)
+            if done is not None:
+                return done
         raw = store.get(key)
         if raw is None:
             return []

@@ -50,6 +50,8 @@ class Counting:
         self.module = module
         self.native = 0
         self.python = 0
+        self.native_timers = 0
+        self.python_timers = 0
 
     def Fold(self, *args: Any) -> Any:
         fold, counter = self.module.Fold(*args), self
@@ -64,6 +66,14 @@ class Counting:
                     counter.python += 1
                 else:
                     counter.native += 1
+                return out  # type: ignore[no-any-return]
+
+            def on_timer(self, store: Any, key: str, now_ms: int) -> list[Output] | None:
+                out = fold.on_timer(store, key, now_ms)
+                if out is None:
+                    counter.python_timers += 1
+                else:
+                    counter.native_timers += 1
                 return out  # type: ignore[no-any-return]
         return Wrapped()
 
@@ -115,6 +125,9 @@ def test_simulated_traffic_with_mishaps_gives_the_same_bytes(native: ModuleType)
     # The fold did the common case; Python did the rest (no DREF, merges), and both were seen.
     assert counting.native > 0.8 * len(records)
     assert counting.python > 0.05 * len(records)
+    # Timers: the calls' closing and forgetting natively, the pairings of legs without a DREF not.
+    assert counting.native_timers > 0.8 * (counting.native_timers + counting.python_timers)
+    assert counting.python_timers > 0
     assert len(pure.values("keyyo.call-records.v1")) > 1000
 
 
@@ -203,6 +216,14 @@ def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(nativ
              0, 0]]]),
         key("broken"): b"[1, 0, fal",
         "\x00rt/wake/acme\x1f" + key("old"): str(T0 + 300_000).encode(),
+        # A closed call due to be forgotten, one of whose index entries now leads to another call:
+        # that entry stays, the one leading to it goes.
+        key("gone"): orjson.dumps([1, 1, True, "release", T0 - 600_000, T0 - 600_000, ["cccccccccccc"], [
+            ["gone", "C-mine", "33100000001", "1", "2", T0 - 700_000, None, T0 - 600_000, None, "S-other",
+             False, None, T0 - 700_000, False, False]]]),
+        "i/acme/c/C-mine": _call_id("acme", "gone").encode(),
+        "i/acme/s/S-other": _call_id("acme", "elsewhere").encode(),
+        "\x00rt/wake/acme\x1f" + key("gone"): str(T0).encode(),
     }
     records = [note(kind, dref, T0 + 1000 * i)
                for i, dref in enumerate(["old", "float", "short", "odd", "broken"])
@@ -213,6 +234,9 @@ def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(nativ
     reasons = [v["reason"] for v in pure.values("keyyo.dead-letters.v1")]
     assert any("JSONDecodeError" in r for r in reasons)
     assert any("IndexError" in r for r in reasons)
+    assert counting.native_timers >= 1
+    state = pure.store.committed()
+    assert key("gone") not in state and "i/acme/c/C-mine" not in state and "i/acme/s/S-other" in state
 
 
 # -- decoding ----------------------------------------------------------------------------------

@@ -630,6 +630,16 @@ impl<'py> StoreView<'py> {
         self.staged.set_item(key, PyBytes::new(self.py, value))
     }
 
+    /// `Store.delete` of a processor's key (a tombstone).
+    fn delete(&self, key: &str) -> PyResult<()> {
+        let key = PyString::new(self.py, key);
+        if let Some(undo) = &self.undo {
+            let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
+            undo.append((&key, previous))?;
+        }
+        self.staged.set_item(key, self.py.None())
+    }
+
     /// `Store.put` of a processor's key (none of the fold's starts with a NUL).
     fn put(&self, key: &str, value: &[u8]) -> PyResult<()> {
         debug_assert!(!key.starts_with('\0'));
@@ -646,6 +656,166 @@ impl<'py> StoreView<'py> {
         }
         Ok(())
     }
+}
+
+// -- closing --------------------------------------------------------------------------------
+
+/// `_secs`: seconds between two times, as orjson writes Python's `round(ms / 1000, 3)`; None
+/// when the value is too large to be sure of the same digits (Python then renders the record).
+fn put_secs(out: &mut Vec<u8>, start: Option<i64>, end: Option<i64>) -> Option<()> {
+    let ms = match (start, end) {
+        (Some(s), Some(e)) => e.checked_sub(s)?.max(0),
+        _ => 0,
+    };
+    if ms >= 1_000_000_000_000 {
+        return None;
+    }
+    put_int(out, ms / 1000);
+    out.push(b'.');
+    let frac = ms % 1000;
+    if frac == 0 {
+        out.push(b'0');
+    } else {
+        let mut digits = Vec::with_capacity(3);
+        put_digits(&mut digits, frac, 3);
+        while digits.last() == Some(&b'0') {
+            digits.pop();
+        }
+        out.extend_from_slice(&digits);
+    }
+    Some(())
+}
+
+fn is_str(v: &Val) -> bool {
+    matches!(v, Val::Str(_))
+}
+
+/// `CallRecords.record` of a closed call, written; None for values it does not expect.
+fn record(call: &Call, id: &str, tenant: &str, schema: &str, closed_by: &str) -> Option<Vec<u8>> {
+    let mut legs: Vec<&Leg> = call.legs.iter().collect();
+    if legs.is_empty() || !legs.iter().all(|l| is_str(&l.slots[ACCOUNT])) {
+        return None;
+    }
+    legs.sort_by(|a, b| {
+        let ka = a.at(SETUP_AT).unwrap_or_else(|| a.first_at());
+        let kb = b.at(SETUP_AT).unwrap_or_else(|| b.first_at());
+        ka.cmp(&kb).then_with(|| a.dref().cmp(b.dref()))
+    });
+    let first = legs[0];
+    let (caller, callee, account) = (&first.slots[CALLER], &first.slots[CALLEE], &first.slots[ACCOUNT]);
+    if !is_str(caller) || !is_str(callee) {
+        return None;
+    }
+    let started = legs.iter().filter_map(|l| l.at(SETUP_AT)).min()
+        .unwrap_or_else(|| legs.iter().map(|l| l.first_at()).min().unwrap_or(0));
+    let mut connected: Vec<&Leg> = legs.iter().copied().filter(|l| l.at(CONNECT_AT).is_some()).collect();
+    connected.sort_by(|a, b| a.at(CONNECT_AT).cmp(&b.at(CONNECT_AT)).then_with(|| a.dref().cmp(b.dref())));
+    let answered = connected.first().and_then(|l| l.at(CONNECT_AT));
+    let last_release = legs.iter().filter_map(|l| l.at(RELEASE_AT)).max();
+    let last_event = match call.last_event {
+        Val::Int(t) => Some(t),
+        _ => None,
+    };
+    let ended = if closed_by == "release" || last_release.is_none() {
+        last_release.or(last_event)
+    } else {
+        last_event
+    };
+    let is_acd = legs.iter().any(|l| l.slots[IS_ACD].truthy());
+    let in_accounts = |v: &Val| legs.iter().any(|l| &l.slots[ACCOUNT] == v);
+    let direction = if in_accounts(caller) && in_accounts(callee) {
+        "internal"
+    } else if caller == account && callee != account {
+        "outbound"
+    } else {
+        "inbound"
+    };
+    let voicemail = connected.first().is_some_and(|l| l.slots[VOICEMAIL].truthy());
+    let outcome = if !connected.is_empty() {
+        if voicemail { "voicemail" } else { "answered" }
+    } else if is_acd {
+        "abandoned"
+    } else if direction == "outbound" {
+        "no_answer"
+    } else {
+        "missed"
+    };
+    let first_truthy = |slot: usize| legs.iter().map(|l| &l.slots[slot]).find(|v| v.truthy()).cloned();
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(b"{\"schema\":");
+    put_str(&mut out, schema);
+    out.extend_from_slice(b",\"record_id\":");
+    put_str(&mut out, id);
+    out.extend_from_slice(b",\"tenant\":");
+    put_str(&mut out, tenant);
+    out.extend_from_slice(b",\"revision\":");
+    put_val(&mut out, &call.revision);
+    out.extend_from_slice(b",\"direction\":");
+    put_str(&mut out, direction);
+    out.extend_from_slice(b",\"outcome\":");
+    put_str(&mut out, outcome);
+    out.extend_from_slice(b",\"caller\":");
+    put_val(&mut out, caller);
+    out.extend_from_slice(b",\"callee\":");
+    put_val(&mut out, callee);
+    out.extend_from_slice(b",\"answered_by\":");
+    match connected.first() {
+        Some(l) if !voicemail => put_val(&mut out, &l.slots[ACCOUNT]),
+        _ => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"started_at\":");
+    put_time(&mut out, started);
+    out.extend_from_slice(b",\"answered_at\":");
+    put_opt_time(&mut out, answered);
+    out.extend_from_slice(b",\"ended_at\":");
+    put_opt_time(&mut out, ended);
+    out.extend_from_slice(b",\"wait_seconds\":");
+    put_secs(&mut out, Some(started), answered.or(ended))?;
+    out.extend_from_slice(b",\"talk_seconds\":");
+    match answered {
+        Some(_) => put_secs(&mut out, answered, ended)?,
+        None => out.extend_from_slice(b"0.0"),
+    }
+    out.extend_from_slice(b",\"duration_seconds\":");
+    put_secs(&mut out, Some(started), ended)?;
+    out.extend_from_slice(if is_acd { b",\"is_acd\":true" } else { b",\"is_acd\":false" });
+    out.extend_from_slice(b",\"session_id\":");
+    put_val(&mut out, &first_truthy(SESSION_ID).unwrap_or(Val::Null));
+    out.extend_from_slice(if first_truthy(REPLACES).is_some() { b",\"transferred\":true" }
+                          else { b",\"transferred\":false" });
+    out.extend_from_slice(b",\"redirecting_number\":");
+    put_val(&mut out, &first_truthy(REDIRECTING).unwrap_or(Val::Null));
+    out.extend_from_slice(b",\"legs\":[");
+    for (i, leg) in legs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        put_leg(&mut out, leg);
+    }
+    out.extend_from_slice(b"],\"closed_by\":");
+    put_str(&mut out, closed_by);
+    out.extend_from_slice(if legs.iter().any(|l| l.slots[APPROX].truthy()) {
+        b",\"correlation\":\"approximate\"}"
+    } else {
+        b",\"correlation\":\"exact\"}"
+    });
+    Some(out)
+}
+
+/// `CallRecords._index_keys`; None when an identifier is not a string (Python formats those).
+fn index_keys(call: &Call, tenant: &str) -> Option<Vec<String>> {
+    let mut keys = Vec::with_capacity(call.legs.len() * 2);
+    for leg in &call.legs {
+        keys.push(format!("i/{tenant}/d/{}", leg.dref()));
+        for (slot, kind) in [(REPLACES, "d"), (SESSION_ID, "s"), (CALLREF, "c")] {
+            match &leg.slots[slot] {
+                Val::Str(s) if !s.is_empty() => keys.push(format!("i/{tenant}/{kind}/{s}")),
+                v if v.truthy() => return None,
+                _ => {}
+            }
+        }
+    }
+    Some(keys)
 }
 
 // -- decoding ---------------------------------------------------------------------------------
@@ -813,8 +983,11 @@ struct Fold {
     max_duration_ms: i64,
     max_legs: usize,
     max_events: usize,
+    retention_ms: i64,
     updates_topic: String,
     update_schema: String,
+    records_topic: String,
+    record_schema: String,
     output: Py<PyAny>,
     notification: Py<PyAny>,
 }
@@ -823,10 +996,60 @@ struct Fold {
 impl Fold {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    fn new(linger_ms: i64, ring_timeout_ms: i64, max_duration_ms: i64, max_legs: usize, max_events: usize,
-           updates_topic: String, update_schema: String, output: Py<PyAny>, notification: Py<PyAny>) -> Fold {
-        Fold { linger_ms, ring_timeout_ms, max_duration_ms, max_legs, max_events, updates_topic,
-               update_schema, output, notification }
+    fn new(linger_ms: i64, ring_timeout_ms: i64, max_duration_ms: i64, retention_ms: i64, max_legs: usize,
+           max_events: usize, updates_topic: String, update_schema: String, records_topic: String,
+           record_schema: String, output: Py<PyAny>, notification: Py<PyAny>) -> Fold {
+        Fold { linger_ms, ring_timeout_ms, max_duration_ms, retention_ms, max_legs, max_events, updates_topic,
+               update_schema, records_topic, record_schema, output, notification }
+    }
+
+    /// `CallRecords.on_timer(store, key, now_ms)` for a call's timer; None for the others, and
+    /// for a call whose values it does not expect.
+    fn on_timer<'py>(&self, py: Python<'py>, store: &Bound<'py, PyAny>, key: &str, now_ms: i64)
+                     -> PyResult<Option<Bound<'py, PyList>>> {
+        let Some(rest) = key.strip_prefix("c/") else { return Ok(None) };
+        let Some((tenant, id)) = rest.split_once('/') else { return Ok(None) };
+        let view = StoreView::of(store)?;
+        let Some(raw) = view.get(key)? else { return Ok(Some(PyList::empty(py))) };
+        let Some(mut call) = unpack(&raw) else { return Ok(None) };
+        if call.closed.truthy() {
+            let Val::Int(closed_at) = call.closed_at else { return Ok(None) };
+            if now_ms >= closed_at + self.retention_ms {
+                let Some(keys) = index_keys(&call, tenant) else { return Ok(None) };
+                for index in keys {
+                    if view.get(&index)?.as_deref() == Some(id.as_bytes()) {
+                        view.delete(&index)?;
+                    }
+                }
+                view.delete(key)?;
+            } else {
+                view.wake(key, closed_at + self.retention_ms)?;
+            }
+            return Ok(Some(PyList::empty(py)));
+        }
+        let Val::Int(revision) = call.revision else { return Ok(None) };
+        let wake = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
+        if call.legs.is_empty() {
+            return Ok(None);
+        }
+        if now_ms < wake {
+            view.wake(key, wake)?;
+            return Ok(Some(PyList::empty(py)));
+        }
+        let closing = if call.legs.iter().any(|l| l.at(RELEASE_AT).is_none()) { "timeout" } else { "release" };
+        call.closed = Val::Bool(true);
+        call.closed_by = Val::Str(closing.to_owned());
+        call.closed_at = Val::Int(now_ms);
+        call.revision = Val::Int(revision + 1);
+        let Some(value) = record(&call, id, tenant, &self.record_schema, closing) else { return Ok(None) };
+        view.put(key, &pack(&call))?;
+        view.wake(key, now_ms + self.retention_ms)?;
+        let output = self.output.bind(py).call1((
+            &self.records_topic,
+            PyBytes::new(py, tenant.as_bytes()),
+            PyBytes::new(py, &value),
+        ))?;
+        Ok(Some(PyList::new(py, [output])?))
     }
 
     /// `CallRecords.decode(key, value)` of a value laid out as the edge writes it and keyed by its
