@@ -238,6 +238,18 @@ fn put_val(out: &mut Vec<u8>, v: &Val) {
     }
 }
 
+/// A JSON array of `items`, each written by `put`.
+fn put_list<T>(out: &mut Vec<u8>, items: impl IntoIterator<Item = T>, mut put: impl FnMut(&mut Vec<u8>, T)) {
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        put(out, item);
+    }
+    out.push(b']');
+}
+
 /// `pack_call`.
 fn pack(call: &Call) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
@@ -246,28 +258,10 @@ fn pack(call: &Call) -> Vec<u8> {
         put_val(&mut out, v);
         out.push(b',');
     }
-    out.push(b'[');
-    for (i, e) in call.events.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        put_str(&mut out, e);
-    }
-    out.extend_from_slice(b"],[");
-    for (i, leg) in call.legs.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.push(b'[');
-        for (j, v) in leg.slots.iter().enumerate() {
-            if j > 0 {
-                out.push(b',');
-            }
-            put_val(&mut out, v);
-        }
-        out.push(b']');
-    }
-    out.extend_from_slice(b"]]");
+    put_list(&mut out, &call.events, |out, e| put_str(out, e));
+    out.push(b',');
+    put_list(&mut out, &call.legs, |out, leg| put_list(out, &leg.slots, put_val));
+    out.push(b']');
     out
 }
 
@@ -519,16 +513,18 @@ fn put_leg(out: &mut Vec<u8>, leg: &Leg) {
     out.push(b'}');
 }
 
-/// `_update`'s value.
-fn update(call: &Call, id: &str, tenant: &str, schema: &str, event_id: &str, event_ms: i64) -> Vec<u8> {
+/// `_ordered_legs`: by SETUP time (or first event), then DREF.
+fn ordered_legs(call: &Call) -> Vec<&Leg> {
     let mut legs: Vec<&Leg> = call.legs.iter().collect();
     if legs.len() > 1 {
-        legs.sort_by(|a, b| {
-            let ka = a.at(SETUP_AT).unwrap_or_else(|| a.first_at());
-            let kb = b.at(SETUP_AT).unwrap_or_else(|| b.first_at());
-            ka.cmp(&kb).then_with(|| a.dref().cmp(b.dref()))
-        });
+        legs.sort_by_key(|l| (l.at(SETUP_AT).unwrap_or_else(|| l.first_at()), l.dref()));
     }
+    legs
+}
+
+/// `_update`'s value.
+fn update(call: &Call, id: &str, tenant: &str, schema: &str, event_id: &str, event_ms: i64) -> Vec<u8> {
+    let legs = ordered_legs(call);
     let first = legs[0];
     let (state, is_acd, session_id);
     if legs.len() == 1 {
@@ -573,14 +569,9 @@ fn update(call: &Call, id: &str, tenant: &str, schema: &str, event_id: &str, eve
     put_time(&mut out, event_ms);
     out.extend_from_slice(b",\"event_id\":");
     put_str(&mut out, event_id);
-    out.extend_from_slice(b",\"legs\":[");
-    for (i, leg) in legs.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        put_leg(&mut out, leg);
-    }
-    out.extend_from_slice(b"]}");
+    out.extend_from_slice(b",\"legs\":");
+    put_list(&mut out, legs, put_leg);
+    out.push(b'}');
     out
 }
 
@@ -692,15 +683,10 @@ fn is_str(v: &Val) -> bool {
 
 /// `CallRecords.record` of a closed call, written; None for values it does not expect.
 fn record(call: &Call, id: &str, tenant: &str, schema: &str, closed_by: &str) -> Option<Vec<u8>> {
-    let mut legs: Vec<&Leg> = call.legs.iter().collect();
+    let legs = ordered_legs(call);
     if legs.is_empty() || !legs.iter().all(|l| is_str(&l.slots[ACCOUNT])) {
         return None;
     }
-    legs.sort_by(|a, b| {
-        let ka = a.at(SETUP_AT).unwrap_or_else(|| a.first_at());
-        let kb = b.at(SETUP_AT).unwrap_or_else(|| b.first_at());
-        ka.cmp(&kb).then_with(|| a.dref().cmp(b.dref()))
-    });
     let first = legs[0];
     let (caller, callee, account) = (&first.slots[CALLER], &first.slots[CALLEE], &first.slots[ACCOUNT]);
     if !is_str(caller) || !is_str(callee) {
@@ -785,14 +771,9 @@ fn record(call: &Call, id: &str, tenant: &str, schema: &str, closed_by: &str) ->
                           else { b",\"transferred\":false" });
     out.extend_from_slice(b",\"redirecting_number\":");
     put_val(&mut out, &first_truthy(REDIRECTING).unwrap_or(Val::Null));
-    out.extend_from_slice(b",\"legs\":[");
-    for (i, leg) in legs.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        put_leg(&mut out, leg);
-    }
-    out.extend_from_slice(b"],\"closed_by\":");
+    out.extend_from_slice(b",\"legs\":");
+    put_list(&mut out, legs.iter().copied(), put_leg);
+    out.extend_from_slice(b",\"closed_by\":");
     put_str(&mut out, closed_by);
     out.extend_from_slice(if legs.iter().any(|l| l.slots[APPROX].truthy()) {
         b",\"correlation\":\"approximate\"}"
