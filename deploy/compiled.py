@@ -168,8 +168,16 @@ def missing_tools() -> str | None:
 
 def native_missing() -> str | None:
     """Why the native fold cannot be built here (one line), or None."""
-    if shutil.which("cargo") is None:
+    cargo = shutil.which("cargo")
+    if cargo is None:
         return "cargo not found: the native fold is skipped (install Rust: https://rustup.rs)"
+    try:  # a rustup proxy without a toolchain is there but does not run
+        done = subprocess.run([cargo, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cargo does not run ({exc}): the native fold is skipped"
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[0]
+        return f"cargo does not run ({reason}): the native fold is skipped"
     return None
 
 
