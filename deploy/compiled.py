@@ -48,6 +48,9 @@ NATIVE = "processors/native"
 ``processors/_native`` (:data:`NATIVE_MODULE`). Optional: without cargo, the build skips it."""
 NATIVE_MODULE = "processors/_native"
 
+SOURCES = (*MODULES, NATIVE)
+"""Everything the build may compile, as the manifest and :func:`status` name it."""
+
 GROUP = "processors._compiled"
 """mypyc's shared library of the group, inside a package so that the editable install finds it."""
 
@@ -97,7 +100,7 @@ def status(root: Path = ROOT) -> list[ModuleState]:
         manifest = {}
     built = manifest.get("sources", {}) if isinstance(manifest, dict) else {}
     states = []
-    for source in (*MODULES, NATIVE):
+    for source in SOURCES:
         if not _extensions(root, source):
             states.append(ModuleState(source, "pure"))
         elif built.get(source) == _digest(root / source):
@@ -131,7 +134,7 @@ def copy_tree(dest: Path, root: Path = ROOT) -> Path:
 def clean(root: Path = ROOT) -> int:
     """Remove the extensions, the group's shared library, the manifest and the build files."""
     removed = 0
-    for source in (*MODULES, NATIVE):
+    for source in SOURCES:
         for path in _extensions(root, source):
             path.unlink()
             removed += 1
@@ -205,14 +208,14 @@ def build_native(root: Path = ROOT, python: str = sys.executable, dest: Path | N
     return target
 
 
-def build(root: Path = ROOT, python: str = sys.executable, native: bool = True) -> float:
-    """Compile :data:`MODULES` of the tree at ``root`` in place, and the native fold when
-    ``native`` and cargo is there (:func:`native_missing`); seconds taken."""
+def build(root: Path = ROOT, python: str = sys.executable) -> float:
+    """Compile :data:`MODULES` of the tree at ``root`` in place, and the native fold when cargo
+    is there (:func:`native_missing`); seconds taken."""
     missing = missing_tools()
     if missing is not None:
         raise CompiledError(missing)
     clean(root)
-    sources = (*MODULES, NATIVE) if native and native_missing() is None else MODULES
+    sources = SOURCES if native_missing() is None else MODULES
     digests = {source: _digest(root / source) for source in sources}
     started = time.monotonic()
     done = subprocess.run(

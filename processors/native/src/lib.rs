@@ -1,8 +1,9 @@
-//! The common case of `CallRecords.on_event` (processors/call_records.py) in Rust: a notification
-//! with a DREF whose index entries lead to at most one call. It reads and stages state through the
-//! Python `Store` and returns the same outputs, byte for byte, as the Python code; for anything
-//! else (no DREF, calls to merge, a call at its bounds, a state value it does not know) it returns
-//! `None` before touching the store, and the Python code does the work.
+//! The common cases of `CallRecords` (processors/call_records.py) in Rust: decoding a notification
+//! laid out as the edge writes it, folding a notification with a DREF whose index entries lead to
+//! at most one call, and the timers of calls. It reads and stages state through the Python
+//! `Store` and returns the same outputs, byte for byte, as the Python code; for anything else (no
+//! DREF, calls to merge, a call at its bounds, a state value it does not know) it returns `None`
+//! before touching the store, and the Python code does the work.
 //!
 //! The Python code is the specification: each step below names the Python it mirrors, and
 //! tests/unit/test_native.py runs both over the same records and compares every output and every
@@ -303,8 +304,8 @@ fn parse_time(text: &str) -> Option<i64> {
     };
     let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
     let (h, mi, s, ms) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 59 {
-        return None;
+    if !(1..=12).contains(&mo) || !(1..=days_in_month(y, mo)).contains(&d) || h > 23 || mi > 59 || s > 59 {
+        return None; // not a real date and time: `datetime.fromisoformat` refuses it too
     }
     Some(((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + s * 1000 + ms)
 }
@@ -611,30 +612,20 @@ impl<'py> StoreView<'py> {
         Ok(Some(value.downcast::<PyBytes>()?.as_bytes().to_vec()))
     }
 
-    /// `Store._stage` (what `put` and `wake` do once their checks passed).
-    fn stage(&self, key: &str, value: &[u8]) -> PyResult<()> {
+    /// `Store._stage`: a write, or a deletion (None), recorded in the step's undo log. What
+    /// `put` and `delete` do for a processor's key (none of the fold's starts with a NUL), and
+    /// `wake` once it found the timer changed.
+    fn stage(&self, key: &str, value: Option<&[u8]>) -> PyResult<()> {
+        debug_assert!(!key.starts_with('\0') || key.starts_with(&self.wake_prefix));
         let key = PyString::new(self.py, key);
         if let Some(undo) = &self.undo {
             let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
             undo.append((&key, previous))?;
         }
-        self.staged.set_item(key, PyBytes::new(self.py, value))
-    }
-
-    /// `Store.delete` of a processor's key (a tombstone).
-    fn delete(&self, key: &str) -> PyResult<()> {
-        let key = PyString::new(self.py, key);
-        if let Some(undo) = &self.undo {
-            let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
-            undo.append((&key, previous))?;
+        match value {
+            Some(value) => self.staged.set_item(key, PyBytes::new(self.py, value)),
+            None => self.staged.set_item(key, self.py.None()),
         }
-        self.staged.set_item(key, self.py.None())
-    }
-
-    /// `Store.put` of a processor's key (none of the fold's starts with a NUL).
-    fn put(&self, key: &str, value: &[u8]) -> PyResult<()> {
-        debug_assert!(!key.starts_with('\0'));
-        self.stage(key, value)
     }
 
     /// `Store.wake`.
@@ -643,7 +634,7 @@ impl<'py> StoreView<'py> {
         let mut value = Vec::with_capacity(16);
         put_int(&mut value, at_ms);
         if self.get(&wake_key)?.as_deref() != Some(value.as_slice()) {
-            self.stage(&wake_key, &value)?;
+            self.stage(&wake_key, Some(&value))?;
         }
         Ok(())
     }
@@ -667,12 +658,10 @@ fn put_secs(out: &mut Vec<u8>, start: Option<i64>, end: Option<i64>) -> Option<(
     if frac == 0 {
         out.push(b'0');
     } else {
-        let mut digits = Vec::with_capacity(3);
-        put_digits(&mut digits, frac, 3);
-        while digits.last() == Some(&b'0') {
-            digits.pop();
+        put_digits(out, frac, 3);
+        while out.last() == Some(&b'0') {
+            out.pop(); // trailing zeros, as Python's repr leaves none (a non-zero digit stays)
         }
-        out.extend_from_slice(&digits);
     }
     Some(())
 }
@@ -854,7 +843,8 @@ fn is_number(s: &str) -> bool {
     !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit())
 }
 
-/// The contract's `_TIMESTAMP` (years 1970-2199), and for the event time a real date and time.
+/// The contract's `_TIMESTAMP` (years 1970-2199) holding a real date and time: what Python's check
+/// of the event time accepts (for the reception time, less than its pattern: the rest goes to Python).
 fn is_timestamp(s: &str) -> bool {
     let b = s.as_bytes();
     let years = (b[0] == b'1' && b[1] == b'9' && (b'7'..=b'9').contains(&b[2]))
@@ -869,13 +859,6 @@ fn days_in_month(y: i64, m: i64) -> i64 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
-}
-
-/// A real date and time (what `datetime.fromisoformat` accepts) in the contract's layout.
-fn valid_time(s: &str) -> bool {
-    let b = s.as_bytes();
-    let num = |from: usize, to: usize| b[from..to].iter().fold(0i64, |acc, &c| acc * 10 + i64::from(c - b'0'));
-    is_timestamp(s) && num(8, 10) <= days_in_month(num(0, 4), num(5, 7))
 }
 
 /// The fields of a canonical notification, in the dataclass's order; None for any other value.
@@ -944,8 +927,7 @@ fn scan(raw: &[u8]) -> Option<(Vec<Option<&str>>, bool, i64)> {
     let event_time = sc.quoted(24, 24, |c| c.is_ascii_alphanumeric() || b"-:.".contains(&c))?;
     sc.lit(b",\"received_at\":")?;
     let received_at = sc.quoted(24, 24, |c| c.is_ascii_alphanumeric() || b"-:.".contains(&c))?;
-    // The event time is parsed as a real time (Python's check); the reception time matches its pattern.
-    if !valid_time(event_time) || !is_timestamp(received_at) {
+    if !is_timestamp(event_time) || !is_timestamp(received_at) {
         return None;
     }
     f.push(Some(event_time));
@@ -999,10 +981,10 @@ impl Fold {
                 let Some(keys) = index_keys(&call, tenant) else { return Ok(None) };
                 for index in keys {
                     if view.get(&index)?.as_deref() == Some(id.as_bytes()) {
-                        view.delete(&index)?;
+                        view.stage(&index, None)?;
                     }
                 }
-                view.delete(key)?;
+                view.stage(key, None)?;
             } else {
                 view.wake(key, closed_at + self.retention_ms)?;
             }
@@ -1023,7 +1005,7 @@ impl Fold {
         call.closed_at = Val::Int(now_ms);
         call.revision = Val::Int(revision + 1);
         let Some(value) = record(&call, id, tenant, &self.record_schema, closing) else { return Ok(None) };
-        view.put(key, &pack(&call))?;
+        view.stage(key, Some(&pack(&call)))?;
         view.wake(key, now_ms + self.retention_ms)?;
         let output = self.output.bind(py).call1((
             &self.records_topic,
@@ -1133,11 +1115,11 @@ impl Fold {
         call.closed = Val::Bool(false);
         for (i, key) in index_keys.iter().enumerate() {
             if pointed[i].as_deref() != Some(id.as_str()) && !(i == 0 && own_id == id) {
-                view.put(key, id.as_bytes())?;
+                view.stage(key, Some(id.as_bytes()))?;
             }
         }
         let call_key = format!("c/{t}/{id}");
-        view.put(&call_key, &pack(&call))?;
+        view.stage(&call_key, Some(&pack(&call)))?;
         view.wake(&call_key, wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms))?;
         let value = update(&call, &id, t, &self.update_schema, &note.event_id, event_ms);
         let output = self.output.bind(py).call1((
