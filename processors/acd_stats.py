@@ -34,6 +34,11 @@ from schemas.call_record import CALL_RECORD_SCHEMA, RECORD_ID, RECORD_NUMBER, RE
 from schemas.notification import TENANT_ID, canonical_time_ms, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
 
+try:  # the optional native decoding (processors/native, built by `make compile`)
+    from processors import _native  # type: ignore[attr-defined]
+except ImportError:
+    _native = None
+
 _OUTCOMES = {"answered": "a", "voicemail": "v", "abandoned": "b", "missed": "b", "no_answer": "b"}
 """An ACD call not answered (abandoned; missed or no_answer from another producer) is abandoned."""
 WITHIN_SL, SHORT = 1, 2
@@ -155,12 +160,22 @@ def decode_record(key: bytes | None, value: bytes | None) -> AcdCall:
 class AcdStatsLogic:
     """The acd-stats logic (see the module docstring)."""
 
-    def __init__(self, config: AcdConfig | None = None) -> None:
+    def __init__(self, config: AcdConfig | None = None, *, native: Any = _native) -> None:
+        """``native``: the native module (``processors._native`` when `make compile` built it), or
+        None for Python alone. It decodes the records it can read with certainty, as
+        :func:`decode_record` does; Python decodes (and explains) the others."""
         self.config = config or AcdConfig()
         self._intervals: dict[tuple[str, int, int], int] = {}
         self._headers: dict[tuple[Any, ...], tuple[bytes, dict[str, Any]]] = {}
+        self._native_decode = None if native is None else native.decode_call_record
 
-    decode = staticmethod(decode_record)
+    def decode(self, key: bytes | None, value: bytes | None) -> AcdCall:
+        """:func:`decode_record`, natively when the native module is there and reads the value."""
+        if self._native_decode is not None and key is not None and value is not None:
+            call: AcdCall | None = self._native_decode(key, value, CALL_RECORD_SCHEMA, AcdCall)
+            if call is not None:
+                return call
+        return decode_record(key, value)
 
     @staticmethod
     def event_time_ms(call: AcdCall) -> int:

@@ -1,6 +1,7 @@
-"""The native fold of call records (``processors/native``, Rust, built by `make compile`): what it
-does, it does byte for byte as the Python code (its specification); what it leaves to Python
-(no DREF, calls to merge, a call at its bounds, a state value it does not know), Python does.
+"""The native fold of call records and the native decoding of acd-stats' input (``processors/native``,
+Rust, built by `make compile`): what they do, they do byte for byte as the Python code (their
+specification); what they leave to Python (no DREF, calls to merge, a call at its bounds, a state
+value or a record they do not know), Python does.
 
 Each test feeds the same records to two in-memory partitions, one with the native fold and one
 without, and compares every output of every record and, at the end, every state entry.
@@ -9,6 +10,7 @@ without, and compares every output of every record and, at the end, every state 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from types import ModuleType
 from typing import Any
@@ -17,13 +19,16 @@ import orjson
 import pytest
 
 from deploy import compiled
+from devtools.bench_acd_stats import simulated_records
 from devtools.bench_call_records import TENANTS
 from devtools.simulator import Chaos, Planner, plan_traffic, schedule
 from ingest.parsing import parse_notification
+from processors.acd_stats import AcdCall, AcdStatsLogic
 from processors.call_records import CallRecords, CallRecordsConfig, _call_id
 from processors.contract import Output
 from processors.driver import Driver
 from processors.step import Limits
+from schemas.call_record import CALL_RECORD_SCHEMA
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 
 T0 = 1_795_000_000_000
@@ -248,9 +253,9 @@ def _python_decode(key: bytes, value: bytes) -> Notification | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _variants(rng: random.Random, value: bytes) -> list[bytes]:
+def _variants(rng: random.Random, value: bytes, more: bytes = b"") -> list[bytes]:
     """Clumsy and hostile neighbours of a canonical value: bytes replaced, dropped or added."""
-    alphabet = b'0123456789abcdefAZaz+-_. :"\\{},nultrTZ\x00\x1f\x7f\xc3\xa9'
+    alphabet = b'0123456789abcdefAZaz+-_. :"\\{},nultrTZ\x00\x1f\x7f\xc3\xa9' + more
     out = []
     for _ in range(40):
         i = rng.randrange(len(value))
@@ -304,3 +309,71 @@ def test_decoding_gives_python_s_notification_or_leaves_the_value_to_python(nati
             type(getattr(expected, f)) for f in Notification.__dataclass_fields__], value
     assert natively > len(base)  # every canonical value, and some of the neighbours, natively
     assert natively < len(cases) - 5000  # the broken ones left to Python
+
+
+# -- decoding call records (acd-stats) ---------------------------------------------------------
+
+def _python_call(key: bytes, value: bytes) -> AcdCall | str:
+    try:
+        return AcdStatsLogic(native=None).decode(key, value)
+    except Exception as exc:  # the reason a record is set aside
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _odd_values() -> list[Any]:
+    return [None, True, False, 0, -1, 1, 1.5, -0.0, 864_000, 864_001, 864_000.0005, 1e-7, 0.0005, 0.0015,
+            2**63, 1_000_000, 1_000_001, "", "x", "+", "anonymous", "é", "a" * 129, "1" * 65, [], {}, [{}],
+            "2026-02-29T10:00:00.000Z", "2024-02-29T10:00:00.000Z", "2026-03-01T10:00:00.5Z",
+            "2026-03-01T10:00:00Z", "1969-12-31T23:59:59.999Z", "2199-12-31T23:59:59.999Z",
+            "2200-01-01T00:00:00.000Z", "answered", "voicemail", "missed", "no_answer", "busy"]
+
+
+def test_decoding_call_records_gives_python_s_call_or_leaves_the_value_to_python(native: ModuleType) -> None:
+    logic = AcdStatsLogic(native=native)
+    decode = logic._native_decode
+    assert decode is not None
+    records = simulated_records(3000, 20, 1.0, 9, T0)
+    acd = [r for r in records if b'"is_acd":true' in r[1]]
+    plain = [r for r in records if b'"is_acd":false' in r[1]]
+    cases = list(records)
+    rng = random.Random(6)
+    for key, value in acd[:150] + plain[:50]:
+        cases.extend((key, v) for v in _variants(rng, value, b"[]eE.0-"))
+    for key, value in acd[:3] + plain[:2]:  # every field, and every field of a leg, set to odd values
+        rec = orjson.loads(value)
+        for name in rec:
+            cases.extend((key, orjson.dumps({**rec, name: odd})) for odd in _odd_values())
+        first, *others = rec["legs"]
+        for name in first:
+            cases.extend((key, orjson.dumps({**rec, "legs": [{**first, name: odd}, *others]}))
+                         for odd in _odd_values())
+        cases.append((key, orjson.dumps({**rec, "legs": rec["legs"] * 342})))  # 1026 legs or more
+        cases.append((key, orjson.dumps({k: v for k, v in rec.items() if k != "ended_at"})))
+        cases.extend((tenant.encode(), orjson.dumps({**rec, "tenant": tenant}))  # keyed by their tenant
+                     for tenant in ("a" * 64, "a" * 65, "-a", "a.b_c-D9", "é"))
+    key, value = acd[0]
+    text = value.decode()
+    extra = [  # members added at the end, as raw JSON
+        '"revision":2', '"revision":1.0', '"revision":1E0', '"revision":18446744073709551617', '"x":1e400',
+        '"x":1e-400', '"x":00', '"x":-0', '"x":1.', '"x":.5', '"x":' + "[" * 40 + "]" * 40,
+        '"x":' + "[" * 20 + "]" * 20, '"x":"\\ud800"', '"x":"tab\tin"', '"x":123456789012345678901',
+    ]
+    raw_cases = [text[:-1] + "," + member + "}" for member in extra] + [
+        json.dumps(orjson.loads(value), indent=2), json.dumps({**orjson.loads(value), "note": "é"}),
+        text.replace('"wait_seconds":', '"wait_seconds":1e2,"w":'), text + " ", " " + text, text + "x",
+        "\ufeff" + text, "[" + text + "]", text.replace('"tenant":', '"tenant":"other","t":'),
+    ]
+    cases += [(key, raw.encode()) for raw in raw_cases] + [(key, value + b"\xff"), (b"other", value)]
+    natively = 0
+    for key, value in cases:
+        got = decode(key, value, CALL_RECORD_SCHEMA, AcdCall)
+        if got is None:
+            continue  # Python decodes it
+        natively += 1
+        expected = _python_call(key, value)
+        assert isinstance(expected, AcdCall) and got == expected, (value, got, expected)
+        assert [type(getattr(got, f)) for f in AcdCall.__slots__] == [
+            type(getattr(expected, f)) for f in AcdCall.__slots__], value
+    assert all(decode(k, v, CALL_RECORD_SCHEMA, AcdCall) is not None for k, v in records)
+    assert natively < len(cases) - 3000  # the broken ones left to Python
+    assert logic.decode(*acd[0]) == _python_call(*acd[0])  # the logic uses it

@@ -9,6 +9,8 @@
 //! tests/unit/test_native.py runs both over the same records and compares every output and every
 //! state entry.
 
+mod acd;
+
 use pyo3::prelude::*;
 use pyo3::intern;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -1133,5 +1135,6 @@ impl Fold {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Fold>()
+    m.add_class::<Fold>()?;
+    m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)
 }

@@ -1,0 +1,365 @@
+//! `decode_record` of processors/acd_stats.py in Rust: the `AcdCall` of a call record, for the
+//! values it can read with certainty; `None` for any other, which Python then decodes (and, if the
+//! record is broken, explains). What it accepts, Python accepts and reads the same way:
+//! tests/unit/test_native.py compares both on simulated records and on thousands of their
+//! clumsy or hostile neighbours.
+//!
+//! The JSON reader below is deliberately narrower than JSON: strings without escapes or control
+//! characters, numbers that orjson reads exactly as Rust does, at most 32 levels. A value outside
+//! that goes to Python, which reads full JSON with orjson.
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyString, PyTuple};
+use pyo3::IntoPyObjectExt;
+
+use crate::parse_time;
+
+/// A JSON value borrowed from the record (an object keeps its members in order; as orjson, the
+/// last of two members with the same name wins).
+enum J<'a> {
+    Null,
+    Bool(bool),
+    /// An integer written without fraction or exponent, of at most 18 digits (an `int` for orjson).
+    Int(i64),
+    /// Any other number, finite (a `float` for orjson).
+    Float(f64),
+    Str(&'a str),
+    Arr(Vec<J<'a>>),
+    Obj(Vec<(&'a str, J<'a>)>),
+}
+
+impl<'a> J<'a> {
+    /// `dict.get(name)`: None when absent or not an object.
+    fn get(&self, name: &str) -> Option<&J<'a>> {
+        match self {
+            J::Obj(members) => members.iter().rev().find(|(k, _)| *k == name).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+struct Reader<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    at: usize,
+    depth: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn space(&mut self) {
+        while self.at < self.b.len() && matches!(self.b[self.at], b' ' | b'\t' | b'\n' | b'\r') {
+            self.at += 1;
+        }
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        self.space();
+        let c = *self.b.get(self.at)?;
+        self.at += 1;
+        Some(c)
+    }
+
+    fn value(&mut self) -> Option<J<'a>> {
+        match self.byte()? {
+            b'{' => self.nested(|r| {
+                let mut members = Vec::with_capacity(24);
+                if r.peek() == Some(b'}') {
+                    r.at += 1;
+                    return Some(J::Obj(members));
+                }
+                loop {
+                    if r.byte()? != b'"' {
+                        return None;
+                    }
+                    let name = r.string()?;
+                    if r.byte()? != b':' {
+                        return None;
+                    }
+                    members.push((name, r.value()?));
+                    match r.byte()? {
+                        b',' => {}
+                        b'}' => return Some(J::Obj(members)),
+                        _ => return None,
+                    }
+                }
+            }),
+            b'[' => self.nested(|r| {
+                let mut items = Vec::with_capacity(4);
+                if r.peek() == Some(b']') {
+                    r.at += 1;
+                    return Some(J::Arr(items));
+                }
+                loop {
+                    items.push(r.value()?);
+                    match r.byte()? {
+                        b',' => {}
+                        b']' => return Some(J::Arr(items)),
+                        _ => return None,
+                    }
+                }
+            }),
+            b'"' => self.string().map(J::Str),
+            b't' => self.word(b"rue", J::Bool(true)),
+            b'f' => self.word(b"alse", J::Bool(false)),
+            b'n' => self.word(b"ull", J::Null),
+            b'-' | b'0'..=b'9' => self.number(self.at - 1),
+            _ => None,
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.space();
+        self.b.get(self.at).copied()
+    }
+
+    fn nested(&mut self, read: impl FnOnce(&mut Self) -> Option<J<'a>>) -> Option<J<'a>> {
+        if self.depth == 32 {
+            return None;
+        }
+        self.depth += 1;
+        let value = read(self);
+        self.depth -= 1;
+        value
+    }
+
+    fn word(&mut self, rest: &[u8], value: J<'a>) -> Option<J<'a>> {
+        let end = self.at + rest.len();
+        (self.b.get(self.at..end)? == rest).then(|| {
+            self.at = end;
+            value
+        })
+    }
+
+    /// The rest of a string after its opening quote: plain text only (no escape, no control).
+    fn string(&mut self) -> Option<&'a str> {
+        let start = self.at;
+        loop {
+            match *self.b.get(self.at)? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return None,
+                _ => self.at += 1,
+            }
+        }
+        self.at += 1;
+        // Quotes are ASCII, so both ends are character boundaries of the (valid UTF-8) text.
+        Some(&self.s[start..self.at - 1])
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.at;
+        while self.at < self.b.len() && self.b[self.at].is_ascii_digit() {
+            self.at += 1;
+        }
+        self.at - start
+    }
+
+    /// A number as JSON writes it; None for one orjson might read otherwise than Rust (a long
+    /// integer, a huge exponent).
+    fn number(&mut self, start: usize) -> Option<J<'a>> {
+        self.at = start + usize::from(self.b[start] == b'-');
+        let first = *self.b.get(self.at)?;
+        let whole = self.digits();
+        if whole == 0 || (first == b'0' && whole > 1) || whole > 18 {
+            return None;
+        }
+        let mut float = false;
+        if self.b.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+            float = true;
+        }
+        if matches!(self.b.get(self.at), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.b.get(self.at), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            if !(1..=3).contains(&self.digits()) {
+                return None;
+            }
+            float = true;
+        }
+        let text = &self.s[start..self.at];
+        if !float {
+            return text.parse().ok().map(J::Int);
+        }
+        let value: f64 = text.parse().ok()?;
+        // An underflow to zero, or an overflow, is where parsers may differ: leave it to Python.
+        (value.is_finite() && (value != 0.0 || !text.bytes().any(|c| (b'1'..=b'9').contains(&c))))
+            .then_some(J::Float(value))
+    }
+}
+
+/// The whole value as one JSON document, or None.
+fn read(raw: &[u8]) -> Option<J<'_>> {
+    let s = std::str::from_utf8(raw).ok()?;
+    let mut reader = Reader { s, b: raw, at: 0, depth: 0 };
+    let value = reader.value()?;
+    reader.space();
+    (reader.at == raw.len()).then_some(value)
+}
+
+/// `TENANT_ID`: `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
+fn is_tenant(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=64).contains(&b.len())
+        && b[0].is_ascii_alphanumeric()
+        && b[1..].iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `RECORD_NUMBER`: `\+?[0-9]{0,64}|anonymous`.
+fn is_record_number(s: &str) -> bool {
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    s == "anonymous" || (digits.len() <= 64 && digits.bytes().all(|c| c.is_ascii_digit()))
+}
+
+/// `RECORD_ID`: `[A-Za-z0-9_-]{1,128}`.
+fn is_record_id(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+const YEAR_2200_MS: i64 = 7_258_118_400_000;
+
+/// `_time`: Some(None) for a null a nullable field may hold, Some(Some(ms)) for a time laid out as
+/// the call-records processor writes it, in the years 1970-2199; None for anything else.
+fn time(v: Option<&J<'_>>, nullable: bool) -> Option<Option<i64>> {
+    match v {
+        None | Some(J::Null) => nullable.then_some(None),
+        Some(J::Str(s)) => parse_time(s).filter(|ms| (0..YEAR_2200_MS).contains(ms)).map(Some),
+        _ => None,
+    }
+}
+
+/// `_str`: a string matching `ok`.
+fn text<'a>(v: Option<&J<'a>>, ok: fn(&str) -> bool) -> Option<&'a str> {
+    match v {
+        Some(J::Str(s)) if ok(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// `_seconds_ms`: `round(value * 1000)` of a number of seconds between 0 and 864000.
+fn seconds_ms(v: Option<&J<'_>>) -> Option<i64> {
+    match v {
+        Some(&J::Int(n)) if (0..=864_000).contains(&n) => Some(n * 1000),
+        Some(&J::Float(x)) if (0.0..=864_000.0).contains(&x) => Some((x * 1000.0).round_ties_even() as i64),
+        _ => None,
+    }
+}
+
+/// What `AcdCall` is built from, Python's `None` as `None`.
+struct Call<'a> {
+    tenant: &'a str,
+    record_id: &'a str,
+    revision: i64,
+    outcome: &'static str,
+    started_ms: i64,
+    event_ms: i64,
+    answered_ms: Option<i64>,
+    wait_ms: i64,
+    talk_ms: i64,
+    callee: &'a str,
+    redirecting: Option<&'a str>,
+    legs: Vec<(&'a str, Option<i64>, Option<i64>)>,
+}
+
+/// `decode_record` of an ACD call (the record's tenant checked by the caller).
+fn acd_call<'a>(rec: &J<'a>, tenant: &'a str) -> Option<Call<'a>> {
+    let revision = match rec.get("revision") {
+        Some(&J::Int(n)) if (1..=1_000_000).contains(&n) => n,
+        _ => return None,
+    };
+    let started_ms = time(rec.get("started_at"), false)??;
+    let ended = time(rec.get("ended_at"), true)?;
+    let outcome = match rec.get("outcome") {
+        Some(J::Str("answered")) => "a",
+        Some(J::Str("voicemail")) => "v",
+        Some(J::Str("abandoned" | "missed" | "no_answer")) => "b",
+        _ => return None,
+    };
+    let Some(J::Arr(raw_legs)) = rec.get("legs") else { return None };
+    if raw_legs.is_empty() || raw_legs.len() > 1024 {
+        return None;
+    }
+    let mut legs = Vec::with_capacity(raw_legs.len());
+    for leg in raw_legs {
+        if !matches!(leg, J::Obj(_)) {
+            return None;
+        }
+        let line = text(leg.get("account"), is_record_number)?;
+        let connect = time(leg.get("connect_at"), true)?;
+        let release = if connect.is_some() { time(leg.get("release_at"), true)? } else { None };
+        legs.push((line, connect, release));
+    }
+    let redirecting = match rec.get("redirecting_number") {
+        None | Some(J::Null) => None,
+        v => Some(text(v, is_record_number)?),
+    };
+    Some(Call {
+        tenant,
+        record_id: text(rec.get("record_id"), is_record_id)?,
+        revision,
+        outcome,
+        started_ms,
+        event_ms: ended.unwrap_or(started_ms),
+        answered_ms: time(rec.get("answered_at"), true)?,
+        wait_ms: seconds_ms(rec.get("wait_seconds"))?,
+        talk_ms: seconds_ms(rec.get("talk_seconds"))?,
+        callee: text(rec.get("callee"), is_record_number)?,
+        redirecting,
+        legs,
+    })
+}
+
+/// `processors.acd_stats.decode_record(key, value)` for a record it reads with certainty: the
+/// `AcdCall` (built with `cls`) Python would return; None for anything else.
+#[pyfunction]
+pub fn decode_call_record<'py>(py: Python<'py>, key: &[u8], value: &[u8], schema: &str, cls: &Bound<'py, PyAny>)
+                               -> PyResult<Option<Bound<'py, PyAny>>> {
+    let Some(rec) = read(value) else { return Ok(None) };
+    if !matches!(rec.get("schema"), Some(J::Str(s)) if *s == schema) {
+        return Ok(None);
+    }
+    let Some(tenant) = text(rec.get("tenant"), is_tenant).filter(|t| t.as_bytes() == key) else {
+        return Ok(None);
+    };
+    let is_acd = match rec.get("is_acd") {
+        Some(&J::Bool(b)) => b,
+        _ => return Ok(None),
+    };
+    if !is_acd {
+        // Only its time is read: when it ended, else when it started.
+        let at = match time(rec.get("ended_at"), true) {
+            Some(Some(ms)) => ms,
+            Some(None) => match time(rec.get("started_at"), false) {
+                Some(Some(ms)) => ms,
+                _ => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        let empty = intern!(py, "");
+        let none = py.None();
+        return build(py, cls, [tenant.into_bound_py_any(py)?, empty.clone().into_any(), 0.into_bound_py_any(py)?,
+                               false.into_bound_py_any(py)?, empty.clone().into_any(), at.into_bound_py_any(py)?,
+                               at.into_bound_py_any(py)?, none.clone_ref(py).into_bound(py), 0.into_bound_py_any(py)?,
+                               0.into_bound_py_any(py)?, empty.clone().into_any(), none.into_bound(py),
+                               PyTuple::empty(py).into_any()]);
+    }
+    let Some(c) = acd_call(&rec, tenant) else { return Ok(None) };
+    let legs = PyTuple::new(py, c.legs.iter().map(|&(line, connect, release)| (line, connect, release)))?;
+    let outcome = PyString::intern(py, c.outcome);
+    build(py, cls, [c.tenant.into_bound_py_any(py)?, c.record_id.into_bound_py_any(py)?,
+                    c.revision.into_bound_py_any(py)?, true.into_bound_py_any(py)?, outcome.into_any(),
+                    c.started_ms.into_bound_py_any(py)?, c.event_ms.into_bound_py_any(py)?,
+                    c.answered_ms.into_bound_py_any(py)?, c.wait_ms.into_bound_py_any(py)?,
+                    c.talk_ms.into_bound_py_any(py)?, c.callee.into_bound_py_any(py)?,
+                    c.redirecting.into_bound_py_any(py)?, legs.into_any()])
+}
+
+/// `cls(*fields)`, the `AcdCall` in its fields' order.
+fn build<'py>(py: Python<'py>, cls: &Bound<'py, PyAny>, fields: [Bound<'py, PyAny>; 13])
+              -> PyResult<Option<Bound<'py, PyAny>>> {
+    cls.call1(PyTuple::new(py, fields)?).map(Some)
+}
