@@ -372,8 +372,8 @@ def test_decoding_call_records_gives_python_s_call_or_leaves_the_value_to_python
         natively += 1
         expected = _python_call(key, value)
         assert isinstance(expected, AcdCall) and got == expected, (value, got, expected)
-        assert [type(getattr(got, f)) for f in AcdCall.__slots__] == [
-            type(getattr(expected, f)) for f in AcdCall.__slots__], value
+        assert [type(getattr(got, f)) for f in AcdCall.__dataclass_fields__] == [
+            type(getattr(expected, f)) for f in AcdCall.__dataclass_fields__], value
     assert all(decode(k, v, CALL_RECORD_SCHEMA, AcdCall) is not None for k, v in records)
     assert natively < len(cases) - 3000  # the broken ones left to Python
     assert logic.decode(*acd[0]) == _python_call(*acd[0])  # the logic uses it
