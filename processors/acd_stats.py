@@ -29,7 +29,15 @@ import orjson
 
 from processors.acd_config import AcdConfig, TenantAcd
 from processors.contract import Invalid, Output, Refused, Store, json_object
-from schemas.acd_stats import ACD_STATS_SCHEMA, COUNTS, SUMS, derived, interval_start, stats_key
+from schemas.acd_stats import (
+    ACD_STATS_SCHEMA,
+    COUNTS,
+    DERIVED,
+    SUMS,
+    derived,
+    interval_start,
+    stats_key,
+)
 from schemas.call_record import CALL_RECORD_SCHEMA, RECORD_ID, RECORD_NUMBER, RECORD_TIME
 from schemas.notification import TENANT_ID, canonical_time_ms, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
@@ -163,11 +171,13 @@ class AcdStatsLogic:
     def __init__(self, config: AcdConfig | None = None, *, native: Any = _native) -> None:
         """``native``: the native module (``processors._native`` when `make compile` built it), or
         None for Python alone. It decodes the records it can read with certainty, as
-        :func:`decode_record` does; Python decodes (and explains) the others."""
+        :func:`decode_record` does, and writes the figures of intervals with the bytes orjson
+        writes for :meth:`figures`; Python does the others."""
         self.config = config or AcdConfig()
         self._intervals: dict[tuple[str, int, int], int] = {}
-        self._headers: dict[tuple[Any, ...], tuple[bytes, dict[str, Any]]] = {}
+        self._headers: dict[tuple[Any, ...], tuple[bytes, dict[str, Any], tuple[bytes, bytes, bytes]]] = {}
         self._native_decode = None if native is None else native.decode_call_record
+        self._native_figures = None if native is None else native.Figures(COUNTS, SUMS, DERIVED)
 
     def decode(self, key: bytes | None, value: bytes | None) -> AcdCall:
         """:func:`decode_record`, natively when the native module is there and reads the value."""
@@ -376,34 +386,51 @@ class AcdStatsLogic:
             agg["mx"] = self._max_wait(store, agg)
         agg["rev"] += 1
         store.put(key, orjson.dumps(agg))
-        record_key, _ = self._header(agg, tc)
+        record_key = self._header(agg, tc)[0]
         # Rendered only if no later change of this interval follows in the same transaction;
         # ``agg`` is not touched again (each record loads its own copy), so it is a snapshot.
         return Output(ACD_STATS.name, record_key,
                       functools.partial(self._render, agg, tc, now_ms), latest=True)
 
     def _render(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
+        if self._native_figures is not None:
+            head, middle, tail = self._header(agg, tc)[2]
+            rendered: bytes | None = self._native_figures.render(
+                head, agg, now_ms, tc.service_level_formula, tc.exclude_short_abandons, middle, tail)
+            if rendered is not None:
+                return rendered
         return orjson.dumps(self.figures(agg, tc, now_ms))
 
-    def _header(self, agg: dict[str, Any], tc: TenantAcd) -> tuple[bytes, dict[str, Any]]:
-        """The record key and the fields that never change for an interval (cached)."""
+    def _header(self, agg: dict[str, Any],
+                tc: TenantAcd) -> tuple[bytes, dict[str, Any], tuple[bytes, bytes, bytes]]:
+        """The record key, the fields that never change for an interval, and the parts of its
+        value the native rendering copies: those fields as the start of a JSON object, then the
+        service-level settings and the thresholds as members, each followed by a comma (cached)."""
         t, q, iv, minutes = agg["t"], agg["q"], agg["iv"], agg["m"]
         cache_key = (t, q, iv, minutes, tc)
         cached = self._headers.get(cache_key)
         if cached is None:
             start = rfc3339_ms(iv)
             local = datetime.fromtimestamp(iv / 1000, UTC).astimezone(tc.zone)
-            cached = (stats_key(t, q, start), {
+            header = {
                 "schema": ACD_STATS_SCHEMA, "tenant": t, "queue": q, "interval_start": start,
                 "interval_end": rfc3339_ms(iv + minutes * 60_000), "interval_minutes": minutes,
-                "timezone": tc.timezone, "local_start": local.isoformat()})
+                "timezone": tc.timezone, "local_start": local.isoformat()}
+            settings = {"service_level_formula": tc.service_level_formula,
+                        "short_abandons_excluded": tc.exclude_short_abandons}
+            thresholds = {"service_level_seconds": tc.service_level_seconds,
+                          "short_abandon_seconds": tc.short_abandon_seconds}
+            cached = (stats_key(t, q, start), header, (
+                orjson.dumps(header)[:-1] + b",", orjson.dumps(settings)[1:-1] + b",",
+                orjson.dumps(thresholds)[1:-1] + b","))
             if len(self._headers) > 50_000:
                 self._headers.clear()
             self._headers[cache_key] = cached
         return cached
 
     def figures(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> dict[str, Any]:
-        """The ``keyyo.acd-stats.v1`` value of an interval."""
+        """The ``keyyo.acd-stats.v1`` value of an interval (the specification of the native
+        rendering, which ``tests/unit/test_native.py`` holds to the same bytes)."""
         header = self._header(agg, tc)[1]
         f: dict[str, Any] = dict(zip(COUNTS, agg["c"], strict=True))
         f.update((name, ms / 1000) for name, ms in zip(SUMS, agg["s"], strict=True))

@@ -8,6 +8,7 @@ JSON Schema: ``schemas/json/keyyo.acd-stats.v1.schema.json``; definitions in the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal, TypedDict
 from zoneinfo import ZoneInfo
@@ -72,18 +73,28 @@ def _mean(total: float, n: int) -> float | None:
     return round(total / n, 3) if n > 0 else None
 
 
+DERIVED = ("service_level", "asa_seconds", "avg_wait_seconds", "avg_abandon_seconds", "avg_talk_seconds")
+"""The figures derived from the counts and sums, in the order the value holds them."""
+
+
+def derived_values(counts: Sequence[int], sums: Sequence[float], formula: str,
+                   exclude_short: bool) -> tuple[float | None, ...]:
+    """The :data:`DERIVED` figures of the counts (in :data:`COUNTS`' order) and the sums (seconds,
+    in :data:`SUMS`' order) under the service-level settings."""
+    offered, answered, abandoned, _, short_abandoned, answered_within_sl, abandoned_within_sl = counts
+    wait, answered_wait, abandoned_wait, talk = sums
+    return (service_level(answered, abandoned, short_abandoned, answered_within_sl, abandoned_within_sl,
+                          formula, exclude_short),
+            _mean(answered_wait, answered), _mean(wait, offered), _mean(abandoned_wait, abandoned),
+            _mean(talk, answered))
+
+
 def derived(f: dict[str, Any]) -> dict[str, Any]:
     """The averages and service level of figures that hold the counts, the sums, and the
     service-level settings (``service_level_formula``, ``short_abandons_excluded``)."""
-    return {
-        "service_level": service_level(
-            f["answered"], f["abandoned"], f["short_abandoned"], f["answered_within_sl"],
-            f["abandoned_within_sl"], f["service_level_formula"], f["short_abandons_excluded"]),
-        "asa_seconds": _mean(f["answered_wait_seconds"], f["answered"]),
-        "avg_wait_seconds": _mean(f["wait_seconds"], f["offered"]),
-        "avg_abandon_seconds": _mean(f["abandoned_wait_seconds"], f["abandoned"]),
-        "avg_talk_seconds": _mean(f["talk_seconds"], f["answered"]),
-    }
+    values = derived_values([f[name] for name in COUNTS], [f[name] for name in SUMS],
+                            f["service_level_formula"], f["short_abandons_excluded"])
+    return dict(zip(DERIVED, values, strict=True))
 
 
 class AcdStats(TypedDict):

@@ -23,11 +23,14 @@ from devtools.bench_acd_stats import simulated_records
 from devtools.bench_call_records import TENANTS
 from devtools.simulator import Chaos, Planner, plan_traffic, schedule
 from ingest.parsing import parse_notification
+from processors.acd_config import TenantAcd
 from processors.acd_stats import AcdCall, AcdStatsLogic
 from processors.call_records import CallRecords, CallRecordsConfig, _call_id
 from processors.contract import Output
 from processors.driver import Driver
+from processors.state import Store
 from processors.step import Limits
+from schemas.acd_stats import SERVICE_LEVEL_FORMULAS
 from schemas.call_record import CALL_RECORD_SCHEMA
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 
@@ -377,3 +380,67 @@ def test_decoding_call_records_gives_python_s_call_or_leaves_the_value_to_python
     assert all(decode(k, v, CALL_RECORD_SCHEMA, AcdCall) is not None for k, v in records)
     assert natively < len(cases) - 3000  # the broken ones left to Python
     assert logic.decode(*acd[0]) == _python_call(*acd[0])  # the logic uses it
+
+
+# -- rendering acd-stats' figures ---------------------------------------------------------------
+
+def _random_interval(rng: random.Random) -> dict[str, Any]:
+    """An interval's state with counts, sums, waits and agents of every size, odd lines included."""
+    def ms() -> int:
+        return rng.choice([0, 1, 5, 999, 1000, 1001, rng.randrange(10**6), rng.randrange(10**10), 10**12 - 1])
+    lines = ["33100000001", "+33100000002", "anonymous", "", 'a"b\\c', "é", "\x01", "line\n"]
+    return {
+        "t": rng.choice(["tenant001", "t"]), "q": rng.choice(["default", "sales", "é"]),
+        "iv": T0 - T0 % 900_000,
+        "m": rng.choice([15, 30, 60]), "rev": rng.randrange(1, 10**6), "final": rng.random() < 0.5,
+        "n": 3, "c": [rng.choice([0, 1, 2, 3, 7, 10**6]) for _ in range(7)], "s": [ms() for _ in range(4)],
+        "mx": rng.choice([-1, 0, ms()]),
+        "ag": {rng.choice(lines) + str(i): [rng.randrange(5), rng.randrange(3), ms()]
+               for i in range(rng.choice([0, 1, 9, 40]))},
+    }
+
+
+def test_figures_are_written_with_orjson_s_bytes_or_left_to_python(native: ModuleType) -> None:
+    native_logic, python_logic = AcdStatsLogic(native=native), AcdStatsLogic(native=None)
+    records = simulated_records(3000, 20, 1.0, 11, T0)
+    store, renders = Store(), []
+    for key, value in records:  # the intervals of simulated traffic, each change of each
+        call = python_logic.decode(key, value)
+        store.advance(call.tenant, call.event_ms)
+        store.domain = call.tenant
+        renders += [out.value for out in python_logic.on_event(store, call, store.time(call.tenant))]
+        store.commit()
+    intervals = [r.args for r in renders]
+    assert len(intervals) > 500
+    rng = random.Random(12)
+    tcs = [TenantAcd(service_level_formula=formula, exclude_short_abandons=exclude,
+                     service_level_seconds=rng.choice([20, 20.0, 15.5]),
+                     short_abandon_seconds=rng.choice([5, 0.5]),
+                     timezone=rng.choice(["Europe/Paris", "America/St_Johns", "Asia/Kathmandu"]))
+           for formula in SERVICE_LEVEL_FORMULAS for exclude in (True, False)]
+    intervals += [(_random_interval(rng), rng.choice(tcs), T0 + rng.randrange(10**9)) for _ in range(3000)]
+    odd: list[tuple[str, Any]] = [("rev", True), ("rev", 2**64), ("final", 1), ("mx", None), ("mx", 1.5),
+                                  ("c", [1] * 6), ("c", [1.0] * 7), ("s", [2**53] * 4), ("s", [0.5] * 4),
+                                  ("ag", {"x": [1, 2]}), ("ag", {"x": [True, 0, 0]}), ("ag", []), ("c", None),
+                                  ("ag", {"x": [1, 0, 10**12]}), ("mx", 2**53 + 1), ("c", [2**41] * 7)]
+    for tc in tcs:  # exact ties of Python's round: 1/32 = 0.03125 to 4 places, 2.0/32 = 0.0625 to 3
+        agg, _, now = intervals[0]
+        intervals.append(({**agg, "c": [32, 32, 0, 0, 0, 1, 0], "s": [2000, 2000, 0, 3000]}, tc, now))
+    for name, value in odd:  # states of another shape: left to Python (which may raise)
+        agg, tc, now = intervals[0]
+        intervals.append(({**agg, name: value}, tc, now))
+    natively = 0
+    for agg, tc, now in intervals:
+        try:
+            expected: bytes | type = orjson.dumps(python_logic.figures(agg, tc, now))
+        except Exception as exc:  # a broken state fails the same way (the message may differ)
+            expected = type(exc)
+        try:
+            got: bytes | type = native_logic._render(agg, tc, now)
+        except Exception as exc:
+            got = type(exc)
+        assert got == expected, (agg, tc)
+        head, middle, tail = native_logic._header(agg, tc)[2]
+        natively += native_logic._native_figures.render(
+            head, agg, now, tc.service_level_formula, tc.exclude_short_abandons, middle, tail) is not None
+    assert natively == len(intervals) - len(odd)  # all but the odd states

@@ -1,8 +1,13 @@
-//! `decode_record` of processors/acd_stats.py in Rust: the `AcdCall` of a call record, for the
-//! values it can read with certainty; `None` for any other, which Python then decodes (and, if the
-//! record is broken, explains). What it accepts, Python accepts and reads the same way:
-//! tests/unit/test_native.py compares both on simulated records and on thousands of their
-//! clumsy or hostile neighbours.
+//! acd-stats in Rust (processors/acd_stats.py), two parts:
+//!
+//! - `decode_call_record` is `decode_record`: the `AcdCall` of a call record, for the values it can
+//!   read with certainty; `None` for any other, which Python then decodes (and, if the record is
+//!   broken, explains). What it accepts, Python accepts and reads the same way.
+//! - `Figures.render` writes an interval's `keyyo.acd-stats.v1` value with the bytes orjson writes
+//!   for `AcdStatsLogic.figures`; `None` for a state it does not expect, which Python renders.
+//!
+//! tests/unit/test_native.py compares both with Python on simulated records, on thousands of their
+//! clumsy or hostile neighbours, and on intervals of every kind.
 //!
 //! The JSON reader below is deliberately narrower than JSON: strings without escapes or control
 //! characters, numbers that orjson reads exactly as Rust does, at most 32 levels. A value outside
@@ -10,10 +15,11 @@
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
+use std::io::Write;
 
-use crate::parse_time;
+use crate::{parse_time, put_int, put_ms_as_seconds, put_str, put_time};
 
 /// A JSON value borrowed from the record (an object keeps its members in order; as orjson, the
 /// last of two members with the same name wins).
@@ -362,4 +368,174 @@ pub fn decode_call_record<'py>(py: Python<'py>, key: &[u8], value: &[u8], schema
 fn build<'py>(py: Python<'py>, cls: &Bound<'py, PyAny>, fields: [Bound<'py, PyAny>; 13])
               -> PyResult<Option<Bound<'py, PyAny>>> {
     cls.call1(PyTuple::new(py, fields)?).map(Some)
+}
+
+// -- rendering the figures ------------------------------------------------------------------
+
+/// A float as orjson writes it (its shortest repr, `.0` when whole), for the magnitudes figures
+/// hold (0, or 1e-5 to 1e15, where both write plain decimals); None for another.
+fn put_float(out: &mut Vec<u8>, x: f64) -> Option<()> {
+    let magnitude = x.abs();
+    if magnitude != 0.0 && !(1e-5..1e15).contains(&magnitude) {
+        return None; // also NaN and the infinities
+    }
+    let start = out.len();
+    write!(out, "{x}").ok()?;
+    if !out[start..].contains(&b'.') {
+        out.extend_from_slice(b".0");
+    }
+    Some(())
+}
+
+/// An `int` (not a `bool`) that fits in an i64.
+fn int(v: &Bound<'_, PyAny>) -> Option<i64> {
+    v.downcast_exact::<PyInt>().ok()?.extract().ok()
+}
+
+/// `round(x, digits)` as Python rounds a float: the nearest decimal (ties to even), read back.
+fn py_round(x: f64, digits: usize) -> Option<f64> {
+    format!("{x:.digits$}").parse().ok()
+}
+
+/// The `DERIVED` figures (`derived_values` of schemas/acd_stats.py) of the counts and the sums
+/// (milliseconds); None for a formula it does not know.
+#[allow(clippy::cast_precision_loss)] // counts and sums are checked below 2^40
+fn derived(c: &[i64], s: &[i64], formula: &str, exclude_short: bool) -> Option<[Option<f64>; 5]> {
+    if c.iter().chain(s).any(|v| v.unsigned_abs() >= 1 << 40) {
+        return None;
+    }
+    let (offered, answered, abandoned, short, answered_sl, abandoned_sl) = (c[0], c[1], c[2], c[4], c[5], c[6]);
+    let (b, b_sl) = if exclude_short { (abandoned - short, abandoned_sl - short) } else { (abandoned, abandoned_sl) };
+    let (num, den) = match formula {
+        "abandons_against" => (answered_sl, answered + b),
+        "abandons_within_sl_ignored" => (answered_sl, answered + b - b_sl),
+        "abandons_within_sl_count_for" => (answered_sl + b_sl, answered + b),
+        "abandons_ignored" => (answered_sl, answered),
+        _ => return None,
+    };
+    let level = if den > 0 { Some(py_round(num as f64 / den as f64, 4)?) } else { None };
+    let mean = |ms: i64, n: i64| -> Option<Option<f64>> {
+        Some(if n > 0 { Some(py_round(ms as f64 / 1000.0 / n as f64, 3)?) } else { None })
+    };
+    Some([level, mean(s[1], answered)?, mean(s[0], offered)?, mean(s[2], abandoned)?, mean(s[3], answered)?])
+}
+
+/// `"name":`
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    put_str(out, name);
+    out.push(b':');
+}
+
+/// An interval's figures as `AcdStatsLogic.figures` returns them, written as orjson writes them.
+#[pyclass(frozen)]
+pub struct Figures {
+    counts: Vec<String>,
+    sums: Vec<String>,
+    derived: Vec<String>,
+}
+
+#[pymethods]
+impl Figures {
+    /// The names of the counts, the sums and the derived figures, in their order (`COUNTS`,
+    /// `SUMS`, `DERIVED` of schemas/acd_stats.py).
+    #[new]
+    fn new(counts: Vec<String>, sums: Vec<String>, derived: Vec<String>) -> PyResult<Figures> {
+        if counts.len() != 7 || sums.len() != 4 || derived.len() != 5 {
+            return Err(pyo3::exceptions::PyValueError::new_err("7 counts, 4 sums and 5 derived figures expected"));
+        }
+        Ok(Figures { counts, sums, derived })
+    }
+
+    /// The value of the interval `agg` (its state) at `now_ms`: `head` (the fields that never
+    /// change, as the start of a JSON object), the revision, final flag and update time, the
+    /// counts and sums, `middle` (the service-level settings), the derived figures under
+    /// `formula` and `exclude_short`, `tail` (the thresholds), the longest wait and the agents.
+    /// `middle` and `tail` are JSON members, each followed by a comma. None for a state of
+    /// another shape, which Python renders.
+    #[allow(clippy::too_many_arguments)]
+    fn render<'py>(&self, py: Python<'py>, head: &[u8], agg: &Bound<'py, PyDict>, now_ms: i64, formula: &str,
+                   exclude_short: bool, middle: &[u8], tail: &[u8]) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let out = self.write(py, head, agg, now_ms, formula, exclude_short, middle, tail);
+        Ok(out.map(|out| PyBytes::new(py, &out)))
+    }
+}
+
+impl Figures {
+    #[allow(clippy::too_many_arguments)]
+    fn write<'py>(&self, py: Python<'py>, head: &[u8], agg: &Bound<'py, PyDict>, now_ms: i64, formula: &str,
+             exclude_short: bool, middle: &[u8], tail: &[u8]) -> Option<Vec<u8>> {
+        let item = |name: &Bound<'py, PyString>| -> Option<Bound<'py, PyAny>> { agg.get_item(name).ok().flatten() };
+        let ints = |v: Bound<'py, PyAny>, len: usize| -> Option<Vec<i64>> {
+            let l = v.downcast_into_exact::<PyList>().ok()?;
+            (l.len() == len).then(|| l.iter().map(|v| int(&v)).collect::<Option<Vec<i64>>>())?
+        };
+        let counts = ints(item(intern!(py, "c"))?, 7)?;
+        let sums = ints(item(intern!(py, "s"))?, 4)?;
+        let revision = int(&item(intern!(py, "rev"))?)?;
+        let last = item(intern!(py, "final"))?.downcast_into_exact::<PyBool>().ok()?.is_true();
+        let max_wait = int(&item(intern!(py, "mx"))?)?;
+        let agents_dict = item(intern!(py, "ag"))?.downcast_into_exact::<PyDict>().ok()?;
+        let derived = derived(&counts, &sums, formula, exclude_short)?;
+        let mut agents = Vec::with_capacity(agents_dict.len());
+        for (line, figures) in agents_dict.iter() {
+            let line = line.downcast_into_exact::<PyString>().ok()?;
+            line.to_str().ok()?; // text orjson can write (no lone surrogate)
+            agents.push((line, ints(figures, 3)?));
+        }
+        // `sorted` of the items: by line (keys differ; code point order is UTF-8's byte order).
+        agents.sort_unstable_by(|a, b| a.0.to_str().unwrap_or_default().cmp(b.0.to_str().unwrap_or_default()));
+
+        let mut out = Vec::with_capacity(head.len() + 600 + 100 * agents.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(b"\"revision\":");
+        put_int(&mut out, revision);
+        out.extend_from_slice(if last { b",\"final\":true,\"updated_at\":" } else { b",\"final\":false,\"updated_at\":" });
+        put_time(&mut out, now_ms);
+        for (name, &n) in self.counts.iter().zip(&counts) {
+            out.push(b',');
+            put_name(&mut out, name);
+            put_int(&mut out, n);
+        }
+        for (name, &ms) in self.sums.iter().zip(&sums) {
+            out.push(b',');
+            put_name(&mut out, name);
+            put_ms_as_seconds(&mut out, ms)?;
+        }
+        out.push(b',');
+        out.extend_from_slice(middle);
+        for (name, value) in self.derived.iter().zip(derived) {
+            put_name(&mut out, name);
+            match value {
+                Some(x) => put_float(&mut out, x)?,
+                None => out.extend_from_slice(b"null"),
+            }
+            out.push(b',');
+        }
+        out.extend_from_slice(tail);
+        out.extend_from_slice(b"\"max_wait_seconds\":");
+        if max_wait >= 0 {
+            put_ms_as_seconds(&mut out, max_wait)?;
+        } else {
+            out.extend_from_slice(b"null");
+        }
+        out.extend_from_slice(b",\"agents\":[");
+        for (i, (line, a)) in agents.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"line\":");
+            put_str(&mut out, line.to_str().ok()?);
+            out.extend_from_slice(b",\"offered\":");
+            put_int(&mut out, a[0]);
+            out.extend_from_slice(b",\"answered\":");
+            put_int(&mut out, a[1]);
+            out.extend_from_slice(b",\"missed\":");
+            put_int(&mut out, a[0].checked_sub(a[1])?);
+            out.extend_from_slice(b",\"talk_seconds\":");
+            put_ms_as_seconds(&mut out, a[2])?;
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        Some(out)
+    }
 }

@@ -651,7 +651,12 @@ fn put_secs(out: &mut Vec<u8>, start: Option<i64>, end: Option<i64>) -> Option<(
         (Some(s), Some(e)) => e.checked_sub(s)?.max(0),
         _ => 0,
     };
-    if ms >= 1_000_000_000_000 {
+    put_ms_as_seconds(out, ms)
+}
+
+/// `ms / 1000` of an int of milliseconds from 0 to 10^12 (the decimal, as Python's repr writes it).
+fn put_ms_as_seconds(out: &mut Vec<u8>, ms: i64) -> Option<()> {
+    if !(0..1_000_000_000_000).contains(&ms) {
         return None;
     }
     put_int(out, ms / 1000);
@@ -1136,5 +1141,6 @@ impl Fold {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
+    m.add_class::<acd::Figures>()?;
     m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)
 }
