@@ -42,7 +42,7 @@ from schemas.call_record import CALL_RECORD_SCHEMA, RECORD_ID, RECORD_NUMBER, RE
 from schemas.notification import TENANT_ID, canonical_time_ms, parse_rfc3339_ms, rfc3339_ms
 from schemas.topics import ACD_STATS
 
-try:  # the optional native decoding (processors/native, built by `make compile`)
+try:  # the optional native decoding and rendering (processors/native, built by `make compile`)
     from processors import _native  # type: ignore[attr-defined]
 except ImportError:
     _native = None
