@@ -3,8 +3,9 @@ and the native fold of call records (Rust, ``processors/native``) when cargo is 
 
 mypyc (part of mypy, a dev dependency) turns these type-checked modules into C extensions, which
 Python then imports instead of the ``.py`` files beside them; nothing else changes. The native
-fold is a Rust extension (PyO3) that ``processors/call_records.py`` uses for the common case of
-a notification when it is there. A manifest (``processors/_compiled.json``) keeps the hash of
+fold is a Rust extension (PyO3) that, when it is there, ``processors/call_records.py`` uses for
+the common case of a notification and ``processors/acd_stats.py`` to decode call records and
+write the figures of intervals. A manifest (``processors/_compiled.json``) keeps the hash of
 each source it was built from: a source edited after the build makes the build **stale**, and
 every ``keyyo-stream`` command (and the test suite) then refuses to start rather than run the old
 code. ``make uncompile`` goes back to pure Python.
