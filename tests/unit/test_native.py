@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import orjson
@@ -379,7 +379,11 @@ def test_decoding_call_records_gives_python_s_call_or_leaves_the_value_to_python
             type(getattr(expected, f)) for f in AcdCall.__dataclass_fields__], value
     assert all(decode(k, v, CALL_RECORD_SCHEMA, AcdCall) is not None for k, v in records)
     assert natively < len(cases) - 3000  # the broken ones left to Python
-    assert logic.decode(*acd[0]) == _python_call(*acd[0])  # the logic uses it
+    used = []
+    counting = SimpleNamespace(Figures=native.Figures,
+                               decode_call_record=lambda *args: used.append(args) or decode(*args))
+    assert AcdStatsLogic(native=counting).decode(*acd[0]) == _python_call(*acd[0])
+    assert len(used) == 1  # the logic uses it
 
 
 # -- rendering acd-stats' figures ---------------------------------------------------------------

@@ -420,18 +420,22 @@ fn derived(c: &[i64], s: &[i64], formula: &str, exclude_short: bool) -> Option<[
     Some([level, mean(s[1], answered)?, mean(s[0], offered)?, mean(s[2], abandoned)?, mean(s[3], answered)?])
 }
 
-/// `"name":`
-fn put_name(out: &mut Vec<u8>, name: &str) {
-    put_str(out, name);
-    out.push(b':');
-}
-
 /// An interval's figures as `AcdStatsLogic.figures` returns them, written as orjson writes them.
 #[pyclass(frozen)]
 pub struct Figures {
-    counts: Vec<String>,
-    sums: Vec<String>,
-    derived: Vec<String>,
+    /// `"name":` of each count, sum and derived figure, written once.
+    counts: Vec<Vec<u8>>,
+    sums: Vec<Vec<u8>>,
+    derived: Vec<Vec<u8>>,
+}
+
+fn member_names(names: &[String]) -> Vec<Vec<u8>> {
+    names.iter().map(|name| {
+        let mut member = Vec::with_capacity(name.len() + 3);
+        put_str(&mut member, name);
+        member.push(b':');
+        member
+    }).collect()
 }
 
 #[pymethods]
@@ -443,7 +447,7 @@ impl Figures {
         if counts.len() != 7 || sums.len() != 4 || derived.len() != 5 {
             return Err(pyo3::exceptions::PyValueError::new_err("7 counts, 4 sums and 5 derived figures expected"));
         }
-        Ok(Figures { counts, sums, derived })
+        Ok(Figures { counts: member_names(&counts), sums: member_names(&sums), derived: member_names(&derived) })
     }
 
     /// The value of the interval `agg` (its state) at `now_ms`: `head` (the fields that never
@@ -493,18 +497,18 @@ impl Figures {
         put_time(&mut out, now_ms);
         for (name, &n) in self.counts.iter().zip(&counts) {
             out.push(b',');
-            put_name(&mut out, name);
+            out.extend_from_slice(name);
             put_int(&mut out, n);
         }
         for (name, &ms) in self.sums.iter().zip(&sums) {
             out.push(b',');
-            put_name(&mut out, name);
+            out.extend_from_slice(name);
             put_ms_as_seconds(&mut out, ms)?;
         }
         out.push(b',');
         out.extend_from_slice(middle);
         for (name, value) in self.derived.iter().zip(derived) {
-            put_name(&mut out, name);
+            out.extend_from_slice(name);
             match value {
                 Some(x) => put_float(&mut out, x)?,
                 None => out.extend_from_slice(b"null"),
