@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Output:
-    """One record to write: topic base name (the runtime adds the prefix), key, value."""
+    """One record to write: topic base name (the runtime adds the prefix), key, value. Treat it as
+    read-only once made (it is not frozen: a frozen dataclass costs ≈ 1 µs more to build)."""
 
     topic: str
     key: bytes
@@ -18,6 +19,15 @@ class Output:
     latest: bool = False
     """Only the latest value of this (topic, key) matters (a compacted topic's figures): when a
     transaction holds several, only the last one is written, as Kafka Streams' record cache does."""
+
+    def __init__(self, topic: str, key: bytes, value: bytes | Callable[[], bytes],
+                 latest: bool = False) -> None:
+        # Written out for mypyc, as Notification's (0.3 µs compiled, against 1.4 µs for the
+        # generated frozen one); tests/unit/test_inits.py holds it to the fields above.
+        self.topic = topic
+        self.key = key
+        self.value = value
+        self.latest = latest
 
     def rendered(self) -> bytes:
         """The value's bytes."""

@@ -274,6 +274,32 @@ class Notification:
     schema: str = SCHEMA
     """Always ``keyyo.notification.v1``."""
 
+    def __init__(self, event_id: str, tenant: str, type: NotificationType, account: str, caller: str,
+                 callee: str, callref: str | None, dref: str | None, dref_replace: str | None,
+                 session_id: str | None, is_acd: bool, redirecting_number: str | None, version: int,
+                 event_time: str, received_at: str, source_ip: str, schema: str = SCHEMA) -> None:
+        # The dataclass's own __init__, written out: compiled by mypyc (`make compile`) it is native
+        # code, 0.24 µs against 1.1 µs for the generated one, which stays interpreted; every
+        # notification the edge accepts or a processor reads builds one.
+        # tests/unit/test_inits.py holds it to the fields above.
+        self.event_id = event_id
+        self.tenant = tenant
+        self.type = type
+        self.account = account
+        self.caller = caller
+        self.callee = callee
+        self.callref = callref
+        self.dref = dref
+        self.dref_replace = dref_replace
+        self.session_id = session_id
+        self.is_acd = is_acd
+        self.redirecting_number = redirecting_number
+        self.version = version
+        self.event_time = event_time
+        self.received_at = received_at
+        self.source_ip = source_ip
+        self.schema = schema
+
     def to_dict(self) -> dict[str, Any]:
         """The wire form as a dict."""
         return asdict(self)

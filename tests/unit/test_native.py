@@ -247,6 +247,38 @@ def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(nativ
     assert key("gone") not in state and "i/acme/c/C-mine" not in state and "i/acme/s/S-other" in state
 
 
+def test_state_strings_with_escapes_are_read_as_orjson_reads_them(native: ModuleType) -> None:
+    """The fold reads the escapes orjson writes in a call's state (every control character, quote,
+    backslash; also an escaped slash and upper-case hex); a call whose state holds any other escape
+    (of a non-ASCII character or a surrogate pair, which orjson writes raw) or a broken one is left
+    to Python. Either way every output and the state are Python's."""
+    every = "".join(map(chr, range(0x20))) + '"\\/\x7fé€😀'
+
+    def state(dref: str, caller: bytes) -> bytes:
+        return orjson.dumps([1, 0, False, None, None, T0, ["aaaaaaaaaaaa"], [
+            [dref, None, "33100000001", "CALLER", "33100000001", T0, None, None, None, None, False,
+             None, T0, False, False]]]).replace(b'"CALLER"', caller)
+
+    read = {"every": orjson.dumps(every), "other": b'"\\u001F\\/x\\u0041"'}
+    left = {"nonascii": b'"\\u00e9t\\u00E9"', "pair": b'"\\ud83d\\ude00"', "bad": b'"\\u00"',
+            "unknown": b'"\\x41"'}
+    seed = {f"c/acme/{_call_id('acme', dref)}": state(dref, caller) for dref, caller in (read | left).items()}
+    for dref, caller in (read | left).items():
+        try:
+            orjson.loads(caller)
+        except orjson.JSONDecodeError:
+            assert dref in ("bad", "unknown")
+    # A CONNECT each (the state above is read), then a RELEASE of those read natively (the state the
+    # fold wrote is read back).
+    records = [note("CONNECT", dref, T0 + 1000 * i) for i, dref in enumerate(read | left)]
+    records += [note("RELEASE", dref, T0 + 10_000 + i) for i, dref in enumerate(read)]
+    counting, pure = both(records, native, seed=seed)
+    assert counting.native == 2 * len(read)
+    assert counting.python == len(left)
+    updates = pure.values("keyyo.call-updates.v1")
+    assert {u["legs"][0]["caller"] for u in updates} == {every, "\x1f/xA", "été", "😀"}
+
+
 # -- decoding ----------------------------------------------------------------------------------
 
 def _python_decode(key: bytes, value: bytes) -> Notification | str:

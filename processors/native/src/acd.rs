@@ -11,7 +11,8 @@
 //!
 //! The JSON reader below is deliberately narrower than JSON: strings without escapes or control
 //! characters, numbers that orjson reads exactly as Rust does, at most 32 levels. A value outside
-//! that goes to Python, which reads full JSON with orjson.
+//! that goes to Python, which reads full JSON with orjson. The fold of call records (lib.rs) reads
+//! its calls' state with it too.
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -23,7 +24,7 @@ use crate::{parse_time, put_int, put_ms_as_seconds, put_str, put_time};
 
 /// A JSON value borrowed from the record (an object keeps its members in order; as orjson, the
 /// last of two members with the same name wins).
-enum J<'a> {
+pub(crate) enum J<'a> {
     Null,
     Bool(bool),
     /// An integer written without fraction or exponent, of at most 18 digits (an `int` for orjson).
@@ -31,6 +32,8 @@ enum J<'a> {
     /// Any other number, finite (a `float` for orjson).
     Float(f64),
     Str(&'a str),
+    /// A string with escapes, decoded (only from `read_escaped`).
+    Text(String),
     Arr(Vec<J<'a>>),
     Obj(Vec<(&'a str, J<'a>)>),
 }
@@ -50,6 +53,8 @@ struct Reader<'a> {
     b: &'a [u8],
     at: usize,
     depth: usize,
+    /// Whether a string value may hold the escapes orjson writes (see `escaped`).
+    escapes: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -91,7 +96,7 @@ impl<'a> Reader<'a> {
                 }
             }),
             b'[' => self.nested(|r| {
-                let mut items = Vec::with_capacity(4);
+                let mut items = Vec::with_capacity(16); // a call-records leg has 15 slots
                 if r.peek() == Some(b']') {
                     r.at += 1;
                     return Some(J::Arr(items));
@@ -105,7 +110,14 @@ impl<'a> Reader<'a> {
                     }
                 }
             }),
-            b'"' => self.string().map(J::Str),
+            b'"' => {
+                let start = self.at;
+                match self.string() {
+                    Some(s) => Some(J::Str(s)),
+                    None if self.escapes => self.escaped(start).map(J::Text),
+                    None => None,
+                }
+            }
             b't' => self.word(b"rue", J::Bool(true)),
             b'f' => self.word(b"alse", J::Bool(false)),
             b'n' => self.word(b"ull", J::Null),
@@ -150,6 +162,56 @@ impl<'a> Reader<'a> {
         self.at += 1;
         // Quotes are ASCII, so both ends are character boundaries of the (valid UTF-8) text.
         Some(&self.s[start..self.at - 1])
+    }
+
+    /// A string from its first character (at `start`), decoding the escapes orjson writes: `\"`,
+    /// `\\`, `\/`, `\b`, `\f`, `\n`, `\r`, `\t` and `\u00XX` below 0x80 (a control character).
+    /// Any other escape, or a raw control character, is None.
+    fn escaped(&mut self, start: usize) -> Option<String> {
+        self.at = start;
+        let mut text = String::new();
+        loop {
+            match *self.b.get(self.at)? {
+                b'"' => {
+                    self.at += 1;
+                    return Some(text);
+                }
+                b'\\' => {
+                    let c = match *self.b.get(self.at + 1)? {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\x08',
+                        b'f' => '\x0c',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let hex = self.b.get(self.at + 2..self.at + 6)?;
+                            if !(hex[0] == b'0' && hex[1] == b'0' && hex[2] <= b'7' && hex[3].is_ascii_hexdigit()
+                                 && hex[2].is_ascii_digit())
+                            {
+                                return None;
+                            }
+                            self.at += 4;
+                            char::from(((hex[2] - b'0') << 4) | (hex[3] as char).to_digit(16)? as u8)
+                        }
+                        _ => return None,
+                    };
+                    self.at += 2;
+                    text.push(c);
+                }
+                0..=0x1f => return None,
+                _ => {
+                    // A run of plain bytes; it ends at an ASCII byte (or the end), a character boundary.
+                    let run = self.at;
+                    while self.at < self.b.len() && !matches!(self.b[self.at], b'"' | b'\\' | 0..=0x1f) {
+                        self.at += 1;
+                    }
+                    text.push_str(&self.s[run..self.at]);
+                }
+            }
+        }
     }
 
     fn digits(&mut self) -> usize {
@@ -199,9 +261,19 @@ impl<'a> Reader<'a> {
 }
 
 /// The whole value as one JSON document, or None.
-fn read(raw: &[u8]) -> Option<J<'_>> {
+pub(crate) fn read(raw: &[u8]) -> Option<J<'_>> {
+    read_with(raw, false)
+}
+
+/// `read`, also decoding the escapes orjson writes in strings (into `J::Text`): how the fold of
+/// call records (lib.rs) reads its calls' state, whose strings may hold any character.
+pub(crate) fn read_escaped(raw: &[u8]) -> Option<J<'_>> {
+    read_with(raw, true)
+}
+
+fn read_with(raw: &[u8], escapes: bool) -> Option<J<'_>> {
     let s = std::str::from_utf8(raw).ok()?;
-    let mut reader = Reader { s, b: raw, at: 0, depth: 0 };
+    let mut reader = Reader { s, b: raw, at: 0, depth: 0, escapes };
     let value = reader.value()?;
     reader.space();
     (reader.at == raw.len()).then_some(value)

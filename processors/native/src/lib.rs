@@ -11,10 +11,11 @@
 
 mod acd;
 
+use acd::J;
+
 use pyo3::prelude::*;
 use pyo3::intern;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// A JSON scalar as the state holds it (a leg's slot, a call's header field).
@@ -117,31 +118,38 @@ impl Call {
     }
 }
 
-fn scalar(value: &Value) -> Option<Val> {
+fn scalar(value: &J<'_>) -> Option<Val> {
     Some(match value {
-        Value::Null => Val::Null,
-        Value::Bool(b) => Val::Bool(*b),
-        Value::Number(n) => Val::Int(n.as_i64()?),
-        Value::String(s) => Val::Str(s.clone()),
+        J::Null => Val::Null,
+        J::Bool(b) => Val::Bool(*b),
+        J::Int(i) => Val::Int(*i),
+        J::Str(s) => Val::Str((*s).to_owned()),
+        J::Text(s) => Val::Str(s.clone()),
         _ => return None,
     })
 }
 
-/// `unpack_call` for the compact form; None for the object form or anything unexpected.
+/// `unpack_call` for the compact form; None for the object form or anything unexpected (and for
+/// any value the narrow reader of `acd` leaves to Python: a long integer, a float).
 fn unpack(raw: &[u8]) -> Option<Call> {
-    let data: Value = serde_json::from_slice(raw).ok()?;
-    let items = data.as_array()?;
+    let J::Arr(items) = acd::read_escaped(raw)? else { return None };
     if items.len() != 8 {
         return None;
     }
-    let events = items[6]
-        .as_array()?
+    let J::Arr(events) = &items[6] else { return None };
+    let events = events
         .iter()
-        .map(|e| e.as_str().map(str::to_owned))
+        .map(|e| match e {
+            J::Str(s) => Some((*s).to_owned()),
+            J::Text(s) => Some(s.clone()),
+            _ => None,
+        })
         .collect::<Option<Vec<_>>>()?;
-    let mut legs = Vec::new();
-    for leg in items[7].as_array()? {
-        let slots = leg.as_array()?.iter().map(scalar).collect::<Option<Vec<_>>>()?;
+    let J::Arr(legs_raw) = &items[7] else { return None };
+    let mut legs = Vec::with_capacity(legs_raw.len());
+    for leg in legs_raw {
+        let J::Arr(slots) = leg else { return None };
+        let slots = slots.iter().map(scalar).collect::<Option<Vec<_>>>()?;
         if slots.len() != LEG_SLOTS
             || !matches!(slots[DREF], Val::Str(_))
             || !matches!(slots[FIRST_AT], Val::Int(_))
