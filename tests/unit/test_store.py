@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
+import orjson
 import pytest
 
 from processors.state import Store
@@ -135,3 +138,20 @@ def test_latest_outputs_keep_only_the_last_per_key_and_the_order_of_the_rest() -
     assert coalesce(outs) == [outs[1], outs[2], outs[3], outs[4], outs[5], outs[6]]
     plain = [Output("updates", b"a", b"u1"), Output("updates", b"a", b"u2")]
     assert coalesce(plain) == plain
+
+
+def test_entries_put_hold_their_size_not_orjsons_hidden_capacity() -> None:
+    """``orjson.dumps`` returns bytes holding ≈ 4 KB whatever their length; what the store keeps
+    (staged, then committed) must cost about its length, or a million open calls cost 4 GB."""
+    store = Store()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2_000):
+            store.put(f"c/{i}", orjson.dumps([i, "a" * 200, None]))
+        store.commit()
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / 2_000
+    finally:
+        tracemalloc.stop()
+    assert store.get("c/7") == orjson.dumps([7, "a" * 200, None])
+    assert per_entry < 600, per_entry  # ≈ 220 bytes of value, its key and the dict's slot
