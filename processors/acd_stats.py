@@ -190,13 +190,16 @@ class AcdStatsLogic:
     def __init__(self, config: AcdConfig | None = None, *, native: Any = _native) -> None:
         """``native``: the native module (``processors._native`` when `make compile` built it), or
         None for Python alone. It decodes the records it can read with certainty, as
-        :func:`decode_record` does, and writes the figures of intervals with the bytes orjson
-        writes for :meth:`figures`; Python does the others."""
+        :func:`decode_record` does; counts an ACD call seen for the first time as :meth:`on_event`
+        does, staging the same entries; and writes the figures of intervals with the bytes orjson
+        writes for :meth:`figures`. Python does the others (restatements, states it does not
+        expect)."""
         self.config = config or AcdConfig()
         self._intervals: dict[tuple[str, int, int], int] = {}
         self._headers: dict[tuple[Any, ...], tuple[bytes, dict[str, Any], tuple[bytes, bytes, bytes]]] = {}
         self._native_decode = None if native is None else native.decode_call_record
         self._native_figures = None if native is None else native.Figures(COUNTS, SUMS, DERIVED)
+        self._native_count = None if native is None else native.count_call
 
     def decode(self, key: bytes | None, value: bytes | None) -> AcdCall:
         """:func:`decode_record`, natively when the native module is there and reads the value."""
@@ -250,9 +253,21 @@ class AcdStatsLogic:
             raise Refused(f"the call started in the interval of {rfc3339_ms(iv)}, closed to "
                           f"restatement since {rfc3339_ms(closed_at)} (restate_hours "
                           f"{tc.restate_hours:g}); stream time is {rfc3339_ms(now_ms)}")
+        akey = f"a/{t}/{queue}/{iv}"
+        if old is None and self._native_count is not None:
+            # Counted for the first time: natively, unless the interval's state or the call is
+            # of a shape the native code does not expect (it then writes nothing).
+            counted: bytes | None = self._native_count(
+                store, call, kkey, akey, f"m/{t}/{queue}/{iv}/", queue, iv, tc.interval_minutes,
+                iv + tc.interval_ms, tc.grace_ms, tc.restate_ms, tc.service_level_seconds * 1000,
+                tc.short_abandon_seconds * 1000, now_ms)
+            if counted is not None:
+                interval = {"t": t, "q": queue, "iv": iv, "m": tc.interval_minutes}
+                return [Output(ACD_STATS.name, self._header(interval, tc)[0],
+                               functools.partial(self._render_stored, counted, interval, tc, now_ms),
+                               latest=True)]
         contribution = self._contribution(call, tc, queue, iv)
         outputs: list[Output] = []
-        akey = f"a/{t}/{queue}/{iv}"
         agg = self._load(store, akey)
         if old is not None and old[0] == queue and old[1] == iv and agg is not None:
             contribution[2] = old[2]
@@ -419,6 +434,16 @@ class AcdStatsLogic:
             if rendered is not None:
                 return rendered
         return orjson.dumps(self.figures(agg, tc, now_ms))
+
+    def _render_stored(self, raw: bytes, interval: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
+        """:meth:`_render` of an interval's state as the store holds it (the native count's)."""
+        if self._native_figures is not None:
+            head, middle, tail = self._header(interval, tc)[2]
+            rendered: bytes | None = self._native_figures.render_json(
+                head, raw, now_ms, tc.service_level_formula, tc.exclude_short_abandons, middle, tail)
+            if rendered is not None:
+                return rendered
+        return self._render(orjson.loads(raw), tc, now_ms)
 
     def _header(self, agg: dict[str, Any],
                 tc: TenantAcd) -> tuple[bytes, dict[str, Any], tuple[bytes, bytes, bytes]]:

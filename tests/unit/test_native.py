@@ -28,6 +28,7 @@ from processors.acd_stats import AcdCall, AcdStatsLogic
 from processors.call_records import CallRecords, CallRecordsConfig, _call_id
 from processors.contract import Output
 from processors.driver import Driver
+from processors.output import coalesce
 from processors.state import Store
 from processors.step import Limits
 from schemas.acd_stats import SERVICE_LEVEL_FORMULAS
@@ -412,7 +413,7 @@ def test_decoding_call_records_gives_python_s_call_or_leaves_the_value_to_python
     assert all(decode(k, v, CALL_RECORD_SCHEMA, AcdCall) is not None for k, v in records)
     assert natively < len(cases) - 3000  # the broken ones left to Python
     used = []
-    counting = SimpleNamespace(Figures=native.Figures,
+    counting = SimpleNamespace(Figures=native.Figures, count_call=native.count_call,
                                decode_call_record=lambda *args: used.append(args) or decode(*args))
     assert AcdStatsLogic(native=counting).decode(*acd[0]) == _python_call(*acd[0])
     assert len(used) == 1  # the logic uses it
@@ -480,3 +481,156 @@ def test_figures_are_written_with_orjson_s_bytes_or_left_to_python(native: Modul
         natively += native_logic._native_figures.render(
             head, agg, now, tc.service_level_formula, tc.exclude_short_abandons, middle, tail) is not None
     assert natively == len(intervals) - len(odd)  # all but the odd states
+
+
+# -- counting ACD calls ------------------------------------------------------------------------
+
+class CountingAcd:
+    """The native module as ``AcdStatsLogic`` uses it, counting the calls it counted natively and
+    those it left to Python."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.decode_call_record = module.decode_call_record
+        self.Figures = module.Figures
+        self._count = module.count_call
+        self.native = 0
+        self.python = 0
+
+    def count_call(self, *args: Any) -> bytes | None:
+        counted: bytes | None = self._count(*args)
+        if counted is None:
+            self.python += 1
+        else:
+            self.native += 1
+        return counted
+
+
+def _acd_both(records: list[tuple[bytes, bytes, int]], native: ModuleType,
+              seed: dict[str, bytes] | None = None) -> tuple[CountingAcd, Driver]:
+    """Every record through a pure and a native acd-stats partition, one transaction each, then
+    every interval made final and forgotten: every output and the state equal."""
+    counting = CountingAcd(native)
+    pure = Driver(AcdStatsLogic(native=None))
+    fast = Driver(AcdStatsLogic(native=counting))
+    for driver in (pure, fast):
+        for key, value in (seed or {}).items():
+            driver.store.restore(key, value)
+    for i, (key, value, ts) in enumerate(records):
+        assert _bytes(fast.send(key, value, ts)) == _bytes(pure.send(key, value, ts)), f"record {i}"
+        assert fast.store.committed() == pure.store.committed(), f"record {i}"
+    assert _bytes(fast.flush(72 * 3600_000)) == _bytes(pure.flush(72 * 3600_000))
+    assert fast.store.committed() == pure.store.committed()
+    return counting, pure
+
+
+def _restated(value: bytes, **fields: Any) -> bytes:
+    record = orjson.loads(value)
+    record.update(fields)
+    return orjson.dumps(record)
+
+
+def test_acd_calls_are_counted_natively_with_python_s_outputs_and_state(native: ModuleType) -> None:
+    """Simulated call records, with restatements (same interval, another queue's number, another
+    interval), duplicates, a record too late to count, and intervals already final when their
+    first call arrives: the native count gives Python's outputs and state, record by record and
+    in transactions of many records."""
+    rng = random.Random(14)
+    records = [(k, v, parse_rfc3339_ms(orjson.loads(v)["ended_at"]))
+               for k, v in simulated_records(3000, 20, 1.0, 13, T0)]
+    acd = [(k, v, ts) for k, v, ts in records if b'"is_acd":true' in v]
+    extra = []
+    for key, value, ts in rng.sample(acd, 60):
+        record = orjson.loads(value)
+        extra += [
+            (key, value, ts + 1),  # a duplicate: already counted
+            (key, _restated(value, revision=2, wait_seconds=record["wait_seconds"] + 7.5), ts + 2),
+            (key, _restated(value, revision=3, callee="33199999999"), ts + 3),
+            (key, _restated(value, revision=4, started_at=rfc3339_ms(ts - 3600_000)), ts + 4),
+        ]
+    late = orjson.loads(acd[0][1])
+    late_ms = parse_rfc3339_ms(late["started_at"])
+    extra += [  # a first count in an interval already final, then one closed to restatement
+        (acd[0][0], _restated(acd[0][1], record_id="f" * 32, started_at=rfc3339_ms(late_ms - 20 * 60_000)),
+         records[-1][2]),
+        (acd[0][0], _restated(acd[0][1], record_id="e" * 32, started_at=rfc3339_ms(late_ms - 49 * 3600_000)),
+         records[-1][2]),
+    ]
+    # Waits exactly at the service level and at the short-abandon threshold (20 s and 5 s).
+    for i, (key, value, ts) in enumerate(rng.sample(acd, 40)):
+        wait = (20.0, 5.0, 20, 5)[i % 4]
+        extra.append((key, _restated(value, record_id=f"{i:032x}", wait_seconds=wait), ts))
+    # First counts in new intervals whose end + grace the tenant's time has just reached, or not.
+    tenant, quarter = orjson.loads(acd[-1][1])["tenant"], (records[-1][2] // 900_000 - 8) * 900_000
+    for i, ended in enumerate((quarter + 900_000 + 120_000 - 1, quarter + 2 * 900_000 + 120_000)):
+        start = ended - 120_000 - 900_000 + 60_000
+        extra.append((tenant.encode(), _restated(
+            acd[-1][1], record_id=f"{i + 100:032x}", started_at=rfc3339_ms(start), answered_at=None,
+            ended_at=rfc3339_ms(ended), outcome="abandoned", talk_seconds=0.0,
+            wait_seconds=(ended - start) / 1000), ended))
+    mixed = sorted(records + extra, key=lambda r: r[2])
+    counting, pure = _acd_both(mixed, native)
+    assert counting.native >= len(acd) * 0.95 and counting.python == 0
+    reasons = [v["reason"] for v in pure.values("keyyo.dead-letters.v1")]
+    assert any("closed to restatement" in r for r in reasons)
+
+    # Transactions of 50 records: the figures written for an interval are its last state's.
+    outputs: dict[bool, list[tuple[str, bytes, bytes]]] = {}
+    states = {}
+    for natively in (False, True):
+        logic, store, written = AcdStatsLogic(native=native if natively else None), Store(), []
+        pending: list[Output] = []
+        for i, (key, value, _) in enumerate(mixed):
+            call = logic.decode(key, value)
+            store.advance(call.tenant, call.event_ms)
+            store.domain = call.tenant
+            try:
+                pending += logic.on_event(store, call, store.time(call.tenant))
+            except Exception as exc:
+                pending.append(Output("error", key, type(exc).__name__.encode()))
+            if i % 50 == 49 or i == len(mixed) - 1:
+                written += _bytes(coalesce(pending))
+                written += [("staged", k.encode(), v or b"") for k, v in store.staged().items()]
+                pending = []
+                store.commit()
+        outputs[natively], states[natively] = written, store.committed()
+    assert outputs[True] == outputs[False] and states[True] == states[False]
+
+
+def test_interval_states_of_another_shape_are_counted_by_python(native: ModuleType) -> None:
+    """An interval's state the native count does not expect (members missing, in another order or
+    of another type; a longest wait to recompute; another tenant, queue or length; sums at the
+    end of an i64) is left to Python before anything is written; an agent whose offered calls
+    fall to zero leaves the interval in both."""
+    key, value = next((k, v) for k, v in simulated_records(200, 1, 0.2, 15, T0) if b'"is_acd":true' in v)
+    record = orjson.loads(value)
+    ts = parse_rfc3339_ms(record["ended_at"])
+    logic = AcdStatsLogic(native=None)
+    call = logic.decode(key, value)
+    tc = logic.config.tenant(call.tenant)
+    iv = logic.interval_start(call.started_ms, tc)
+    akey = f"a/{call.tenant}/default/{iv}"
+    base = {"t": call.tenant, "q": "default", "iv": iv, "m": 15, "rev": 3, "final": False, "n": 2,
+            "c": [2, 1, 1, 0, 0, 1, 0], "s": [4000, 1000, 3000, 60_000], "mx": 3000,
+            "ag": {"33100000001": [2, 1, 60_000]}}
+    lines = [leg[0] for leg in call.legs]
+    odd: list[tuple[str, dict[str, Any] | bytes, bool]] = [
+        ("as written", base, True),
+        ("an agent leaves", {**base, "ag": {lines[0]: [-1, 0, 0], "33100000001": [2, 1, 60_000]}}, True),
+        ("member missing", {k: v for k, v in base.items() if k != "n"}, False),
+        ("members reordered", {"q": base["q"], **base}, False),
+        ("extra member", {**base, "x": 1}, False),
+        ("wait to recompute", {**base, "mx": None}, False),
+        ("float wait", {**base, "mx": 3000.0}, False),
+        ("bool count", {**base, "c": [2, 1, 1, 0, 0, 1, True]}, False),
+        ("bool final", {**base, "final": 1}, False),
+        ("other length", {**base, "m": 30}, False),
+        ("other tenant", {**base, "t": "someone"}, False),
+        ("sum at the end", {**base, "s": [2**63 - 1, 1000, 3000, 60_000]}, False),
+        ("short counts", {**base, "c": [2, 1, 1]}, False),
+        ("duplicate agent", orjson.dumps(base)[:-2] + b',"33100000001":[1,0,0]}}', False),
+        ("escaped queue", orjson.dumps(base).replace(b'"default"', b'"def\\u0061ult"'), False),
+    ]
+    for name, state, natively in odd:
+        raw = state if isinstance(state, bytes) else orjson.dumps(state)
+        counting, _ = _acd_both([(key, value, ts)], native, seed={akey: raw})
+        assert (counting.native, counting.python) == ((1, 0) if natively else (0, 1)), name

@@ -534,9 +534,28 @@ impl Figures {
         let out = self.write(py, head, agg, now_ms, formula, exclude_short, middle, tail);
         Ok(out.map(|out| PyBytes::new(py, &out)))
     }
+
+    /// `render` of a state given as the JSON the store holds (what `count_call` returns); None
+    /// for a state of another shape, which Python reads and renders.
+    #[allow(clippy::too_many_arguments)]
+    fn render_json<'py>(&self, py: Python<'py>, head: &[u8], agg: &[u8], now_ms: i64, formula: &str,
+                        exclude_short: bool, middle: &[u8], tail: &[u8]) -> Option<Bound<'py, PyBytes>> {
+        let agg = Agg::read(agg)?;
+        let state = State {
+            counts: agg.counts.to_vec(),
+            sums: agg.sums.to_vec(),
+            revision: agg.rev,
+            last: agg.last,
+            max_wait: agg.max_wait,
+            agents: agg.agents,
+        };
+        let out = self.write_state(head, state, now_ms, formula, exclude_short, middle, tail)?;
+        Some(PyBytes::new(py, &out))
+    }
 }
 
 impl Figures {
+    /// `render` of a state held as a Python dict.
     #[allow(clippy::too_many_arguments)]
     fn write<'py>(&self, py: Python<'py>, head: &[u8], agg: &Bound<'py, PyDict>, now_ms: i64, formula: &str,
              exclude_short: bool, middle: &[u8], tail: &[u8]) -> Option<Vec<u8>> {
@@ -551,28 +570,38 @@ impl Figures {
         let last = item(intern!(py, "final"))?.downcast_into_exact::<PyBool>().ok()?.is_true();
         let max_wait = int(&item(intern!(py, "mx"))?)?;
         let agents_dict = item(intern!(py, "ag"))?.downcast_into_exact::<PyDict>().ok()?;
-        let derived = derived(&counts, &sums, formula, exclude_short)?;
-        let mut agents = Vec::with_capacity(agents_dict.len());
+        let mut lines = Vec::with_capacity(agents_dict.len());
         for (line, figures) in agents_dict.iter() {
-            let line = line.downcast_into_exact::<PyString>().ok()?;
-            line.to_str().ok()?; // text orjson can write (no lone surrogate)
-            agents.push((line, ints(figures, 3)?));
+            let figures = ints(figures, 3)?;
+            lines.push((line.downcast_into_exact::<PyString>().ok()?, [figures[0], figures[1], figures[2]]));
         }
-        // `sorted` of the items: by line (keys differ; code point order is UTF-8's byte order).
-        agents.sort_unstable_by(|a, b| a.0.to_str().unwrap_or_default().cmp(b.0.to_str().unwrap_or_default()));
+        // Text orjson can write (no lone surrogate), borrowed while `lines` holds the strings.
+        let agents = lines.iter().map(|(line, a)| Some((line.to_str().ok()?, *a))).collect::<Option<Vec<_>>>()?;
+        let state = State { counts, sums, revision, last, max_wait, agents };
+        self.write_state(head, state, now_ms, formula, exclude_short, middle, tail)
+    }
 
-        let mut out = Vec::with_capacity(head.len() + 600 + 100 * agents.len());
+    /// The figures of an interval's state, written as orjson writes `AcdStatsLogic.figures`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_state(&self, head: &[u8], mut state: State<'_>, now_ms: i64, formula: &str, exclude_short: bool,
+                   middle: &[u8], tail: &[u8]) -> Option<Vec<u8>> {
+        let (counts, sums) = (&state.counts, &state.sums);
+        let derived = derived(counts, sums, formula, exclude_short)?;
+        // `sorted` of the items: by line (keys differ; code point order is UTF-8's byte order).
+        state.agents.sort_unstable_by(|a, b| a.0.cmp(b.0));
+
+        let mut out = Vec::with_capacity(head.len() + 600 + 100 * state.agents.len());
         out.extend_from_slice(head);
         out.extend_from_slice(b"\"revision\":");
-        put_int(&mut out, revision);
-        out.extend_from_slice(if last { b",\"final\":true,\"updated_at\":" } else { b",\"final\":false,\"updated_at\":" });
+        put_int(&mut out, state.revision);
+        out.extend_from_slice(if state.last { b",\"final\":true,\"updated_at\":" } else { b",\"final\":false,\"updated_at\":" });
         put_time(&mut out, now_ms);
-        for (name, &n) in self.counts.iter().zip(&counts) {
+        for (name, &n) in self.counts.iter().zip(counts) {
             out.push(b',');
             out.extend_from_slice(name);
             put_int(&mut out, n);
         }
-        for (name, &ms) in self.sums.iter().zip(&sums) {
+        for (name, &ms) in self.sums.iter().zip(sums) {
             out.push(b',');
             out.extend_from_slice(name);
             put_ms_as_seconds(&mut out, ms)?;
@@ -589,18 +618,18 @@ impl Figures {
         }
         out.extend_from_slice(tail);
         out.extend_from_slice(b"\"max_wait_seconds\":");
-        if max_wait >= 0 {
-            put_ms_as_seconds(&mut out, max_wait)?;
+        if state.max_wait >= 0 {
+            put_ms_as_seconds(&mut out, state.max_wait)?;
         } else {
             out.extend_from_slice(b"null");
         }
         out.extend_from_slice(b",\"agents\":[");
-        for (i, (line, a)) in agents.iter().enumerate() {
+        for (i, (line, a)) in state.agents.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             out.extend_from_slice(b"{\"line\":");
-            put_str(&mut out, line.to_str().ok()?);
+            put_str(&mut out, line);
             out.extend_from_slice(b",\"offered\":");
             put_int(&mut out, a[0]);
             out.extend_from_slice(b",\"answered\":");
@@ -614,4 +643,352 @@ impl Figures {
         out.extend_from_slice(b"]}");
         Some(out)
     }
+}
+
+/// What the figures are rendered from: an interval's state, its agents' lines borrowed.
+struct State<'a> {
+    counts: Vec<i64>,
+    sums: Vec<i64>,
+    revision: i64,
+    last: bool,
+    max_wait: i64,
+    agents: Vec<(&'a str, [i64; 3])>,
+}
+
+// -- counting an ACD call -------------------------------------------------------------------
+
+/// An interval's state (`a/t/q/iv`) as `_new_interval` makes it, its members in that order.
+struct Agg<'a> {
+    t: &'a str,
+    q: &'a str,
+    iv: i64,
+    m: i64,
+    rev: i64,
+    last: bool,
+    n: i64,
+    counts: [i64; 7],
+    sums: [i64; 4],
+    max_wait: i64,
+    /// Each agent's line and (offered, answered, talk ms), in the dict's order.
+    agents: Vec<(&'a str, [i64; 3])>,
+}
+
+const AGG_MEMBERS: [&str; 11] = ["t", "q", "iv", "m", "rev", "final", "n", "c", "s", "mx", "ag"];
+
+/// A JSON array of exactly `N` integers.
+fn ints<const N: usize>(v: &J<'_>) -> Option<[i64; N]> {
+    let J::Arr(items) = v else { return None };
+    if items.len() != N {
+        return None;
+    }
+    let mut out = [0; N];
+    for (o, item) in out.iter_mut().zip(items) {
+        let J::Int(i) = item else { return None };
+        *o = *i;
+    }
+    Some(out)
+}
+
+impl<'a> Agg<'a> {
+    /// The state `_load` reads, when it has exactly the members `_new_interval` gives, in their
+    /// order, each of its type, and a longest wait known (null, to recompute, is Python's).
+    fn read(raw: &'a [u8]) -> Option<Agg<'a>> {
+        let J::Obj(members) = read(raw)? else { return None };
+        if members.len() != AGG_MEMBERS.len() || members.iter().zip(AGG_MEMBERS).any(|((k, _), name)| *k != name) {
+            return None;
+        }
+        let int = |i: usize| match members[i].1 {
+            J::Int(n) => Some(n),
+            _ => None,
+        };
+        let (J::Str(t), J::Str(q), J::Bool(last), J::Obj(ag)) = (&members[0].1, &members[1].1, &members[5].1, &members[10].1)
+        else {
+            return None;
+        };
+        let mut agents = Vec::with_capacity(ag.len() + 4);
+        for (line, figures) in ag {
+            if agents.iter().any(|(l, _)| l == line) {
+                return None; // a dict holds one
+            }
+            agents.push((*line, ints::<3>(figures)?));
+        }
+        Some(Agg {
+            t,
+            q,
+            iv: int(2)?,
+            m: int(3)?,
+            rev: int(4)?,
+            last: *last,
+            n: int(6)?,
+            counts: ints(&members[7].1)?,
+            sums: ints(&members[8].1)?,
+            max_wait: int(9)?,
+            agents,
+        })
+    }
+
+    /// `orjson.dumps` of the state.
+    fn write(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + 32 * self.agents.len());
+        out.extend_from_slice(b"{\"t\":");
+        put_str(&mut out, self.t);
+        out.extend_from_slice(b",\"q\":");
+        put_str(&mut out, self.q);
+        for (name, n) in [(&b",\"iv\":"[..], self.iv), (b",\"m\":", self.m), (b",\"rev\":", self.rev)] {
+            out.extend_from_slice(name);
+            put_int(&mut out, n);
+        }
+        out.extend_from_slice(if self.last { b",\"final\":true,\"n\":" } else { b",\"final\":false,\"n\":" });
+        put_int(&mut out, self.n);
+        out.extend_from_slice(b",\"c\":");
+        put_ints(&mut out, &self.counts);
+        out.extend_from_slice(b",\"s\":");
+        put_ints(&mut out, &self.sums);
+        out.extend_from_slice(b",\"mx\":");
+        put_int(&mut out, self.max_wait);
+        out.extend_from_slice(b",\"ag\":{");
+        for (i, (line, a)) in self.agents.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            put_str(&mut out, line);
+            out.push(b':');
+            put_ints(&mut out, a);
+        }
+        out.extend_from_slice(b"}}");
+        out
+    }
+}
+
+fn put_ints(out: &mut Vec<u8>, values: &[i64]) {
+    out.push(b'[');
+    for (i, &v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        put_int(out, v);
+    }
+    out.push(b']');
+}
+
+/// `AcdStatsLogic.on_event` for an ACD call counted for the first time (the caller found no
+/// contribution under `kkey`, and checked the interval is open to it), in the interval `akey`
+/// (`queue`, `iv`, `minutes` long, ending at `end_ms`): stages what Python stages, in the same
+/// order (the interval's timer when it is new, the member entry `mprefix` + slot, the call's
+/// contribution, the interval's state) and returns the interval's new state. None, before any
+/// write, for a state or a call it does not expect, which Python then counts.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn count_call<'py>(py: Python<'py>, store: &Bound<'py, PyAny>, call: &Bound<'py, PyAny>, kkey: &str, akey: &str,
+                       mprefix: &str, queue: &str, iv: i64, minutes: i64, end_ms: i64, grace_ms: i64,
+                       restate_ms: i64, service_level_ms: f64, short_abandon_ms: f64, now_ms: i64)
+                       -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let Some(c) = counted(py, call) else { return Ok(None) };
+    let view = crate::StoreView::of(store)?;
+    let stored = view.get(akey)?;
+    let interval = Interval { queue, iv, minutes, end_ms, grace_ms, service_level_ms, short_abandon_ms };
+    let Some(done) = count(&c, stored.as_deref(), &interval, now_ms) else { return Ok(None) };
+    // The writes, in Python's order.
+    if stored.is_none() {
+        view.wake(akey, end_ms + if done.last { restate_ms } else { grace_ms })?;
+    }
+    view.stage(&format!("{mprefix}{}", done.slot), Some(c.record_id.as_bytes()))?;
+    view.stage(kkey, Some(&done.contribution))?;
+    view.stage(akey, Some(&done.state))?;
+    Ok(Some(PyBytes::new(py, &done.state)))
+}
+
+/// The interval a call is counted in, and the tenant's settings `_contribution` reads.
+struct Interval<'a> {
+    queue: &'a str,
+    iv: i64,
+    minutes: i64,
+    end_ms: i64,
+    grace_ms: i64,
+    service_level_ms: f64,
+    short_abandon_ms: f64,
+}
+
+/// What counting a call writes: its slot in the interval, its contribution, the interval's new
+/// state and whether it is final.
+struct Done {
+    slot: i64,
+    contribution: Vec<u8>,
+    state: Vec<u8>,
+    last: bool,
+}
+
+/// `_contribution`, `_apply(agg, contribution, +1)` and `_emit`'s new revision, on the interval's
+/// state as stored (None: a new interval); None for a state it does not expect, or a sum past i64.
+fn count(c: &Counted, stored: Option<&[u8]>, at: &Interval<'_>, now_ms: i64) -> Option<Done> {
+    let mut agg = match stored {
+        Some(raw) => Agg::read(raw).filter(|agg| agg.t == c.tenant && agg.q == at.queue && agg.iv == at.iv
+                                                 && agg.m == at.minutes)?,
+        None => Agg {
+            t: &c.tenant,
+            q: at.queue,
+            iv: at.iv,
+            m: at.minutes,
+            rev: 0,
+            last: now_ms >= at.end_ms + at.grace_ms,
+            n: 0,
+            counts: [0; 7],
+            sums: [0; 4],
+            max_wait: -1,
+            agents: Vec::new(),
+        },
+    };
+    let (o, w) = (c.outcome.as_str(), c.wait_ms);
+    #[allow(clippy::cast_precision_loss)] // a wait is at most 864,000,000 ms
+    let wait = w as f64;
+    let within_sl = o != "v" && wait <= at.service_level_ms;
+    let short = o == "b" && wait < at.short_abandon_ms;
+    let voicemail_at = if o == "v" { c.answered_ms } else { None };
+    let mut agents: Vec<(&str, [i64; 3])> = Vec::new();
+    for (line, connect, release) in &c.legs {
+        let i = match agents.iter().position(|(l, _)| l == line) {
+            Some(i) => i,
+            None => {
+                agents.push((line, [0; 3]));
+                agents.len() - 1
+            }
+        };
+        let a = &mut agents[i].1;
+        a[0] += 1;
+        if let Some(connect) = *connect {
+            if Some(connect) != voicemail_at {
+                a[1] += 1;
+                if let Some(release) = release {
+                    a[2] = a[2].checked_add(release.checked_sub(connect)?.max(0))?;
+                }
+            }
+        }
+    }
+    let talk = if o == "a" { c.talk_ms } else { 0 };
+    let slot = agg.n;
+    let mut contribution = Vec::with_capacity(96 + 32 * agents.len());
+    contribution.push(b'[');
+    put_str(&mut contribution, at.queue);
+    for v in [at.iv, slot, c.revision] {
+        contribution.push(b',');
+        put_int(&mut contribution, v);
+    }
+    contribution.push(b',');
+    put_str(&mut contribution, o);
+    for v in [w, talk, i64::from(within_sl) | (i64::from(short) << 1)] {
+        contribution.push(b',');
+        put_int(&mut contribution, v);
+    }
+    contribution.extend_from_slice(b",[");
+    for (i, (line, a)) in agents.iter().enumerate() {
+        if i > 0 {
+            contribution.push(b',');
+        }
+        contribution.push(b'[');
+        put_str(&mut contribution, line);
+        for &v in a {
+            contribution.push(b',');
+            put_int(&mut contribution, v);
+        }
+        contribution.push(b']');
+    }
+    contribution.extend_from_slice(b"]]");
+    let add = |x: &mut i64, v: i64| -> Option<()> {
+        *x = x.checked_add(v)?;
+        Some(())
+    };
+    let (counts, sums) = (&mut agg.counts, &mut agg.sums);
+    add(&mut counts[0], 1)?;
+    add(&mut sums[0], w)?;
+    match o {
+        "a" => {
+            add(&mut counts[1], 1)?;
+            add(&mut sums[1], w)?;
+            add(&mut sums[3], talk)?;
+            if within_sl {
+                add(&mut counts[5], 1)?;
+            }
+        }
+        "b" => {
+            add(&mut counts[2], 1)?;
+            add(&mut sums[2], w)?;
+            if short {
+                add(&mut counts[4], 1)?;
+            }
+            if within_sl {
+                add(&mut counts[6], 1)?;
+            }
+        }
+        _ => add(&mut counts[3], 1)?,
+    }
+    agg.max_wait = agg.max_wait.max(w);
+    for (line, figures) in &agents {
+        let i = match agg.agents.iter().position(|(l, _)| l == line) {
+            Some(i) => i,
+            None => {
+                agg.agents.push((line, [0; 3]));
+                agg.agents.len() - 1
+            }
+        };
+        let a = &mut agg.agents[i].1;
+        for (x, v) in a.iter_mut().zip(figures) {
+            add(x, *v)?;
+        }
+        if a[0] <= 0 {
+            agg.agents.remove(i);
+        }
+    }
+    agg.n += 1;
+    agg.rev += 1;
+    Some(Done { slot, contribution, state: agg.write(), last: agg.last })
+}
+
+/// What `count_call` reads of an `AcdCall`.
+struct Counted {
+    tenant: String,
+    record_id: String,
+    revision: i64,
+    outcome: String,
+    answered_ms: Option<i64>,
+    wait_ms: i64,
+    talk_ms: i64,
+    legs: Vec<(String, Option<i64>, Option<i64>)>,
+}
+
+/// The fields of an ACD call, each of the type `decode_record` gives it; None for any other.
+fn counted<'py>(py: Python<'py>, call: &Bound<'py, PyAny>) -> Option<Counted> {
+    let get = |name: &Bound<'py, PyString>| -> Option<Bound<'py, PyAny>> { call.getattr(name).ok() };
+    let int_of = |name: &Bound<'py, PyString>| get(name).and_then(|v| int(&v));
+    let text = |name: &Bound<'py, PyString>| -> Option<String> {
+        Some(get(name)?.downcast_into_exact::<PyString>().ok()?.to_str().ok()?.to_owned())
+    };
+    let answered = get(intern!(py, "answered_ms"))?;
+    let answered_ms = if answered.is_none() { None } else { Some(int(&answered)?) };
+    let legs_tuple = get(intern!(py, "legs"))?.downcast_into_exact::<PyTuple>().ok()?;
+    let mut legs = Vec::with_capacity(legs_tuple.len());
+    for leg in legs_tuple.iter() {
+        let leg = leg.downcast_into_exact::<PyTuple>().ok()?;
+        if leg.len() != 3 {
+            return None;
+        }
+        let time = |v: Bound<'_, PyAny>| -> Option<Option<i64>> {
+            if v.is_none() { Some(None) } else { Some(Some(int(&v)?)) }
+        };
+        let line = leg.get_item(0).ok()?.downcast_into_exact::<PyString>().ok()?.to_str().ok()?.to_owned();
+        legs.push((line, time(leg.get_item(1).ok()?)?, time(leg.get_item(2).ok()?)?));
+    }
+    let outcome = text(intern!(py, "outcome"))?;
+    if !matches!(outcome.as_str(), "a" | "b" | "v") {
+        return None;
+    }
+    Some(Counted {
+        tenant: text(intern!(py, "tenant"))?,
+        record_id: text(intern!(py, "record_id"))?,
+        revision: int_of(intern!(py, "revision"))?,
+        outcome,
+        answered_ms,
+        wait_ms: int_of(intern!(py, "wait_ms"))?,
+        talk_ms: int_of(intern!(py, "talk_ms"))?,
+        legs,
+    })
 }

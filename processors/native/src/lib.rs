@@ -588,7 +588,7 @@ fn update(call: &Call, id: &str, tenant: &str, schema: &str, event_id: &str, eve
 
 /// The store as `Store.native_handles()` exposes it for one call: reads and staged writes exactly
 /// as `Store.get`, `Store.put` and `Store.wake` do them, without a Python call each.
-struct StoreView<'py> {
+pub(crate) struct StoreView<'py> {
     py: Python<'py>,
     staged: Bound<'py, PyDict>,
     data: Bound<'py, PyDict>,
@@ -598,7 +598,7 @@ struct StoreView<'py> {
 }
 
 impl<'py> StoreView<'py> {
-    fn of(store: &Bound<'py, PyAny>) -> PyResult<StoreView<'py>> {
+    pub(crate) fn of(store: &Bound<'py, PyAny>) -> PyResult<StoreView<'py>> {
         let py = store.py();
         let handles = store.call_method0(intern!(py, "native_handles"))?;
         let (staged, data, missing, undo, wake_prefix): (Bound<PyDict>, Bound<PyDict>, Bound<PyAny>,
@@ -607,7 +607,7 @@ impl<'py> StoreView<'py> {
     }
 
     /// `Store.get`.
-    fn get(&self, key: &str) -> PyResult<Option<Vec<u8>>> {
+    pub(crate) fn get(&self, key: &str) -> PyResult<Option<Vec<u8>>> {
         let key = PyString::new(self.py, key);
         let value = match self.staged.get_item(&key)? {
             Some(value) => value,
@@ -625,7 +625,7 @@ impl<'py> StoreView<'py> {
     /// `Store._stage`: a write, or a deletion (None), recorded in the step's undo log. What
     /// `put` and `delete` do for a processor's key (none of the fold's starts with a NUL), and
     /// `wake` once it found the timer changed.
-    fn stage(&self, key: &str, value: Option<&[u8]>) -> PyResult<()> {
+    pub(crate) fn stage(&self, key: &str, value: Option<&[u8]>) -> PyResult<()> {
         debug_assert!(!key.starts_with('\0') || key.starts_with(&self.wake_prefix));
         let key = PyString::new(self.py, key);
         if let Some(undo) = &self.undo {
@@ -639,7 +639,7 @@ impl<'py> StoreView<'py> {
     }
 
     /// `Store.wake`.
-    fn wake(&self, key: &str, at_ms: i64) -> PyResult<()> {
+    pub(crate) fn wake(&self, key: &str, at_ms: i64) -> PyResult<()> {
         let wake_key = format!("{}{key}", self.wake_prefix);
         let mut value = Vec::with_capacity(16);
         put_int(&mut value, at_ms);
@@ -1150,5 +1150,6 @@ impl Fold {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
     m.add_class::<acd::Figures>()?;
-    m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)
+    m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)?;
+    m.add_function(wrap_pyfunction!(acd::count_call, m)?)
 }
