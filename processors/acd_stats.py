@@ -427,23 +427,22 @@ class AcdStatsLogic:
                       functools.partial(self._render, agg, tc, now_ms), latest=True)
 
     def _render(self, agg: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
-        if self._native_figures is not None:
-            head, middle, tail = self._header(agg, tc)[2]
-            rendered: bytes | None = self._native_figures.render(
-                head, agg, now_ms, tc.service_level_formula, tc.exclude_short_abandons, middle, tail)
-            if rendered is not None:
-                return rendered
-        return orjson.dumps(self.figures(agg, tc, now_ms))
+        return self._render_natively(agg, agg, tc, now_ms) or orjson.dumps(self.figures(agg, tc, now_ms))
 
     def _render_stored(self, raw: bytes, interval: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
         """:meth:`_render` of an interval's state as the store holds it (the native count's)."""
-        if self._native_figures is not None:
-            head, middle, tail = self._header(interval, tc)[2]
-            rendered: bytes | None = self._native_figures.render_json(
-                head, raw, now_ms, tc.service_level_formula, tc.exclude_short_abandons, middle, tail)
-            if rendered is not None:
-                return rendered
-        return self._render(orjson.loads(raw), tc, now_ms)
+        return self._render_natively(raw, interval, tc, now_ms) or self._render(orjson.loads(raw), tc, now_ms)
+
+    def _render_natively(self, state: dict[str, Any] | bytes, interval: dict[str, Any], tc: TenantAcd,
+                         now_ms: int) -> bytes | None:
+        """The figures of ``interval`` written natively from its state (a dict, or the JSON the
+        store holds); None without the native module or for a state it leaves to Python."""
+        if self._native_figures is None:
+            return None
+        head, middle, tail = self._header(interval, tc)[2]
+        rendered: bytes | None = self._native_figures.render(
+            head, state, now_ms, tc.service_level_formula, tc.exclude_short_abandons, middle, tail)
+        return rendered
 
     def _header(self, agg: dict[str, Any],
                 tc: TenantAcd) -> tuple[bytes, dict[str, Any], tuple[bytes, bytes, bytes]]:

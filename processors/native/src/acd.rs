@@ -522,34 +522,29 @@ impl Figures {
         Ok(Figures { counts: member_names(&counts), sums: member_names(&sums), derived: member_names(&derived) })
     }
 
-    /// The value of the interval `agg` (its state) at `now_ms`: `head` (the fields that never
-    /// change, as the start of a JSON object), the revision, final flag and update time, the
-    /// counts and sums, `middle` (the service-level settings), the derived figures under
-    /// `formula` and `exclude_short`, `tail` (the thresholds), the longest wait and the agents.
-    /// `middle` and `tail` are JSON members, each followed by a comma. None for a state of
-    /// another shape, which Python renders.
+    /// The value of the interval `agg` (its state, a dict or the JSON the store holds, as
+    /// `count_call` returns it) at `now_ms`: `head` (the fields that never change, as the start
+    /// of a JSON object), the revision, final flag and update time, the counts and sums, `middle`
+    /// (the service-level settings), the derived figures under `formula` and `exclude_short`,
+    /// `tail` (the thresholds), the longest wait and the agents. `middle` and `tail` are JSON
+    /// members, each followed by a comma. None for a state of another shape, which Python renders.
     #[allow(clippy::too_many_arguments)]
-    fn render<'py>(&self, py: Python<'py>, head: &[u8], agg: &Bound<'py, PyDict>, now_ms: i64, formula: &str,
-                   exclude_short: bool, middle: &[u8], tail: &[u8]) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let out = self.write(py, head, agg, now_ms, formula, exclude_short, middle, tail);
-        Ok(out.map(|out| PyBytes::new(py, &out)))
-    }
-
-    /// `render` of a state given as the JSON the store holds (what `count_call` returns); None
-    /// for a state of another shape, which Python reads and renders.
-    #[allow(clippy::too_many_arguments)]
-    fn render_json<'py>(&self, py: Python<'py>, head: &[u8], agg: &[u8], now_ms: i64, formula: &str,
-                        exclude_short: bool, middle: &[u8], tail: &[u8]) -> Option<Bound<'py, PyBytes>> {
-        let agg = Agg::read(agg)?;
-        let state = State {
-            counts: agg.counts.to_vec(),
-            sums: agg.sums.to_vec(),
-            revision: agg.rev,
-            last: agg.last,
-            max_wait: agg.max_wait,
-            agents: agg.agents,
+    fn render<'py>(&self, py: Python<'py>, head: &[u8], agg: &Bound<'py, PyAny>, now_ms: i64, formula: &str,
+                   exclude_short: bool, middle: &[u8], tail: &[u8]) -> Option<Bound<'py, PyBytes>> {
+        let out = if let Ok(raw) = agg.downcast::<PyBytes>() {
+            let agg = Agg::read(raw.as_bytes())?;
+            let state = State {
+                counts: agg.counts,
+                sums: agg.sums,
+                revision: agg.rev,
+                last: agg.last,
+                max_wait: agg.max_wait,
+                agents: agg.agents,
+            };
+            self.write_state(head, state, now_ms, formula, exclude_short, middle, tail)?
+        } else {
+            self.write(py, head, agg.downcast_exact::<PyDict>().ok()?, now_ms, formula, exclude_short, middle, tail)?
         };
-        let out = self.write_state(head, state, now_ms, formula, exclude_short, middle, tail)?;
         Some(PyBytes::new(py, &out))
     }
 }
@@ -564,8 +559,8 @@ impl Figures {
             let l = v.downcast_into_exact::<PyList>().ok()?;
             (l.len() == len).then(|| l.iter().map(|v| int(&v)).collect::<Option<Vec<i64>>>())?
         };
-        let counts = ints(item(intern!(py, "c"))?, 7)?;
-        let sums = ints(item(intern!(py, "s"))?, 4)?;
+        let counts = ints(item(intern!(py, "c"))?, 7)?.try_into().ok()?;
+        let sums = ints(item(intern!(py, "s"))?, 4)?.try_into().ok()?;
         let revision = int(&item(intern!(py, "rev"))?)?;
         let last = item(intern!(py, "final"))?.downcast_into_exact::<PyBool>().ok()?.is_true();
         let max_wait = int(&item(intern!(py, "mx"))?)?;
@@ -647,8 +642,8 @@ impl Figures {
 
 /// What the figures are rendered from: an interval's state, its agents' lines borrowed.
 struct State<'a> {
-    counts: Vec<i64>,
-    sums: Vec<i64>,
+    counts: [i64; 7],
+    sums: [i64; 4],
     revision: i64,
     last: bool,
     max_wait: i64,
