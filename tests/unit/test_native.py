@@ -55,15 +55,19 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
 class Counting:
     """The native module as ``CallRecords`` uses it, counting what the fold did and left to Python."""
 
-    def __init__(self, module: ModuleType) -> None:
+    def __init__(self, module: ModuleType, decoded_calls: int | None = None) -> None:
         self.module = module
+        self.decoded_calls = decoded_calls
+        self.most_kept = 0
         self.native = 0
         self.python = 0
         self.native_timers = 0
         self.python_timers = 0
 
     def Fold(self, *args: Any) -> Any:
-        fold, counter = self.module.Fold(*args), self
+        extra = () if self.decoded_calls is None else (self.decoded_calls,)
+        fold, counter = self.module.Fold(*args, *extra), self
+        self.fold = fold
 
         class Wrapped:
             def decode(self, key: bytes, value: bytes) -> Notification | None:
@@ -75,6 +79,7 @@ class Counting:
                     counter.python += 1
                 else:
                     counter.native += 1
+                counter.most_kept = max(counter.most_kept, fold.kept())
                 return out  # type: ignore[no-any-return]
 
             def on_timer(self, store: Any, key: str, now_ms: int) -> list[Output] | None:
@@ -93,9 +98,9 @@ def _bytes(outputs: list[Output]) -> list[tuple[str, bytes, bytes]]:
 
 def both(records: list[tuple[bytes, bytes, int]], native: ModuleType,
          config: CallRecordsConfig | None = None, seed: dict[str, bytes] | None = None,
-         limits: Limits | None = None) -> tuple[Counting, Driver]:
+         limits: Limits | None = None, decoded_calls: int | None = None) -> tuple[Counting, Driver]:
     """Every record through a pure and a native partition; every output and the final state equal."""
-    counting = Counting(native)
+    counting = Counting(native, decoded_calls)
     pure = Driver(CallRecords(config, native=None), limits=limits)
     fast = Driver(CallRecords(config, native=counting), limits=limits)
     for driver in (pure, fast):
@@ -155,6 +160,21 @@ def test_writes_of_a_record_set_aside_are_undone_the_same_way(native: ModuleType
     assert counting.native > 1000
     reasons = [v["reason"] for v in pure.values("keyyo.dead-letters.v1")]
     assert sum("exceeds 900 bytes" in r for r in reasons) > 20
+
+
+def test_calls_are_kept_decoded_between_their_events_within_their_bound(native: ModuleType) -> None:
+    """The fold keeps the calls it wrote decoded, at most ``decoded_calls`` of them, and reads a
+    call's value again once it is not the object it wrote (the tests above roll steps back and
+    merge calls in Python): the same bytes whether it keeps many calls, a few, or none."""
+    records = traffic(10, 14, chaos=Chaos(duplicate=0.05, reorder=0.1))
+    kept: dict[int | None, int] = {}
+    for decoded_calls in (None, 3, 0):
+        counting, _ = both(records, native, decoded_calls=decoded_calls)
+        assert counting.native > 1000
+        kept[decoded_calls] = counting.most_kept
+    assert kept[None] > 100  # the default bound (16,384) is not reached here
+    assert kept[3] == 3
+    assert kept[0] == 0
 
 
 def note(kind: str, dref: str | None, at_ms: int, **fields: Any) -> tuple[bytes, bytes, int]:

@@ -17,6 +17,8 @@ use pyo3::prelude::*;
 use pyo3::intern;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 /// A JSON scalar as the state holds it (a leg's slot, a call's header field).
 #[derive(Clone, Debug, PartialEq)]
@@ -606,8 +608,8 @@ impl<'py> StoreView<'py> {
         Ok(StoreView { py, staged, data, missing, undo, wake_prefix })
     }
 
-    /// `Store.get`.
-    pub(crate) fn get(&self, key: &str) -> PyResult<Option<Vec<u8>>> {
+    /// `Store.get`: the stored `bytes` object itself.
+    pub(crate) fn get_bytes(&self, key: &str) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let key = PyString::new(self.py, key);
         let value = match self.staged.get_item(&key)? {
             Some(value) => value,
@@ -619,7 +621,12 @@ impl<'py> StoreView<'py> {
         if value.is_none() {
             return Ok(None);
         }
-        Ok(Some(value.downcast::<PyBytes>()?.as_bytes().to_vec()))
+        Ok(Some(value.downcast_into::<PyBytes>()?))
+    }
+
+    /// `Store.get`.
+    pub(crate) fn get(&self, key: &str) -> PyResult<Option<Vec<u8>>> {
+        Ok(self.get_bytes(key)?.map(|value| value.as_bytes().to_vec()))
     }
 
     /// `Store._stage`: a write, or a deletion (None), recorded in the step's undo log. What
@@ -636,6 +643,16 @@ impl<'py> StoreView<'py> {
             Some(value) => self.staged.set_item(key, PyBytes::new(self.py, value)),
             None => self.staged.set_item(key, self.py.None()),
         }
+    }
+
+    /// `stage` of a value already made (so that the caller keeps the very object stored).
+    fn stage_bytes(&self, key: &str, value: &Bound<'py, PyBytes>) -> PyResult<()> {
+        let key = PyString::new(self.py, key);
+        if let Some(undo) = &self.undo {
+            let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
+            undo.append((&key, previous))?;
+        }
+        self.staged.set_item(key, value)
     }
 
     /// `Store.wake`.
@@ -968,17 +985,75 @@ struct Fold {
     record_schema: String,
     output: Py<PyAny>,
     notification: Py<PyAny>,
+    decoded: Mutex<HashMap<String, Decoded>>,
+    decoded_calls: usize,
+}
+
+/// A call this fold wrote, kept decoded with the `bytes` object it staged for it. While a call's
+/// key still holds that very object (bytes are immutable, and the reference kept here keeps its
+/// identity from being reused), the call is this one, and its next event or timer need not read
+/// the value again. Anything else (a rolled-back step, an aborted transaction, Python's own
+/// writes, a restore) leaves another object there, and the value is read as usual.
+struct Decoded {
+    value: Py<PyBytes>,
+    call: Call,
+}
+
+impl Fold {
+    fn decoded(&self) -> MutexGuard<'_, HashMap<String, Decoded>> {
+        self.decoded.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The call of `raw`, the value stored at `key`: the decoded call when `raw` is the object
+    /// this fold wrote there (taken out; `keep` or `save` puts it back), else `unpack`.
+    fn load(&self, key: &str, raw: &Bound<'_, PyBytes>) -> Option<Call> {
+        match self.decoded().remove(key) {
+            Some(kept) if kept.value.as_ptr() == raw.as_ptr() => Some(kept.call),
+            _ => unpack(raw.as_bytes()),
+        }
+    }
+
+    /// Keep `call` decoded as the call of `value`, the object stored at `key`.
+    fn keep(&self, key: &str, value: Bound<'_, PyBytes>, call: Call) {
+        let mut decoded = self.decoded();
+        if decoded.len() >= self.decoded_calls {
+            decoded.clear();
+            if self.decoded_calls == 0 {
+                return;
+            }
+        }
+        decoded.insert(key.to_owned(), Decoded { value: value.unbind(), call });
+    }
+
+    /// `_save`: stage the call's value at `key`, and keep it decoded.
+    fn save(&self, view: &StoreView<'_>, key: &str, call: Call) -> PyResult<()> {
+        let value = PyBytes::new(view.py, &pack(&call));
+        view.stage_bytes(key, &value)?;
+        self.keep(key, value, call);
+        Ok(())
+    }
 }
 
 #[pymethods]
 impl Fold {
+    /// `decoded_calls`: at most this many calls are kept decoded between their events (≈ 1 KB
+    /// each); past it, all are dropped and the next events read their values again.
     #[new]
+    #[pyo3(signature = (linger_ms, ring_timeout_ms, max_duration_ms, retention_ms, max_legs, max_events,
+                        updates_topic, update_schema, records_topic, record_schema, output, notification,
+                        decoded_calls = 16_384))]
     #[allow(clippy::too_many_arguments)]
     fn new(linger_ms: i64, ring_timeout_ms: i64, max_duration_ms: i64, retention_ms: i64, max_legs: usize,
            max_events: usize, updates_topic: String, update_schema: String, records_topic: String,
-           record_schema: String, output: Py<PyAny>, notification: Py<PyAny>) -> Fold {
+           record_schema: String, output: Py<PyAny>, notification: Py<PyAny>, decoded_calls: usize) -> Fold {
         Fold { linger_ms, ring_timeout_ms, max_duration_ms, retention_ms, max_legs, max_events, updates_topic,
-               update_schema, records_topic, record_schema, output, notification }
+               update_schema, records_topic, record_schema, output, notification,
+               decoded: Mutex::new(HashMap::new()), decoded_calls }
+    }
+
+    /// How many calls are kept decoded now (for tests and benchmarks).
+    fn kept(&self) -> usize {
+        self.decoded().len()
     }
 
     /// `CallRecords.on_timer(store, key, now_ms)` for a call's timer; None for the others, and
@@ -988,8 +1063,8 @@ impl Fold {
         let Some(rest) = key.strip_prefix("c/") else { return Ok(None) };
         let Some((tenant, id)) = rest.split_once('/') else { return Ok(None) };
         let view = StoreView::of(store)?;
-        let Some(raw) = view.get(key)? else { return Ok(Some(PyList::empty(py))) };
-        let Some(mut call) = unpack(&raw) else { return Ok(None) };
+        let Some(raw) = view.get_bytes(key)? else { return Ok(Some(PyList::empty(py))) };
+        let Some(mut call) = self.load(key, &raw) else { return Ok(None) };
         if call.closed.truthy() {
             let Val::Int(closed_at) = call.closed_at else { return Ok(None) };
             if now_ms >= closed_at + self.retention_ms {
@@ -1002,6 +1077,7 @@ impl Fold {
                 view.stage(key, None)?;
             } else {
                 view.wake(key, closed_at + self.retention_ms)?;
+                self.keep(key, raw, call);
             }
             return Ok(Some(PyList::empty(py)));
         }
@@ -1012,6 +1088,7 @@ impl Fold {
         }
         if now_ms < wake {
             view.wake(key, wake)?;
+            self.keep(key, raw, call);
             return Ok(Some(PyList::empty(py)));
         }
         let closing = if call.legs.iter().any(|l| l.at(RELEASE_AT).is_none()) { "timeout" } else { "release" };
@@ -1020,7 +1097,7 @@ impl Fold {
         call.closed_at = Val::Int(now_ms);
         call.revision = Val::Int(revision + 1);
         let Some(value) = record(&call, id, tenant, &self.record_schema, closing) else { return Ok(None) };
-        view.stage(key, Some(&pack(&call)))?;
+        self.save(&view, key, call)?;
         view.wake(key, now_ms + self.retention_ms)?;
         let output = self.output.bind(py).call1((
             &self.records_topic,
@@ -1071,9 +1148,10 @@ impl Fold {
         }
         let view = StoreView::of(store)?;
         let get = |key: &str| view.get(key);
+        let get_bytes = |key: &str| view.get_bytes(key);
         // Which call each index key leads to, and each call's state once read (in first-seen order).
         let mut pointed: Vec<Option<String>> = vec![None; index_keys.len()];
-        let mut found: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        let mut found: Vec<(String, Option<Bound<'py, PyBytes>>)> = Vec::new();
         for (i, key) in index_keys.iter().enumerate() {
             if let Some(raw) = get(key)? {
                 let Ok(id) = String::from_utf8(raw) else { return Ok(None) };
@@ -1086,7 +1164,7 @@ impl Fold {
                 let known = found.iter().position(|(f, _)| *f == id);
                 let state = match known.and_then(|k| found[k].1.clone()) {
                     Some(state) => Some(state),
-                    None => get(&format!("c/{t}/{id}"))?,
+                    None => get_bytes(&format!("c/{t}/{id}"))?,
                 };
                 if let Some(state) = state {
                     match known {
@@ -1097,11 +1175,11 @@ impl Fold {
                 }
             }
         }
-        let mut calls: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut calls: Vec<(String, Bound<'py, PyBytes>)> = Vec::new();
         for (id, state) in found {
             let state = match state {
                 Some(state) => Some(state),
-                None => get(&format!("c/{t}/{id}"))?,
+                None => get_bytes(&format!("c/{t}/{id}"))?,
             };
             if let Some(state) = state {
                 calls.push((id, state));
@@ -1113,7 +1191,7 @@ impl Fold {
         let (id, mut call) = match calls.pop() {
             None if self.max_legs >= 1 => (own_id.clone(), Call::new()),
             None => return Ok(None),
-            Some((id, raw)) => match unpack(&raw) {
+            Some((id, raw)) => match self.load(&format!("c/{t}/{id}"), &raw) {
                 Some(call) if call.legs.len() < self.max_legs => (id, call),
                 _ => return Ok(None), // another form, or at its bound: Python says why
             },
@@ -1134,9 +1212,10 @@ impl Fold {
             }
         }
         let call_key = format!("c/{t}/{id}");
-        view.stage(&call_key, Some(&pack(&call)))?;
-        view.wake(&call_key, wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms))?;
+        let wake = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
         let value = update(&call, &id, t, &self.update_schema, &note.event_id, event_ms);
+        self.save(&view, &call_key, call)?;
+        view.wake(&call_key, wake)?;
         let output = self.output.bind(py).call1((
             &self.updates_topic,
             PyBytes::new(py, t.as_bytes()),
