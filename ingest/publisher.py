@@ -393,38 +393,52 @@ class Publisher:
         """Send spooled records to Kafka in order; empty the spool once all are in."""
         state = self._spool
         assert state is not None
+        failures = 0
         while True:
-            if not state.active:
-                await asyncio.sleep(0.05)
-                continue
-            start = state.spool.replayed
-            records = await asyncio.to_thread(state.spool.read, start, REPLAY_BATCH)
-            if not records:
-                async with state.lock:
-                    if state.spool.size == state.spool.replayed and not state.queue:
-                        await asyncio.to_thread(state.spool.reset)
-                        state.originals.clear()
-                        state.copies.clear()
-                        state.active = False
-                        log.info("spool replayed; writing to kafka directly again")
-                        self.metrics.spool_bytes.set(0)
-                        continue
-                await asyncio.sleep(0.01)
-                continue
             try:
-                await self._replay(state, start, records)
-            except (KafkaError, TimeoutError) as exc:
-                self.kafka_ok = False
-                log.info("spool replay waiting for kafka: %r", exc)
-                await asyncio.sleep(1.0)
-                continue
-            await asyncio.to_thread(state.spool.mark_replayed, records[-1].end)
-            end = records[-1].end
-            for kept in (state.originals, state.copies):
-                for done_offset in [o for o in kept if o < end]:
-                    del kept[done_offset]
-            self.metrics.spool_bytes.set(state.spool.pending_bytes)
-            self.metrics.spool_replayed.inc(len(records))
+                pause = await self._replay_next(state)
+                failures = 0
+            except Exception as exc:  # a bug or a disk error must not end the replay for the edge's life
+                failures += 1
+                if failures == 1:  # the traceback once, then a line a minute while it lasts
+                    log.exception("spool replay failed; trying again every second")
+                elif failures % 60 == 0:
+                    log.error("spool replay still failing after %d attempts: %r", failures, exc)
+                pause = 1.0
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def _replay_next(self, state: _SpoolState) -> float:
+        """Replay the next batch of spooled records, if any; the pause before the next call."""
+        if not state.active:
+            return 0.05
+        start = state.spool.replayed
+        records = await asyncio.to_thread(state.spool.read, start, REPLAY_BATCH)
+        if not records:
+            async with state.lock:
+                if state.spool.size == state.spool.replayed and not state.queue:
+                    await asyncio.to_thread(state.spool.reset)
+                    state.originals.clear()
+                    state.copies.clear()
+                    state.active = False
+                    log.info("spool replayed; writing to kafka directly again")
+                    self.metrics.spool_bytes.set(0)
+                    return 0.0
+            return 0.01
+        try:
+            await self._replay(state, start, records)
+        except (KafkaError, TimeoutError) as exc:
+            self.kafka_ok = False
+            log.info("spool replay waiting for kafka: %r", exc)
+            return 1.0
+        await asyncio.to_thread(state.spool.mark_replayed, records[-1].end)
+        end = records[-1].end
+        for kept in (state.originals, state.copies):
+            for done_offset in [o for o in kept if o < end]:
+                del kept[done_offset]
+        self.metrics.spool_bytes.set(state.spool.pending_bytes)
+        self.metrics.spool_replayed.inc(len(records))
+        return 0.0
 
     async def _replay(self, state: _SpoolState, start: int, records: list[SpooledRecord]) -> None:
         """Send ``records`` (spooled from ``start`` on) and wait until Kafka has every one.

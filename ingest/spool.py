@@ -82,13 +82,17 @@ class Spool:
         self.size += len(blob)
 
     def read(self, start: int, max_records: int) -> list[SpooledRecord]:
-        """Up to ``max_records`` records from byte offset ``start``."""
-        self._log.seek(start)
+        """Up to ``max_records`` records from byte offset ``start``.
+
+        Safe while another thread appends: reads are positional (``pread``), never through the
+        file position that ``append`` moves, and stop at the size of the last completed append."""
+        fd, size = self._log.fileno(), self.size
         records: list[SpooledRecord] = []
         offset = start
-        while len(records) < max_records and offset < self.size:
-            length, _ = _HEADER.unpack(self._log.read(_HEADER.size))
-            topic, key, value = self._log.read(length).split(b"\0", 2)
+        while len(records) < max_records and offset < size:
+            length, _ = _HEADER.unpack(os.pread(fd, _HEADER.size, offset))
+            payload = os.pread(fd, length, offset + _HEADER.size)
+            topic, key, value = payload.split(b"\0", 2)
             offset += _HEADER.size + length
             records.append(SpooledRecord(topic.decode(), key, value, offset))
         return records

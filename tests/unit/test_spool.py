@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
+import pytest
 from aiokafka.errors import KafkaError
 
-from ingest.publisher import settled_within
-from ingest.spool import Spool, encode
+from ingest.metrics import IngestMetrics
+from ingest.publisher import Publisher, _SpoolState, settled_within
+from ingest.spool import Spool, SpooledRecord, encode
 
 
 def frames(n: int, start: int = 0) -> list[bytes]:
@@ -87,3 +90,68 @@ async def test_the_grace_counts_only_while_kafka_answers() -> None:
     await back
     assert loop.time() - started >= 0.3 + 0.2 - 0.06  # the outage, then the whole grace
     assert not wedged.done()  # never cancelled: the producer still owns it
+
+
+def test_reads_while_another_thread_appends_see_every_record_in_order(tmp_path: Path) -> None:
+    """The replay reads in one worker thread while the spool writer appends in another (the edge
+    keeps spooling new requests during a replay): a read must never see the other's file position."""
+    spool = Spool(tmp_path)
+    total, problems = 3000, []
+
+    def append() -> None:
+        for start in range(0, total, 3):
+            spool.append(frames(3, start))
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    offset, seen = 0, 0
+    while seen < total:
+        try:
+            records = spool.read(offset, 7)
+        except Exception as exc:  # what the shared file position did to the reads before
+            problems.append(repr(exc))
+            break
+        for r in records:
+            if r.value != b'{"n":%d}' % seen:
+                problems.append(f"record {seen}: {r.value!r}")
+            seen += 1
+        if records:
+            offset = records[-1].end
+    writer.join()
+    spool.close()
+    assert problems == []
+    assert offset == spool.size
+
+
+async def test_the_replay_goes_on_after_a_read_that_failed(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """An error the replay did not foresee (here a failed read) is logged and tried again: the
+    spool must not stay full for the rest of the edge's life."""
+    publisher = Publisher("127.0.0.1:1", 1.0, IngestMetrics(), spool_dir=tmp_path)
+    spool = Spool(tmp_path)
+    spool.append(frames(1))
+    spool.mark_replayed(spool.size)  # in Kafka already: once read, the spool is emptied
+    state = publisher._spool = _SpoolState(spool, 1 << 20, 1 << 19, active=True)
+    reads: list[int] = []
+    read = spool.read
+
+    def failing_once(start: int, max_records: int) -> list[SpooledRecord]:
+        reads.append(start)
+        if len(reads) == 1:
+            raise OSError("a disk hiccup")
+        return read(start, max_records)
+
+    spool.read = failing_once  # type: ignore[method-assign]
+    replayer = asyncio.create_task(publisher._spool_replayer())
+    try:
+        for _ in range(100):
+            if not state.active:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        replayer.cancel()
+        await publisher._producer.stop()  # never started: nothing to flush
+        spool.close()
+    assert not state.active and spool.size == 0
+    assert len(reads) == 2
+    assert "spool replay failed" in caplog.text and "a disk hiccup" in caplog.text
