@@ -72,7 +72,7 @@ class Driver:
         return self.step.start(self.owns, self.wall_ms, self.partition) if self.starting else []
 
     def _commit(self, out: list[Output]) -> list[Output]:
-        out = coalesce(out)
+        out = coalesce(out, self.step.unrendered(self.partition))
         self.starting = False
         self.store.commit()
         self.outputs.extend(out)

@@ -34,14 +34,31 @@ class Output:
         return self.value if isinstance(self.value, bytes) else self.value()
 
 
-def coalesce(outputs: list[Output]) -> list[Output]:
+def coalesce(outputs: list[Output],
+             unrendered: Callable[[Output, Exception], Output] | None = None) -> list[Output]:
     """The outputs of one transaction as written, values rendered: every ``latest`` output but
-    the last of its (topic, key) left out; the order of the others kept."""
+    the last of its (topic, key) left out; the order of the others kept.
+
+    ``unrendered(output, error)`` replaces an output whose rendering raised (a state it cannot
+    read: only a corrupted changelog makes one), so that one interval's figures never hold up a
+    transaction; without it, the error propagates."""
     last: dict[tuple[str, bytes], int] = {}
     for i, out in enumerate(outputs):
         if out.latest:
             last[(out.topic, out.key)] = i
     if not last:
         return outputs
-    return [out if isinstance(out.value, bytes) else Output(out.topic, out.key, out.value(), True)
-            for i, out in enumerate(outputs) if not out.latest or last[(out.topic, out.key)] == i]
+    written: list[Output] = []
+    for i, out in enumerate(outputs):
+        if out.latest and last[(out.topic, out.key)] != i:
+            continue
+        if isinstance(out.value, bytes):
+            written.append(out)
+            continue
+        try:
+            written.append(Output(out.topic, out.key, out.value(), True))
+        except Exception as exc:
+            if unrendered is None:
+                raise
+            written.append(unrendered(out, exc))
+    return written

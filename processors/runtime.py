@@ -370,7 +370,7 @@ class Runtime:
             if flush_ms is not None:
                 outputs.extend(step.flush(flush_ms, part.tp.partition))
             outputs.extend(step.timers(self.clock(), part.tp.partition))
-            await self._write(writer, coalesce(outputs))
+            await self._write(writer, coalesce(outputs, step.unrendered(part.tp.partition)))
             await self._write_changelog(writer, part)
             await writer.flush()
             if records:

@@ -254,6 +254,18 @@ class Step:
         return Output(self.dead_letter_topic, f"timer:{partition}:{key[:200]}".encode(),
                       orjson.dumps(value))
 
+    def unrendered(self, partition: int) -> Callable[[Output, Exception], Output]:
+        """What :func:`~processors.output.coalesce` writes instead of an output of ``partition``
+        whose rendering raised: a dead letter whose ``timer`` is ``output:<topic>`` and ``key`` the
+        output's key, with the error (the state stays as it is; the next change of the same
+        figures writes them again)."""
+        def dead_letter(out: Output, exc: Exception) -> Output:
+            self._log_bug(exc, out.topic, partition, None)
+            return self._timer_dead_letter(partition, out.key.decode("utf-8", "replace"),
+                                           f"output:{out.topic}",
+                                           f"rendering failed: {type(exc).__name__}: {exc}")
+        return dead_letter
+
     def _log_bug(self, exc: Exception, topic: str, partition: int, offset: int | None) -> None:
         """A traceback at most once a minute: a flood of bad records must not flood the logs."""
         extra = {"processor": self.processor, "topic": topic, "partition": partition, "offset": offset,

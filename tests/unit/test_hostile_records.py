@@ -187,6 +187,33 @@ def test_a_failing_timer_is_dead_lettered_once_and_does_not_fire_again() -> None
     assert len(records_of(driver, "globex")) == 1
 
 
+class UnrenderableFigures(Wrapping):
+    """Call-records logic that also writes a ``latest`` output rendered at the transaction's end
+    (as acd-stats' figures are), whose rendering fails for one tenant (a state it cannot read)."""
+
+    def on_event(self, store: Store, n: Any, now_ms: int) -> list[Output]:
+        def render() -> bytes:
+            if n.tenant == "acme":
+                raise ValueError("unreadable interval")
+            return b'{"figures": 1}'
+        figures = Output("figures", n.tenant.encode(), render, latest=True)
+        return [*self.inner.on_event(store, n, now_ms), figures]
+
+
+def test_an_output_that_cannot_be_rendered_is_dead_lettered_and_the_transaction_written() -> None:
+    driver = Driver(UnrenderableFigures())
+    for n in incoming_call().rings(A).hangs_up(A).events:
+        out = driver.send(b"acme", n.to_json(), parse_rfc3339_ms(n.event_time))
+        assert [o.topic for o in out] == ["keyyo.call-updates.v1", DEAD_LETTERS.name]
+    good_call_of_globex(driver)
+    driver.flush(3600_000)
+    letters = dead_letters(driver)
+    assert [d["reason"] for d in letters] == ["rendering failed: ValueError: unreadable interval"] * 2
+    assert {(d["timer"], d["key"], d["offset"]) for d in letters} == {("output:figures", "acme", None)}
+    assert len(records_of(driver, "acme")) == 1 and len(records_of(driver, "globex")) == 1
+    assert driver.values("figures") == [{"figures": 1}] * 3  # globex's, one per notification
+
+
 def test_an_event_far_ahead_of_its_record_timestamp_is_refused_and_moves_no_clock() -> None:
     driver = Driver(CallRecords())
     good = incoming_call(tenant="globex").rings(B)
