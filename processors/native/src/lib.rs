@@ -40,10 +40,6 @@ impl Val {
         }
     }
 
-    fn from_opt(value: Option<String>) -> Val {
-        value.map_or(Val::Null, Val::Str)
-    }
-
     /// A time slot: null or an integer (anything else is left to Python).
     fn time(&self) -> Option<Option<i64>> {
         match self {
@@ -366,73 +362,99 @@ fn call_id(tenant: &str, dref: &str) -> String {
     out
 }
 
-/// The fields of a notification the fold reads.
-struct Note {
-    event_id: String,
-    tenant: String,
-    kind: String,
-    account: String,
-    caller: String,
-    callee: String,
-    callref: Option<String>,
-    dref: String,
-    dref_replace: Option<String>,
-    session_id: Option<String>,
+/// The fields of a notification the fold reads, borrowed from the value `decode` read or from
+/// the `Notification`'s strings.
+struct Note<'a> {
+    event_id: &'a str,
+    tenant: &'a str,
+    kind: &'a str,
+    account: &'a str,
+    caller: &'a str,
+    callee: &'a str,
+    callref: Option<&'a str>,
+    dref: &'a str,
+    dref_replace: Option<&'a str>,
+    session_id: Option<&'a str>,
     is_acd: bool,
-    redirecting_number: Option<String>,
-    event_time: String,
+    redirecting_number: Option<&'a str>,
+    event_time: &'a str,
 }
 
-fn opt_str(n: &Bound<'_, PyAny>, name: &Bound<'_, PyString>) -> Option<Option<String>> {
-    n.getattr(name).ok()?.extract().ok()
+// The `Notification` fields the fold reads, in the order of `Note` (those the value's scan gives
+// at the same positions, `scan`'s f[0..12]: is_acd is apart).
+const NOTE_FIELDS: [&str; 12] = ["event_id", "tenant", "type", "account", "caller", "callee", "callref", "dref",
+                                 "dref_replace", "session_id", "redirecting_number", "event_time"];
+
+/// A `Notification`'s fields as Python strings (None where a field holds None), or None when one
+/// is not a string or None, or `is_acd` not a bool.
+fn fields_of<'py>(py: Python<'py>, n: &Bound<'py, PyAny>) -> Option<([Option<Bound<'py, PyString>>; 12], bool)> {
+    let mut fields: [Option<Bound<'py, PyString>>; 12] = Default::default();
+    for (slot, name) in fields.iter_mut().zip(NOTE_FIELDS) {
+        let value = n.getattr(name).ok()?;
+        if !value.is_none() {
+            *slot = Some(value.downcast_into::<PyString>().ok()?);
+        }
+    }
+    let is_acd = n.getattr(intern!(py, "is_acd")).ok()?.downcast::<PyBool>().ok()?.is_true();
+    Some((fields, is_acd))
 }
 
-fn text(n: &Bound<'_, PyAny>, name: &Bound<'_, PyString>) -> Option<String> {
-    n.getattr(name).ok()?.extract().ok()
-}
-
-/// The notification's fields, when it has a DREF and every field has its contract's type.
-fn note_of(py: Python<'_>, n: &Bound<'_, PyAny>) -> Option<Note> {
+/// The note of 12 optional texts in `NOTE_FIELDS`' order; None without a DREF or when a field
+/// that is never null is.
+fn note_from<'a>(f: [Option<&'a str>; 12], is_acd: bool) -> Option<Note<'a>> {
     Some(Note {
-        dref: opt_str(n, intern!(py, "dref"))??,
-        event_id: text(n, intern!(py, "event_id"))?,
-        tenant: text(n, intern!(py, "tenant"))?,
-        kind: text(n, intern!(py, "type"))?,
-        account: text(n, intern!(py, "account"))?,
-        caller: text(n, intern!(py, "caller"))?,
-        callee: text(n, intern!(py, "callee"))?,
-        callref: opt_str(n, intern!(py, "callref"))?,
-        dref_replace: opt_str(n, intern!(py, "dref_replace"))?,
-        session_id: opt_str(n, intern!(py, "session_id"))?,
-        is_acd: n.getattr(intern!(py, "is_acd")).ok()?.downcast::<PyBool>().ok()?.is_true(),
-        redirecting_number: opt_str(n, intern!(py, "redirecting_number"))?,
-        event_time: text(n, intern!(py, "event_time"))?,
+        event_id: f[0]?,
+        tenant: f[1]?,
+        kind: f[2]?,
+        account: f[3]?,
+        caller: f[4]?,
+        callee: f[5]?,
+        callref: f[6],
+        dref: f[7]?,
+        dref_replace: f[8],
+        session_id: f[9],
+        is_acd,
+        redirecting_number: f[10],
+        event_time: f[11]?,
     })
+}
+
+/// The notification `decode` made last, with the value it read it from and where each field is:
+/// `on_event` of that very object reads its fields here rather than asking Python for each.
+struct Handed {
+    notification: Py<PyAny>,
+    raw: Vec<u8>,
+    spans: [Option<(usize, usize)>; 12],
+    is_acd: bool,
 }
 
 fn is_22_digits(s: &str) -> bool {
     s.len() == 22 && s.bytes().all(|c| c.is_ascii_digit())
 }
 
+fn owned(text: Option<&str>) -> Val {
+    text.map_or(Val::Null, |t| Val::Str(t.to_owned()))
+}
+
 /// `_fold`.
-fn fold(call: &mut Call, n: &Note, event_ms: i64) {
+fn fold(call: &mut Call, n: &Note<'_>, event_ms: i64) {
     let index = match call.legs.iter().position(|l| l.dref() == n.dref) {
         Some(i) => i,
         None => {
             call.legs.push(Leg {
                 slots: vec![
-                    Val::Str(n.dref.clone()),
-                    Val::from_opt(n.callref.clone()),
-                    Val::Str(n.account.clone()),
-                    Val::Str(n.caller.clone()),
-                    Val::Str(n.callee.clone()),
+                    Val::Str(n.dref.to_owned()),
+                    owned(n.callref),
+                    Val::Str(n.account.to_owned()),
+                    Val::Str(n.caller.to_owned()),
+                    Val::Str(n.callee.to_owned()),
                     Val::Null,
                     Val::Null,
                     Val::Null,
-                    Val::from_opt(n.dref_replace.clone()),
-                    Val::from_opt(n.session_id.clone()),
+                    owned(n.dref_replace),
+                    owned(n.session_id),
                     Val::Bool(n.is_acd),
-                    Val::from_opt(n.redirecting_number.clone()),
+                    owned(n.redirecting_number),
                     Val::Int(event_ms),
                     Val::Bool(false),
                     Val::Bool(false),
@@ -442,13 +464,13 @@ fn fold(call: &mut Call, n: &Note, event_ms: i64) {
         }
     };
     let leg = &mut call.legs[index];
-    match n.kind.as_str() {
+    match n.kind {
         "SETUP" => {
-            leg.slots[CALLREF] = Val::from_opt(n.callref.clone());
-            leg.slots[CALLER] = Val::Str(n.caller.clone());
-            leg.slots[CALLEE] = Val::Str(n.callee.clone());
-            if let Some(r) = n.dref_replace.as_ref().filter(|r| !r.is_empty()) {
-                leg.slots[REPLACES] = Val::Str(r.clone());
+            leg.slots[CALLREF] = owned(n.callref);
+            leg.slots[CALLER] = Val::Str(n.caller.to_owned());
+            leg.slots[CALLEE] = Val::Str(n.callee.to_owned());
+            if let Some(r) = n.dref_replace.filter(|r| !r.is_empty()) {
+                leg.slots[REPLACES] = Val::Str(r.to_owned());
             }
             if leg.at(SETUP_AT).map_or(true, |at| event_ms < at) {
                 leg.slots[SETUP_AT] = Val::Int(event_ms);
@@ -458,7 +480,7 @@ fn fold(call: &mut Call, n: &Note, event_ms: i64) {
             if leg.at(CONNECT_AT).map_or(true, |at| event_ms < at) {
                 leg.slots[CONNECT_AT] = Val::Int(event_ms);
             }
-            let answering = if n.callee != n.account { n.callee.as_str() } else { "" };
+            let answering = if n.callee != n.account { n.callee } else { "" };
             if is_22_digits(answering) {
                 leg.slots[VOICEMAIL] = Val::Bool(true);
             }
@@ -473,13 +495,13 @@ fn fold(call: &mut Call, n: &Note, event_ms: i64) {
         leg.slots[FIRST_AT] = Val::Int(event_ms);
     }
     if !leg.slots[SESSION_ID].truthy() {
-        leg.slots[SESSION_ID] = Val::from_opt(n.session_id.clone());
+        leg.slots[SESSION_ID] = owned(n.session_id);
     }
     if !leg.slots[IS_ACD].truthy() {
         leg.slots[IS_ACD] = Val::Bool(n.is_acd);
     }
     if !leg.slots[REDIRECTING].truthy() {
-        leg.slots[REDIRECTING] = Val::from_opt(n.redirecting_number.clone());
+        leg.slots[REDIRECTING] = owned(n.redirecting_number);
     }
     match call.last_event {
         Val::Int(last) if event_ms <= last => {}
@@ -987,6 +1009,7 @@ struct Fold {
     notification: Py<PyAny>,
     decoded: Mutex<HashMap<String, Decoded>>,
     decoded_calls: usize,
+    handed: Mutex<Option<Handed>>,
 }
 
 /// A call this fold wrote, kept decoded with the `bytes` object it staged for it. While a call's
@@ -1048,7 +1071,7 @@ impl Fold {
            record_schema: String, output: Py<PyAny>, notification: Py<PyAny>, decoded_calls: usize) -> Fold {
         Fold { linger_ms, ring_timeout_ms, max_duration_ms, retention_ms, max_legs, max_events, updates_topic,
                update_schema, records_topic, record_schema, output, notification,
-               decoded: Mutex::new(HashMap::new()), decoded_calls }
+               decoded: Mutex::new(HashMap::new()), decoded_calls, handed: Mutex::new(None) }
     }
 
     /// How many calls are kept decoded now (for tests and benchmarks).
@@ -1126,24 +1149,65 @@ impl Fold {
         args.push(version.into_pyobject(py)?.into_any());
         args.extend(f[11..].iter().map(|&s| text(s)));
         let args = PyTuple::new(py, args)?;
-        self.notification.bind(py).call1(args).map(Some)
+        let notification = self.notification.bind(py).call1(args)?;
+        // The scan's texts are slices of `value` (it takes no escapes): where each one is.
+        let base = value.as_ptr() as usize;
+        let mut spans = [None; 12];
+        for (span, text) in spans.iter_mut().zip(&f[..12]) {
+            *span = text.map(|t| (t.as_ptr() as usize - base, t.as_ptr() as usize - base + t.len()));
+        }
+        *self.handed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Handed {
+            notification: notification.clone().unbind(), raw: value.to_vec(), spans, is_acd });
+        Ok(Some(notification))
     }
 
     /// `CallRecords.on_event(store, n, now_ms)` for the common case; None for the others.
     fn on_event<'py>(&self, py: Python<'py>, store: &Bound<'py, PyAny>, n: &Bound<'py, PyAny>)
                      -> PyResult<Option<Bound<'py, PyList>>> {
-        let Some(note) = note_of(py, n) else { return Ok(None) }; // no DREF, or not a plain notification
-        let Some(event_ms) = parse_time(&note.event_time) else { return Ok(None) };
-        let t = note.tenant.as_str();
-        let own_id = call_id(t, &note.dref);
+        // The notification `decode` just made (the runtime's case) is read from the value it was
+        // made of; any other, from its attributes. A notification is not changed once made.
+        let handed = self.handed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let attributes;
+        let note = match &handed {
+            Some(h) if h.notification.as_ptr() == n.as_ptr() => {
+                let mut f: [Option<&str>; 12] = [None; 12];
+                for (text, span) in f.iter_mut().zip(h.spans) {
+                    *text = match span {
+                        Some((start, end)) => Some(std::str::from_utf8(&h.raw[start..end])?),
+                        None => None,
+                    };
+                }
+                note_from(f, h.is_acd)
+            }
+            _ => {
+                attributes = fields_of(py, n);
+                match &attributes {
+                    Some((fields, is_acd)) => {
+                        let mut f: [Option<&str>; 12] = [None; 12];
+                        for (text, field) in f.iter_mut().zip(fields) {
+                            *text = match field {
+                                Some(field) => Some(field.to_str()?),
+                                None => None,
+                            };
+                        }
+                        note_from(f, *is_acd)
+                    }
+                    None => None,
+                }
+            }
+        };
+        let Some(note) = note else { return Ok(None) }; // no DREF, or not a plain notification
+        let Some(event_ms) = parse_time(note.event_time) else { return Ok(None) };
+        let t = note.tenant;
+        let own_id = call_id(t, note.dref);
         let mut index_keys = vec![format!("i/{t}/d/{}", note.dref)];
-        if let Some(r) = note.dref_replace.as_ref().filter(|r| !r.is_empty()) {
+        if let Some(r) = note.dref_replace.filter(|r| !r.is_empty()) {
             index_keys.push(format!("i/{t}/d/{r}"));
         }
-        if let Some(s) = note.session_id.as_ref().filter(|s| !s.is_empty()) {
+        if let Some(s) = note.session_id.filter(|s| !s.is_empty()) {
             index_keys.push(format!("i/{t}/s/{s}"));
         }
-        if let Some(c) = note.callref.as_ref().filter(|c| !c.is_empty()) {
+        if let Some(c) = note.callref.filter(|c| !c.is_empty()) {
             index_keys.push(format!("i/{t}/c/{c}"));
         }
         let view = StoreView::of(store)?;
@@ -1213,7 +1277,7 @@ impl Fold {
         }
         let call_key = format!("c/{t}/{id}");
         let wake = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
-        let value = update(&call, &id, t, &self.update_schema, &note.event_id, event_ms);
+        let value = update(&call, &id, t, &self.update_schema, note.event_id, event_ms);
         self.save(&view, &call_key, call)?;
         view.wake(&call_key, wake)?;
         let output = self.output.bind(py).call1((
