@@ -380,16 +380,16 @@ struct Note<'a> {
     event_time: &'a str,
 }
 
-// The `Notification` fields the fold reads, in the order of `Note` (those the value's scan gives
-// at the same positions, `scan`'s f[0..12]: is_acd is apart).
-const NOTE_FIELDS: [&str; 12] = ["event_id", "tenant", "type", "account", "caller", "callee", "callref", "dref",
-                                 "dref_replace", "session_id", "redirecting_number", "event_time"];
-
 /// A `Notification`'s fields as Python strings (None where a field holds None), or None when one
 /// is not a string or None, or `is_acd` not a bool.
 fn fields_of<'py>(py: Python<'py>, n: &Bound<'py, PyAny>) -> Option<([Option<Bound<'py, PyString>>; 12], bool)> {
+    // The fields the fold reads, in the order of `Note` and of `scan`'s f[0..12] (is_acd apart).
+    let names = [intern!(py, "event_id"), intern!(py, "tenant"), intern!(py, "type"), intern!(py, "account"),
+                 intern!(py, "caller"), intern!(py, "callee"), intern!(py, "callref"), intern!(py, "dref"),
+                 intern!(py, "dref_replace"), intern!(py, "session_id"), intern!(py, "redirecting_number"),
+                 intern!(py, "event_time")];
     let mut fields: [Option<Bound<'py, PyString>>; 12] = Default::default();
-    for (slot, name) in fields.iter_mut().zip(NOTE_FIELDS) {
+    for (slot, name) in fields.iter_mut().zip(names) {
         let value = n.getattr(name).ok()?;
         if !value.is_none() {
             *slot = Some(value.downcast_into::<PyString>().ok()?);
@@ -399,7 +399,7 @@ fn fields_of<'py>(py: Python<'py>, n: &Bound<'py, PyAny>) -> Option<([Option<Bou
     Some((fields, is_acd))
 }
 
-/// The note of 12 optional texts in `NOTE_FIELDS`' order; None without a DREF or when a field
+/// The note of 12 optional texts in `fields_of`'s order; None without a DREF or when a field
 /// that is never null is.
 fn note_from<'a>(f: [Option<&'a str>; 12], is_acd: bool) -> Option<Note<'a>> {
     Some(Note {
