@@ -11,6 +11,12 @@
 
 mod acd;
 
+/// The fold allocates a few small strings and buffers per notification (keys, values, decoded
+/// calls): mimalloc does that ≈ 1.1× faster than the system's malloc over the whole fold
+/// (interleaved in one process) and holds the calls kept decoded in less memory.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use acd::J;
 
 use pyo3::prelude::*;
