@@ -431,7 +431,9 @@ class AcdStatsLogic:
 
     def _render_stored(self, raw: bytes, interval: dict[str, Any], tc: TenantAcd, now_ms: int) -> bytes:
         """:meth:`_render` of an interval's state as the store holds it (the native count's)."""
-        return self._render_natively(raw, interval, tc, now_ms) or self._render(orjson.loads(raw), tc, now_ms)
+        # What the native code leaves, Python writes (the same bytes): no second native attempt.
+        return (self._render_natively(raw, interval, tc, now_ms)
+                or orjson.dumps(self.figures(orjson.loads(raw), tc, now_ms)))
 
     def _render_natively(self, state: dict[str, Any] | bytes, interval: dict[str, Any], tc: TenantAcd,
                          now_ms: int) -> bytes | None:

@@ -429,7 +429,7 @@ fn note_from<'a>(f: [Option<&'a str>; 12], is_acd: bool) -> Option<Note<'a>> {
 /// `on_event` of that very object reads its fields here rather than asking Python for each.
 struct Handed {
     notification: Py<PyAny>,
-    raw: Vec<u8>,
+    value: Py<PyBytes>,
     spans: [Option<(usize, usize)>; 12],
     is_acd: bool,
 }
@@ -1138,8 +1138,10 @@ impl Fold {
 
     /// `CallRecords.decode(key, value)` of a value laid out as the edge writes it and keyed by its
     /// tenant: the `Notification` Python would make of it; None for anything else.
-    fn decode<'py>(&self, py: Python<'py>, key: &[u8], value: &[u8]) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let Some((f, is_acd, version)) = scan(value) else { return Ok(None) };
+    fn decode<'py>(&self, py: Python<'py>, key: &[u8], value: &Bound<'py, PyBytes>)
+                   -> PyResult<Option<Bound<'py, PyAny>>> {
+        let raw = value.as_bytes();
+        let Some((f, is_acd, version)) = scan(raw) else { return Ok(None) };
         if f[1].map(str::as_bytes) != Some(key) {
             return Ok(None);
         }
@@ -1156,14 +1158,15 @@ impl Fold {
         args.extend(f[11..].iter().map(|&s| text(s)));
         let args = PyTuple::new(py, args)?;
         let notification = self.notification.bind(py).call1(args)?;
-        // The scan's texts are slices of `value` (it takes no escapes): where each one is.
-        let base = value.as_ptr() as usize;
+        // The scan's texts are slices of the value (it takes no escapes): where each one is. The
+        // value is kept by reference, not copied: bytes are immutable.
+        let base = raw.as_ptr() as usize;
         let mut spans = [None; 12];
         for (span, text) in spans.iter_mut().zip(&f[..12]) {
             *span = text.map(|t| (t.as_ptr() as usize - base, t.as_ptr() as usize - base + t.len()));
         }
         *self.handed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Handed {
-            notification: notification.clone().unbind(), raw: value.to_vec(), spans, is_acd });
+            notification: notification.clone().unbind(), value: value.clone().unbind(), spans, is_acd });
         Ok(Some(notification))
     }
 
@@ -1179,7 +1182,7 @@ impl Fold {
                 let mut f: [Option<&str>; 12] = [None; 12];
                 for (text, span) in f.iter_mut().zip(h.spans) {
                     *text = match span {
-                        Some((start, end)) => Some(std::str::from_utf8(&h.raw[start..end])?),
+                        Some((start, end)) => Some(std::str::from_utf8(&h.value.as_bytes(py)[start..end])?),
                         None => None,
                     };
                 }
@@ -1258,13 +1261,16 @@ impl Fold {
         if calls.len() > 1 {
             return Ok(None); // calls to merge
         }
-        let (id, mut call) = match calls.pop() {
-            None if self.max_legs >= 1 => (own_id.clone(), Call::new()),
+        let (id, call_key, mut call) = match calls.pop() {
+            None if self.max_legs >= 1 => (own_id.clone(), format!("c/{t}/{own_id}"), Call::new()),
             None => return Ok(None),
-            Some((id, raw)) => match self.load(&format!("c/{t}/{id}"), &raw) {
-                Some(call) if call.legs.len() < self.max_legs => (id, call),
-                _ => return Ok(None), // another form, or at its bound: Python says why
-            },
+            Some((id, raw)) => {
+                let call_key = format!("c/{t}/{id}");
+                match self.load(&call_key, &raw) {
+                    Some(call) if call.legs.len() < self.max_legs => (id, call_key, call),
+                    _ => return Ok(None), // another form, or at its bound: Python says why
+                }
+            }
         };
         let short: String = note.event_id.chars().take(12).collect();
         if call.events.contains(&short) {
@@ -1281,7 +1287,6 @@ impl Fold {
                 view.stage(key, Some(id.as_bytes()))?;
             }
         }
-        let call_key = format!("c/{t}/{id}");
         let wake = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
         let value = update(&call, &id, t, &self.update_schema, note.event_id, event_ms);
         self.save(&view, &call_key, call)?;
