@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -42,6 +42,27 @@ try:  # the optional native fold (processors/native, built by `make compile`)
     from processors import _native  # type: ignore[attr-defined]
 except ImportError:
     _native = None
+
+
+
+class NativeEvent(Protocol):
+    """A notification as the native fold decodes it (``processors._native.Event``): the record's
+    value and where each field is in it, not yet a :class:`Notification`."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def event_ms(self) -> int:
+        """``parse_rfc3339_ms(event_time)``."""
+        ...
+    def notification(self) -> Notification:
+        """The :class:`Notification` Python makes of the same value (made once, on first use)."""
+        ...
+
+
+Event = Notification | NativeEvent
+"""What :meth:`CallRecords.decode` returns: the native fold's event when the compiled build read
+the value, else the :class:`Notification`."""
 
 Call = dict[str, Any]
 Leg = list[Any]
@@ -125,13 +146,14 @@ class CallRecords:
 
     # -- input --------------------------------------------------------------------------
 
-    def decode(self, key: bytes | None, value: bytes | None) -> Notification:
+    def decode(self, key: bytes | None, value: bytes | None) -> Event:
         """A notification from its record, checked against the contract; :class:`Invalid` if not."""
         if self._native is not None and key is not None and value is not None:
-            # A value laid out as the edge writes it, keyed by its tenant: read natively.
-            n: Notification | None = self._native.decode(key, value)
-            if n is not None:
-                return n
+            # A value laid out as the edge writes it, keyed by its tenant: read natively, and made
+            # a Notification only if Python folds it.
+            event: NativeEvent | None = self._native.decode(key, value)
+            if event is not None:
+                return event
         if value is None:
             raise Invalid("value: missing (a tombstone)")
         try:
@@ -144,23 +166,26 @@ class CallRecords:
         return n
 
     @staticmethod
-    def event_time_ms(n: Notification) -> int:
+    def event_time_ms(n: Event) -> int:
         """Event time of a notification."""
-        return parse_rfc3339_ms(n.event_time)
+        if isinstance(n, Notification):
+            return parse_rfc3339_ms(n.event_time)
+        return n.event_ms
 
     @staticmethod
-    def time_domain(n: Notification) -> str:
+    def time_domain(n: Event) -> str:
         """Each tenant has its own clock: its early or late traffic only moves its own calls."""
         return n.tenant
 
     # -- events -------------------------------------------------------------------------
 
-    def on_event(self, store: Store, n: Notification, now_ms: int) -> list[Output]:
+    def on_event(self, store: Store, event: Event, now_ms: int) -> list[Output]:
         """Fold one notification into its call; return the call update (and a restated record)."""
         if self._native is not None:
-            done: list[Output] | None = self._native.on_event(store, n)
+            done: list[Output] | None = self._native.on_event(store, event)
             if done is not None:
                 return done
+        n = event if isinstance(event, Notification) else event.notification()
         t = n.tenant
         approximate = n.dref is None
         if approximate:

@@ -425,13 +425,71 @@ fn note_from<'a>(f: [Option<&'a str>; 12], is_acd: bool) -> Option<Note<'a>> {
     })
 }
 
-/// The notification `decode` made last, with the value it read it from and where each field is:
-/// `on_event` of that very object reads its fields here rather than asking Python for each.
-struct Handed {
-    notification: Py<PyAny>,
+/// A notification `Fold.decode` read from a value laid out as the edge writes it, without making
+/// the Python `Notification` and its 16 strings: the value (kept by reference, bytes are
+/// immutable), where each text field is in it, and what the runtime asks of every event (its
+/// tenant, its event time). `notification()` makes the `Notification` Python would have made,
+/// once, for the code that reads its attributes (the cases the fold leaves to Python).
+#[pyclass(frozen, module = "processors._native")]
+struct Event {
     value: Py<PyBytes>,
-    spans: [Option<(usize, usize)>; 12],
+    /// Byte ranges in `value` of scan's texts, in its order (`f[0..14]`); None = null.
+    spans: [Option<(usize, usize)>; 14],
     is_acd: bool,
+    version: i64,
+    /// The event time in ms since the epoch (what `parse_rfc3339_ms(event_time)` gives).
+    #[pyo3(get)]
+    event_ms: i64,
+    /// The tenant (the record's key, and the time domain).
+    #[pyo3(get)]
+    tenant: Py<PyString>,
+    class: Py<PyAny>,
+    made: pyo3::sync::GILOnceCell<Py<PyAny>>,
+}
+
+impl Event {
+    /// The text fields, borrowed from the value (checked as UTF-8 by the scan already; checked again
+    /// here rather than trusted, once for the whole value).
+    fn texts<'a>(&self, raw: &'a [u8]) -> PyResult<[Option<&'a str>; 14]> {
+        let whole = std::str::from_utf8(raw)?;
+        let mut f: [Option<&str>; 14] = [None; 14];
+        for (text, span) in f.iter_mut().zip(self.spans) {
+            *text = match span {
+                Some((start, end)) => Some(whole.get(start..end).ok_or_else(|| {
+                    pyo3::exceptions::PyValueError::new_err("an event's field is not where it was")
+                })?),
+                None => None,
+            };
+        }
+        Ok(f)
+    }
+}
+
+#[pymethods]
+impl Event {
+    /// The `Notification` of this event (made on first use, then the same object).
+    fn notification<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let made = self.made.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+            let f = self.texts(self.value.as_bytes(py))?;
+            let text = |s: Option<&str>| -> Bound<'py, PyAny> {
+                match s {
+                    Some(s) => PyString::new(py, s).into_any(),
+                    None => py.None().into_bound(py),
+                }
+            };
+            let mut args: Vec<Bound<'py, PyAny>> = f[..10].iter().map(|&s| text(s)).collect();
+            args.push(PyBool::new(py, self.is_acd).to_owned().into_any());
+            args.push(text(f[10]));
+            args.push(self.version.into_pyobject(py)?.into_any());
+            args.extend(f[11..].iter().map(|&s| text(s)));
+            Ok(self.class.bind(py).call1(PyTuple::new(py, args)?)?.unbind())
+        })?;
+        Ok(made.bind(py).clone())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("Event({})", self.notification(py)?.repr()?))
+    }
 }
 
 fn is_22_digits(s: &str) -> bool {
@@ -853,6 +911,8 @@ fn index_keys(call: &Call, tenant: &str) -> Option<Vec<String>> {
 /// Reads a notification laid out as the edge writes it, field by field, accepting exactly what
 /// `schemas.notification._canonical_layout()` accepts (or less: anything else goes to Python).
 struct Scanner<'a> {
+    /// The value, checked as UTF-8 once (its texts are then slices of it).
+    text: &'a str,
     b: &'a [u8],
     at: usize,
 }
@@ -886,7 +946,7 @@ impl<'a> Scanner<'a> {
         if len < min || len > max {
             return None;
         }
-        std::str::from_utf8(&self.b[start..start + len]).ok()
+        self.text.get(start..start + len)
     }
 
     fn nullable(&mut self, max: usize, ok: impl Fn(u8) -> bool) -> Option<Option<&'a str>> {
@@ -923,7 +983,7 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 
 /// The fields of a canonical notification, in the dataclass's order; None for any other value.
 fn scan(raw: &[u8]) -> Option<(Vec<Option<&str>>, bool, i64)> {
-    let mut sc = Scanner { b: raw, at: 0 };
+    let mut sc = Scanner { text: std::str::from_utf8(raw).ok()?, b: raw, at: 0 };
     let number64 = |c: u8| c == b'+' || c.is_ascii_digit();
     let hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
     let mut f: Vec<Option<&str>> = Vec::with_capacity(16);
@@ -1015,8 +1075,12 @@ struct Fold {
     notification: Py<PyAny>,
     decoded: Mutex<HashMap<String, Decoded>>,
     decoded_calls: usize,
-    handed: Mutex<Option<Handed>>,
+    /// The tenants' strings, made once each (at most `TENANTS_KEPT`, then made again).
+    tenants: Mutex<HashMap<Vec<u8>, Py<PyString>>>,
 }
+
+/// Tenants whose string a fold keeps (an operator has tens to thousands).
+const TENANTS_KEPT: usize = 4096;
 
 /// A call this fold wrote, kept decoded with the `bytes` object it staged for it. While a call's
 /// key still holds that very object (bytes are immutable, and the reference kept here keeps its
@@ -1077,7 +1141,7 @@ impl Fold {
            record_schema: String, output: Py<PyAny>, notification: Py<PyAny>, decoded_calls: usize) -> Fold {
         Fold { linger_ms, ring_timeout_ms, max_duration_ms, retention_ms, max_legs, max_events, updates_topic,
                update_schema, records_topic, record_schema, output, notification,
-               decoded: Mutex::new(HashMap::new()), decoded_calls, handed: Mutex::new(None) }
+               decoded: Mutex::new(HashMap::new()), decoded_calls, tenants: Mutex::new(HashMap::new()) }
     }
 
     /// How many calls are kept decoded now (for tests and benchmarks).
@@ -1137,58 +1201,55 @@ impl Fold {
     }
 
     /// `CallRecords.decode(key, value)` of a value laid out as the edge writes it and keyed by its
-    /// tenant: the `Notification` Python would make of it; None for anything else.
+    /// tenant: an `Event` (whose `notification()` is the `Notification` Python would make of it);
+    /// None for anything else.
     fn decode<'py>(&self, py: Python<'py>, key: &[u8], value: &Bound<'py, PyBytes>)
-                   -> PyResult<Option<Bound<'py, PyAny>>> {
+                   -> PyResult<Option<Event>> {
         let raw = value.as_bytes();
         let Some((f, is_acd, version)) = scan(raw) else { return Ok(None) };
         if f[1].map(str::as_bytes) != Some(key) {
             return Ok(None);
         }
-        let text = |s: Option<&str>| -> Bound<'py, PyAny> {
-            match s {
-                Some(s) => PyString::new(py, s).into_any(),
-                None => py.None().into_bound(py),
-            }
-        };
-        let mut args: Vec<Bound<'py, PyAny>> = f[..10].iter().map(|&s| text(s)).collect();
-        args.push(PyBool::new(py, is_acd).to_owned().into_any());
-        args.push(text(f[10]));
-        args.push(version.into_pyobject(py)?.into_any());
-        args.extend(f[11..].iter().map(|&s| text(s)));
-        let args = PyTuple::new(py, args)?;
-        let notification = self.notification.bind(py).call1(args)?;
-        // The scan's texts are slices of the value (it takes no escapes): where each one is. The
-        // value is kept by reference, not copied: bytes are immutable.
+        let Some(event_ms) = f[11].and_then(parse_time) else { return Ok(None) };
+        // The scan's texts are slices of the value (it takes no escapes): where each one is.
         let base = raw.as_ptr() as usize;
-        let mut spans = [None; 12];
-        for (span, text) in spans.iter_mut().zip(&f[..12]) {
+        let mut spans = [None; 14];
+        for (span, text) in spans.iter_mut().zip(&f) {
             *span = text.map(|t| (t.as_ptr() as usize - base, t.as_ptr() as usize - base + t.len()));
         }
-        *self.handed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Handed {
-            notification: notification.clone().unbind(), value: value.clone().unbind(), spans, is_acd });
-        Ok(Some(notification))
+        let tenant = {
+            let mut tenants = self.tenants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match tenants.get(key) {
+                Some(tenant) => tenant.clone_ref(py),
+                None => {
+                    if tenants.len() >= TENANTS_KEPT {
+                        tenants.clear();
+                    }
+                    let tenant = PyString::new(py, f[1].unwrap_or_default()).unbind();
+                    tenants.insert(key.to_vec(), tenant.clone_ref(py));
+                    tenant
+                }
+            }
+        };
+        Ok(Some(Event { value: value.clone().unbind(), spans, is_acd, version, event_ms, tenant,
+                        class: self.notification.clone_ref(py), made: pyo3::sync::GILOnceCell::new() }))
     }
 
     /// `CallRecords.on_event(store, n, now_ms)` for the common case; None for the others.
     fn on_event<'py>(&self, py: Python<'py>, store: &Bound<'py, PyAny>, n: &Bound<'py, PyAny>)
                      -> PyResult<Option<Bound<'py, PyList>>> {
-        // The notification `decode` just made (the runtime's case) is read from the value it was
-        // made of; any other, from its attributes. A notification is not changed once made.
-        let handed = self.handed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-        let attributes;
-        let note = match &handed {
-            Some(h) if h.notification.as_ptr() == n.as_ptr() => {
+        // An event `decode` made (the runtime's case) is read from the value it was made of; a
+        // `Notification`, from its attributes. Neither is changed once made.
+        let (attributes, texts);
+        let note = match n.downcast::<Event>() {
+            Ok(event) => {
+                let event = event.get();
+                texts = event.texts(event.value.as_bytes(py))?;
                 let mut f: [Option<&str>; 12] = [None; 12];
-                for (text, span) in f.iter_mut().zip(h.spans) {
-                    *text = match span {
-                        Some((start, end)) => Some(std::str::from_utf8(&h.value.as_bytes(py)[start..end])?),
-                        None => None,
-                    };
-                }
-                note_from(f, h.is_acd)
+                f.copy_from_slice(&texts[..12]);
+                note_from(f, event.is_acd)
             }
-            _ => {
+            Err(_) => {
                 attributes = fields_of(py, n);
                 match &attributes {
                     Some((fields, is_acd)) => {
@@ -1303,6 +1364,7 @@ impl Fold {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
+    m.add_class::<Event>()?;
     m.add_class::<acd::Figures>()?;
     m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)?;
     m.add_function(wrap_pyfunction!(acd::count_call, m)?)
