@@ -10,6 +10,9 @@ domain* (``\\x00rt/time/<domain>``) and the timers (``\\x00rt/wake/<domain>\\x1f
 whose clock an event moves (the tenant, for the processors here): a timer belongs to the domain in
 scope when it was set, and fires once that domain's time reaches it.
 
+A domain's clock moves with nearly every event, so it is kept staged as an integer and written as a
+changelog entry once per transaction (:meth:`Store.staged`), not once per event.
+
 Within a transaction, :meth:`Store.begin_step` marks the start of one record's work and
 :meth:`Store.rollback_step` undoes exactly that work, so one bad record never costs the others.
 """
@@ -35,13 +38,15 @@ class Store:
         self._heaps: dict[str, list[tuple[int, str]]] = {}
         self._popped: list[tuple[str, int, str]] = []
         self._times: dict[str, int] = {}
+        self._staged_times: dict[str, int] = {}
+        """Clocks moved since the last commit (their entries are made by :meth:`staged`)."""
         self._undo: list[tuple[str, object]] | None = None
         self.domain = ""
         """The time domain timers set now belong to (the runtime sets it before calling the logic)."""
 
     def clear(self) -> None:
         """Forget everything, committed and staged (before a full restore)."""
-        for kept in (self._data, self._staged, self._heaps, self._times):
+        for kept in (self._data, self._staged, self._heaps, self._times, self._staged_times):
             kept.clear()
         self._popped.clear()
         self._undo = None
@@ -136,15 +141,20 @@ class Store:
 
     def time(self, domain: str) -> int:
         """Stream time of ``domain`` (0 before its first event)."""
-        staged = self._staged.get(_TIME + domain)
-        return int(staged) if staged is not None else self._times.get(domain, 0)
+        staged = self._staged_times.get(domain)
+        return staged if staged is not None else self._times.get(domain, 0)
 
     def advance(self, domain: str, at_ms: int) -> int:
         """Move ``domain``'s stream time forward to ``at_ms`` (never backwards); staged like any
         other entry, so an abort or a rolled-back step takes it back. Returns the domain's time."""
-        current = self.time(domain)
+        staged_times = self._staged_times
+        current = staged_times.get(domain)
+        if current is None:
+            current = self._times.get(domain, 0)
         if at_ms > current:
-            self._stage(_TIME + domain, str(at_ms).encode())
+            if self._undo is not None:
+                self._undo.append((_TIME + domain, current))
+            staged_times[domain] = at_ms
             return at_ms
         return current
 
@@ -161,7 +171,14 @@ class Store:
     def rollback_step(self) -> None:
         """Undo what was staged since :meth:`begin_step`; stop recording."""
         for key, previous in reversed(self._undo or ()):
-            if previous is _MISSING:
+            if type(previous) is int:  # a clock moved by :meth:`advance`: its time before
+                domain = key[len(_TIME):]
+                if previous == self._times.get(domain, 0):  # not moved in this transaction before
+                    self._staged_times.pop(domain, None)
+                    self._staged.pop(key, None)
+                else:
+                    self._staged_times[domain] = previous
+            elif previous is _MISSING:
                 self._staged.pop(key, None)
             else:
                 self._staged[key] = previous  # type: ignore[assignment]
@@ -171,28 +188,33 @@ class Store:
         """Size of the largest value staged since :meth:`begin_step` (0 if none)."""
         staged, largest = self._staged, 0
         for key, _ in self._undo or ():  # a plain loop: most steps stage a few small entries
-            value = staged[key]
+            value = staged.get(key)  # (a clock moved in the step is not in it yet)
             if value is not None and len(value) > largest:
                 largest = len(value)
         return largest
 
     def staged(self) -> dict[str, bytes | None]:
         """Writes since the last commit (value None = deletion), coalesced per key, clocks included."""
-        return self._staged
+        staged = self._staged
+        for domain, at_ms in self._staged_times.items():
+            staged[_TIME + domain] = str(at_ms).encode()
+        return staged
 
     def commit(self) -> None:
         """Make staged writes durable in memory (the runtime calls it after Kafka's commit)."""
-        for key, value in self._staged.items():
+        for key, value in self.staged().items():
             # Staged values are exact-size already: :meth:`put` copied those of the processor, the
             # runtime's clocks and timers are made here, and the native fold writes its own.
             self._apply(key, value)
         self._staged = {}
+        self._staged_times = {}
         self._popped = []
         self._undo = None
 
     def abort(self) -> None:
         """Drop staged writes; timers taken by :meth:`due` become due again."""
         self._staged = {}
+        self._staged_times = {}
         for domain, at, key in self._popped:
             heapq.heappush(self._heaps.setdefault(domain, []), (at, key))
         self._popped = []

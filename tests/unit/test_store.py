@@ -107,6 +107,25 @@ def test_clocks_move_forward_only_and_are_committed_like_state() -> None:
     assert store.time("acme") == 1000
 
 
+def test_a_clock_is_one_entry_per_transaction_and_a_rolled_back_step_gives_its_time_back() -> None:
+    store = Store()
+    for at in range(1000, 1100):
+        store.advance("acme", at)
+    assert changelog(store) == [("\x00rt/time/acme", b"1099")]
+    store.begin_step()
+    store.advance("acme", 5000)
+    store.advance("globex", 10)
+    store.rollback_step()
+    assert store.time("acme") == 1099 and store.time("globex") == 0
+    assert changelog(store) == [("\x00rt/time/acme", b"1099")]
+    store.commit()
+    store.begin_step()
+    store.advance("acme", 2000)
+    assert changelog(store) == [("\x00rt/time/acme", b"2000")]  # read mid-step
+    store.rollback_step()
+    assert store.time("acme") == 1099 and changelog(store) == []
+
+
 def test_restore_then_commit_rebuilds_state_timers_and_clocks() -> None:
     first = Store()
     first.put("call", b"v1")

@@ -354,6 +354,15 @@ fn put_opt_time(out: &mut Vec<u8>, t: Option<i64>) {
 // -- the fold -------------------------------------------------------------------------------
 
 /// `_call_id`.
+/// The parts joined (a state key): one allocation, without `format!`'s machinery (a few per event).
+fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.push_str(part);
+    }
+    out
+}
+
 fn call_id(tenant: &str, dref: &str) -> String {
     let mut h = Sha256::new();
     h.update(tenant.as_bytes());
@@ -696,10 +705,14 @@ impl<'py> StoreView<'py> {
 
     /// `Store.get`: the stored `bytes` object itself.
     pub(crate) fn get_bytes(&self, key: &str) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let key = PyString::new(self.py, key);
-        let value = match self.staged.get_item(&key)? {
+        self.get_bytes_at(&PyString::new(self.py, key))
+    }
+
+    /// `get_bytes` of a key made already (Python keeps a string's hash in it).
+    fn get_bytes_at(&self, key: &Bound<'py, PyString>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let value = match self.staged.get_item(key)? {
             Some(value) => value,
-            None => match self.data.get_item(&key)? {
+            None => match self.data.get_item(key)? {
                 Some(value) => value,
                 None => return Ok(None),
             },
@@ -721,33 +734,28 @@ impl<'py> StoreView<'py> {
     pub(crate) fn stage(&self, key: &str, value: Option<&[u8]>) -> PyResult<()> {
         debug_assert!(!key.starts_with('\0') || key.starts_with(&self.wake_prefix));
         let key = PyString::new(self.py, key);
-        if let Some(undo) = &self.undo {
-            let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
-            undo.append((&key, previous))?;
-        }
         match value {
-            Some(value) => self.staged.set_item(key, PyBytes::new(self.py, value)),
-            None => self.staged.set_item(key, self.py.None()),
+            Some(value) => self.stage_bytes(&key, &PyBytes::new(self.py, value).into_any()),
+            None => self.stage_bytes(&key, &self.py.None().into_bound(self.py)),
         }
     }
 
-    /// `stage` of a value already made (so that the caller keeps the very object stored).
-    fn stage_bytes(&self, key: &str, value: &Bound<'py, PyBytes>) -> PyResult<()> {
-        let key = PyString::new(self.py, key);
+    /// `stage` of a key and a value made already (so that the caller keeps the very object stored).
+    fn stage_bytes(&self, key: &Bound<'py, PyString>, value: &Bound<'py, PyAny>) -> PyResult<()> {
         if let Some(undo) = &self.undo {
-            let previous = self.staged.get_item(&key)?.unwrap_or_else(|| self.missing.clone());
-            undo.append((&key, previous))?;
+            let previous = self.staged.get_item(key)?.unwrap_or_else(|| self.missing.clone());
+            undo.append((key, previous))?;
         }
         self.staged.set_item(key, value)
     }
 
     /// `Store.wake`.
     pub(crate) fn wake(&self, key: &str, at_ms: i64) -> PyResult<()> {
-        let wake_key = format!("{}{key}", self.wake_prefix);
+        let wake_key = PyString::new(self.py, &concat(&[&self.wake_prefix, key]));
         let mut value = Vec::with_capacity(16);
         put_int(&mut value, at_ms);
-        if self.get(&wake_key)?.as_deref() != Some(value.as_slice()) {
-            self.stage(&wake_key, Some(&value))?;
+        if self.get_bytes_at(&wake_key)?.as_ref().map(|v| v.as_bytes()) != Some(value.as_slice()) {
+            self.stage_bytes(&wake_key, &PyBytes::new(self.py, &value).into_any())?;
         }
         Ok(())
     }
@@ -894,10 +902,10 @@ fn record(call: &Call, id: &str, tenant: &str, schema: &str, closed_by: &str) ->
 fn index_keys(call: &Call, tenant: &str) -> Option<Vec<String>> {
     let mut keys = Vec::with_capacity(call.legs.len() * 2);
     for leg in &call.legs {
-        keys.push(format!("i/{tenant}/d/{}", leg.dref()));
+        keys.push(concat(&["i/", tenant, "/d/", leg.dref()]));
         for (slot, kind) in [(REPLACES, "d"), (SESSION_ID, "s"), (CALLREF, "c")] {
             match &leg.slots[slot] {
-                Val::Str(s) if !s.is_empty() => keys.push(format!("i/{tenant}/{kind}/{s}")),
+                Val::Str(s) if !s.is_empty() => keys.push(concat(&["i/", tenant, "/", kind, "/", s])),
                 v if v.truthy() => return None,
                 _ => {}
             }
@@ -1119,10 +1127,10 @@ impl Fold {
     }
 
     /// `_save`: stage the call's value at `key`, and keep it decoded.
-    fn save(&self, view: &StoreView<'_>, key: &str, call: Call) -> PyResult<()> {
+    fn save(&self, view: &StoreView<'_>, key: &Bound<'_, PyString>, call: Call) -> PyResult<()> {
         let value = PyBytes::new(view.py, &pack(&call));
         view.stage_bytes(key, &value)?;
-        self.keep(key, value, call);
+        self.keep(key.to_str()?, value, call);
         Ok(())
     }
 }
@@ -1190,7 +1198,7 @@ impl Fold {
         call.closed_at = Val::Int(now_ms);
         call.revision = Val::Int(revision + 1);
         let Some(value) = record(&call, id, tenant, &self.record_schema, closing) else { return Ok(None) };
-        self.save(&view, key, call)?;
+        self.save(&view, &PyString::new(py, key), call)?;
         view.wake(key, now_ms + self.retention_ms)?;
         let output = self.output.bind(py).call1((
             &self.records_topic,
@@ -1270,22 +1278,29 @@ impl Fold {
         let Some(event_ms) = parse_time(note.event_time) else { return Ok(None) };
         let t = note.tenant;
         let own_id = call_id(t, note.dref);
-        let mut index_keys = vec![format!("i/{t}/d/{}", note.dref)];
+        let mut index_keys = Vec::with_capacity(4);
+        index_keys.push(concat(&["i/", t, "/d/", note.dref]));
         if let Some(r) = note.dref_replace.filter(|r| !r.is_empty()) {
-            index_keys.push(format!("i/{t}/d/{r}"));
+            index_keys.push(concat(&["i/", t, "/d/", r]));
         }
         if let Some(s) = note.session_id.filter(|s| !s.is_empty()) {
-            index_keys.push(format!("i/{t}/s/{s}"));
+            index_keys.push(concat(&["i/", t, "/s/", s]));
         }
         if let Some(c) = note.callref.filter(|c| !c.is_empty()) {
-            index_keys.push(format!("i/{t}/c/{c}"));
+            index_keys.push(concat(&["i/", t, "/c/", c]));
         }
         let view = StoreView::of(store)?;
         let get = |key: &str| view.get(key);
-        let get_bytes = |key: &str| view.get_bytes(key);
+        // A call's state, with the Python key it was looked up with (used again to stage it).
+        let state_of = |id: &str| -> PyResult<(Bound<'py, PyString>, Option<Bound<'py, PyBytes>>)> {
+            let key = PyString::new(py, &concat(&["c/", t, "/", id]));
+            let state = view.get_bytes_at(&key)?;
+            Ok((key, state))
+        };
         // Which call each index key leads to, and each call's state once read (in first-seen order).
         let mut pointed: Vec<Option<String>> = vec![None; index_keys.len()];
-        let mut found: Vec<(String, Option<Bound<'py, PyBytes>>)> = Vec::new();
+        let mut found: Vec<(String, Option<(Bound<'py, PyString>, Bound<'py, PyBytes>)>)> = Vec::new();
+        let mut own_key: Option<Bound<'py, PyString>> = None; // the own call's key, looked up and empty
         for (i, key) in index_keys.iter().enumerate() {
             if let Some(raw) = get(key)? {
                 let Ok(id) = String::from_utf8(raw) else { return Ok(None) };
@@ -1298,7 +1313,15 @@ impl Fold {
                 let known = found.iter().position(|(f, _)| *f == id);
                 let state = match known.and_then(|k| found[k].1.clone()) {
                     Some(state) => Some(state),
-                    None => get_bytes(&format!("c/{t}/{id}"))?,
+                    None => match state_of(&id)? {
+                        (key, Some(state)) => Some((key, state)),
+                        (key, None) => {
+                            if id == own_id {
+                                own_key = Some(key);
+                            }
+                            None
+                        }
+                    },
                 };
                 if let Some(state) = state {
                     match known {
@@ -1309,29 +1332,35 @@ impl Fold {
                 }
             }
         }
-        let mut calls: Vec<(String, Bound<'py, PyBytes>)> = Vec::new();
+        let mut calls: Vec<(String, Bound<'py, PyString>, Bound<'py, PyBytes>)> = Vec::new();
         for (id, state) in found {
             let state = match state {
                 Some(state) => Some(state),
-                None => get_bytes(&format!("c/{t}/{id}"))?,
+                None => match state_of(&id)? {
+                    (key, Some(state)) => Some((key, state)),
+                    (_, None) => None,
+                },
             };
-            if let Some(state) = state {
-                calls.push((id, state));
+            if let Some((key, state)) = state {
+                calls.push((id, key, state));
             }
         }
         if calls.len() > 1 {
             return Ok(None); // calls to merge
         }
         let (id, call_key, mut call) = match calls.pop() {
-            None if self.max_legs >= 1 => (own_id.clone(), format!("c/{t}/{own_id}"), Call::new()),
-            None => return Ok(None),
-            Some((id, raw)) => {
-                let call_key = format!("c/{t}/{id}");
-                match self.load(&call_key, &raw) {
-                    Some(call) if call.legs.len() < self.max_legs => (id, call_key, call),
-                    _ => return Ok(None), // another form, or at its bound: Python says why
-                }
+            None if self.max_legs >= 1 => {
+                let key = match own_key {
+                    Some(key) => key,
+                    None => PyString::new(py, &concat(&["c/", t, "/", &own_id])),
+                };
+                (own_id.clone(), key, Call::new())
             }
+            None => return Ok(None),
+            Some((id, key, raw)) => match self.load(key.to_str()?, &raw) {
+                Some(call) if call.legs.len() < self.max_legs => (id, key, call),
+                _ => return Ok(None), // another form, or at its bound: Python says why
+            },
         };
         let short: String = note.event_id.chars().take(12).collect();
         if call.events.contains(&short) {
@@ -1351,7 +1380,7 @@ impl Fold {
         let wake = wake_at(&call, self.linger_ms, self.ring_timeout_ms, self.max_duration_ms);
         let value = update(&call, &id, t, &self.update_schema, note.event_id, event_ms);
         self.save(&view, &call_key, call)?;
-        view.wake(&call_key, wake)?;
+        view.wake(call_key.to_str()?, wake)?;
         let output = self.output.bind(py).call1((
             &self.updates_topic,
             PyBytes::new(py, t.as_bytes()),
