@@ -36,6 +36,7 @@ class Store:
         self._data: dict[str, bytes] = {}
         self._staged: dict[str, bytes | None] = {}
         self._heaps: dict[str, list[tuple[int, str]]] = {}
+        """Per domain, its timers as (time, the timer's whole entry key), earliest first."""
         self._popped: list[tuple[str, int, str]] = []
         self._times: dict[str, int] = {}
         self._staged_times: dict[str, int] = {}
@@ -118,15 +119,15 @@ class Store:
         """
         heap = self._heaps.get(domain)
         self.domain = domain
+        inner = len(_WAKE) + len(domain) + 1  # where the processor's key starts in the entry's
         while heap and heap[0][0] <= now_ms:
-            at, key = heapq.heappop(heap)
-            self._popped.append((domain, at, key))
-            wake_key = f"{_WAKE}{domain}{_SEP}{key}"
+            at, wake_key = heapq.heappop(heap)
+            self._popped.append((domain, at, wake_key))
             current = self._data.get(wake_key)
             if current is None or int(current) != at:
                 continue  # cancelled or moved
             self._stage(wake_key, None)
-            yield key
+            yield wake_key[inner:]
 
     def next_wake(self, domain: str) -> int | None:
         """The earliest pending timer of ``domain`` (may be a stale one)."""
@@ -233,8 +234,8 @@ class Store:
         self._data[key] = value
         if key[:1] == "\x00":
             if key.startswith(_WAKE):
-                domain, _, inner = key[len(_WAKE):].partition(_SEP)
-                heapq.heappush(self._heaps.setdefault(domain, []), (int(value), inner))
+                domain = key[len(_WAKE):key.index(_SEP, len(_WAKE))]
+                heapq.heappush(self._heaps.setdefault(domain, []), (int(value), key))
             elif key.startswith(_TIME):
                 self._times[key[len(_TIME):]] = int(value)
 

@@ -452,6 +452,8 @@ struct Event {
     /// The tenant (the record's key, and the time domain).
     #[pyo3(get)]
     tenant: Py<PyString>,
+    /// The record's key, the tenant's bytes (the key of the call update).
+    key: Py<PyBytes>,
     class: Py<PyAny>,
     made: pyo3::sync::GILOnceCell<Py<PyAny>>,
 }
@@ -1211,9 +1213,9 @@ impl Fold {
     /// `CallRecords.decode(key, value)` of a value laid out as the edge writes it and keyed by its
     /// tenant: an `Event` (whose `notification()` is the `Notification` Python would make of it);
     /// None for anything else.
-    fn decode<'py>(&self, py: Python<'py>, key: &[u8], value: &Bound<'py, PyBytes>)
+    fn decode<'py>(&self, py: Python<'py>, record_key: &Bound<'py, PyBytes>, value: &Bound<'py, PyBytes>)
                    -> PyResult<Option<Event>> {
-        let raw = value.as_bytes();
+        let (key, raw) = (record_key.as_bytes(), value.as_bytes());
         let Some((f, is_acd, version)) = scan(raw) else { return Ok(None) };
         if f[1].map(str::as_bytes) != Some(key) {
             return Ok(None);
@@ -1240,6 +1242,7 @@ impl Fold {
             }
         };
         Ok(Some(Event { value: value.clone().unbind(), spans, is_acd, version, event_ms, tenant,
+                        key: record_key.clone().unbind(),
                         class: self.notification.clone_ref(py), made: pyo3::sync::GILOnceCell::new() }))
     }
 
@@ -1249,9 +1252,11 @@ impl Fold {
         // An event `decode` made (the runtime's case) is read from the value it was made of; a
         // `Notification`, from its attributes. Neither is changed once made.
         let (attributes, texts);
+        let mut record_key = None; // the update's key, when the event has it already
         let note = match n.downcast::<Event>() {
             Ok(event) => {
                 let event = event.get();
+                record_key = Some(event.key.bind(py).clone());
                 texts = event.texts(event.value.as_bytes(py))?;
                 let mut f: [Option<&str>; 12] = [None; 12];
                 f.copy_from_slice(&texts[..12]);
@@ -1383,7 +1388,7 @@ impl Fold {
         view.wake(call_key.to_str()?, wake)?;
         let output = self.output.bind(py).call1((
             &self.updates_topic,
-            PyBytes::new(py, t.as_bytes()),
+            record_key.unwrap_or_else(|| PyBytes::new(py, t.as_bytes())),
             PyBytes::new(py, &value),
         ))?;
         Ok(Some(PyList::new(py, [output])?))
