@@ -162,6 +162,16 @@ class _BatchWriter:
         self.last_offsets: dict[tuple[str, int], int] = {}
         """Offset of the last record written to each (topic, partition), once flushed."""
 
+    def append(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> bool:
+        """``add`` without awaiting, when it needs no await (its partition known, room in its
+        open batch): True if appended; else False, and nothing was done (call ``add``)."""
+        if partition is None:
+            partition = self.key_partition.get((topic, key))
+            if partition is None:
+                return False
+        batch = self.open.get((topic, partition))
+        return batch is not None and batch.append(key=key, value=value, timestamp=None) is not None
+
     async def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         if partition is None:
             partition = self.key_partition.get((topic, key))
@@ -218,7 +228,7 @@ class Runtime:
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: dict[str, list[int]] = {}
         self._key_partition: dict[tuple[str, bytes], int] = {}
-        self._targets: dict[str, tuple[str, Any]] = {}
+        self._targets: dict[str, str] = {}
         self._kept: dict[TopicPartition, tuple[Store, int]] = {}
         """State of partitions given up in a rebalance, with its changelog offset, in case they
         come back to this process."""
@@ -449,19 +459,24 @@ class Runtime:
         return _BatchWriter(producer, self._partitions, self._key_partition)
 
     async def _write(self, writer: _BatchWriter, outputs: Iterable[Output]) -> None:
+        written: dict[str, int] = {}
         for out in outputs:
-            target = self._targets.get(out.topic)
-            if target is None:  # once per topic: its full name and its counter
-                target = self._targets[out.topic] = (
-                    self.settings.output_prefix + out.topic,
-                    self.metrics.records_out.labels(self.metrics.processor, out.topic))
-            await writer.add(target[0], out.key, out.rendered())
-            target[1].inc()
+            topic = self._targets.get(out.topic)
+            if topic is None:  # once per topic: its full name
+                topic = self._targets[out.topic] = self.settings.output_prefix + out.topic
+            value = out.rendered()
+            if not writer.append(topic, out.key, value):  # (most records: no coroutine made)
+                await writer.add(topic, out.key, value)
+            written[out.topic] = written.get(out.topic, 0) + 1
+        for base, count in written.items():  # counted once per topic and transaction
+            self.metrics.records_out.labels(self.metrics.processor, base).inc(count)
 
     async def _write_changelog(self, writer: _BatchWriter, part: _Partition) -> None:
-        topic = self.settings.changelog_topic
+        topic, partition = self.settings.changelog_topic, part.tp.partition
         for key, value in part.store.staged().items():
-            await writer.add(topic, key.encode(), value, partition=part.tp.partition)
+            raw = key.encode()
+            if not writer.append(topic, raw, value, partition):
+                await writer.add(topic, raw, value, partition=partition)
 
     # -- partitions ----------------------------------------------------------------------
 

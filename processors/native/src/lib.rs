@@ -975,11 +975,11 @@ fn is_number(s: &str) -> bool {
 
 /// The contract's `_TIMESTAMP` (years 1970-2199) holding a real date and time: what Python's check
 /// of the event time accepts (for the reception time, less than its pattern: the rest goes to Python).
-fn is_timestamp(s: &str) -> bool {
+fn timestamp_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     let years = (b[0] == b'1' && b[1] == b'9' && (b'7'..=b'9').contains(&b[2]))
         || (b[0] == b'2' && (b[1] == b'0' || b[1] == b'1') && b[2].is_ascii_digit());
-    years && b[3].is_ascii_digit() && parse_time(s).is_some()
+    if years && b[3].is_ascii_digit() { parse_time(s) } else { None }
 }
 
 fn days_in_month(y: i64, m: i64) -> i64 {
@@ -992,7 +992,7 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 }
 
 /// The fields of a canonical notification, in the dataclass's order; None for any other value.
-fn scan(raw: &[u8]) -> Option<(Vec<Option<&str>>, bool, i64)> {
+fn scan(raw: &[u8]) -> Option<(Vec<Option<&str>>, bool, i64, i64)> {
     let mut sc = Scanner { text: std::str::from_utf8(raw).ok()?, b: raw, at: 0 };
     let number64 = |c: u8| c == b'+' || c.is_ascii_digit();
     let hex = |c: u8| c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
@@ -1057,15 +1057,14 @@ fn scan(raw: &[u8]) -> Option<(Vec<Option<&str>>, bool, i64)> {
     let event_time = sc.quoted(24, 24, |c| c.is_ascii_alphanumeric() || b"-:.".contains(&c))?;
     sc.lit(b",\"received_at\":")?;
     let received_at = sc.quoted(24, 24, |c| c.is_ascii_alphanumeric() || b"-:.".contains(&c))?;
-    if !is_timestamp(event_time) || !is_timestamp(received_at) {
-        return None;
-    }
+    let event_ms = timestamp_ms(event_time)?;
+    timestamp_ms(received_at)?;
     f.push(Some(event_time));
     f.push(Some(received_at));
     sc.lit(b",\"source_ip\":")?;
     f.push(Some(sc.quoted(1, 64, |c| (0x20..=0x7e).contains(&c) && c != b'"' && c != b'\\')?));
     sc.lit(b",\"schema\":\"keyyo.notification.v1\"}")?;
-    (sc.at == raw.len()).then_some((f, is_acd, version))
+    (sc.at == raw.len()).then_some((f, is_acd, version, event_ms))
 }
 
 /// Settings and Python objects the fold needs, made once per `CallRecords`.
@@ -1216,11 +1215,10 @@ impl Fold {
     fn decode<'py>(&self, py: Python<'py>, record_key: &Bound<'py, PyBytes>, value: &Bound<'py, PyBytes>)
                    -> PyResult<Option<Event>> {
         let (key, raw) = (record_key.as_bytes(), value.as_bytes());
-        let Some((f, is_acd, version)) = scan(raw) else { return Ok(None) };
+        let Some((f, is_acd, version, event_ms)) = scan(raw) else { return Ok(None) };
         if f[1].map(str::as_bytes) != Some(key) {
             return Ok(None);
         }
-        let Some(event_ms) = f[11].and_then(parse_time) else { return Ok(None) };
         // The scan's texts are slices of the value (it takes no escapes): where each one is.
         let base = raw.as_ptr() as usize;
         let mut spans = [None; 14];
@@ -1253,10 +1251,12 @@ impl Fold {
         // `Notification`, from its attributes. Neither is changed once made.
         let (attributes, texts);
         let mut record_key = None; // the update's key, when the event has it already
+        let mut known_ms = None; // the event time, likewise
         let note = match n.downcast::<Event>() {
             Ok(event) => {
                 let event = event.get();
                 record_key = Some(event.key.bind(py).clone());
+                known_ms = Some(event.event_ms);
                 texts = event.texts(event.value.as_bytes(py))?;
                 let mut f: [Option<&str>; 12] = [None; 12];
                 f.copy_from_slice(&texts[..12]);
@@ -1280,7 +1280,7 @@ impl Fold {
             }
         };
         let Some(note) = note else { return Ok(None) }; // no DREF, or not a plain notification
-        let Some(event_ms) = parse_time(note.event_time) else { return Ok(None) };
+        let Some(event_ms) = known_ms.or_else(|| parse_time(note.event_time)) else { return Ok(None) };
         let t = note.tenant;
         let own_id = call_id(t, note.dref);
         let mut index_keys = Vec::with_capacity(4);
