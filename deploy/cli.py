@@ -553,6 +553,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        from aiokafka.errors import KafkaConnectionError  # (imported late: `--help` stays fast)
+
+        if not isinstance(exc, KafkaConnectionError):
+            raise
+        # No broker where we were told: one line, not a traceback.
+        where = _bootstrap(args) if hasattr(args, "bootstrap") else "the configured bootstrap servers"
+        print(f"keyyo-stream: cannot reach Kafka at {where}; start one with "
+              "`keyyo-stream kafka start`, or point KAFKA_BOOTSTRAP_SERVERS (or --bootstrap) at yours",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

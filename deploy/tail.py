@@ -88,7 +88,11 @@ async def tail(
     name = prefix + SHORT_NAMES.get(topic, topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed")
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # closed even though it never started (no "unclosed" warning)
+        raise
     printed = 0
     try:
         tps = await topic_partitions(consumer, name)

@@ -88,6 +88,10 @@ class CallRecordsConfig:
     and dead-lettered, and the call stops growing."""
     max_events: int = 256
     """A call folds at most this many distinct notifications; later ones are refused likewise."""
+    decoded_calls: int = 16_384
+    """The compiled build's native fold keeps at most this many calls decoded between their
+    events (≈ 1.4 KB each; past it, it forgets them all and reads their values again); 0 keeps
+    none. Without the native fold, unused."""
 
 
 _LEG_FIELDS = ("dref", "callref", "account", "caller", "callee", "setup_at", "connect_at", "release_at",
@@ -142,7 +146,7 @@ class CallRecords:
         self._native = None if native is None else native.Fold(
             cfg.linger_ms, cfg.ring_timeout_ms, cfg.max_duration_ms, cfg.retention_ms, cfg.max_legs,
             cfg.max_events, CALL_UPDATES.name, CALL_UPDATE_SCHEMA, CALL_RECORDS.name, CALL_RECORD_SCHEMA,
-            Output, Notification)
+            Output, Notification, cfg.decoded_calls)
 
     # -- input --------------------------------------------------------------------------
 

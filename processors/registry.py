@@ -95,7 +95,8 @@ def _call_records(v: Mapping[str, Any]) -> Logic[Any]:
     return CallRecords(CallRecordsConfig(
         linger_ms=int(v["linger"] * 1000), ring_timeout_ms=int(v["ring_timeout"] * 1000),
         max_duration_ms=int(v["max_duration"] * 1000), retention_ms=int(v["retention"] * 1000),
-        max_legs=int(v["max_legs"]), max_events=int(v["max_events"])))
+        max_legs=int(v["max_legs"]), max_events=int(v["max_events"]),
+        decoded_calls=int(v["decoded_calls"])))
 
 
 CALL_RECORDS_SPEC = ProcessorSpec(
@@ -111,6 +112,8 @@ CALL_RECORDS_SPEC = ProcessorSpec(
         Option("retention", float, 600.0, "seconds a closed call is kept for late events"),
         Option("max-legs", int, 64, "legs one call may hold; an event past it is dead-lettered"),
         Option("max-events", int, 256, "notifications one call may fold; later ones are dead-lettered"),
+        Option("decoded-calls", int, 16_384, "calls the compiled build keeps decoded between their events "
+               "(about 1.4 KB each; 0 for none)"),
     ),
     build=_call_records,
     description="Correlate notifications into call records and live call updates.",

@@ -67,8 +67,9 @@ class Counting:
         self.python_timers = 0
 
     def Fold(self, *args: Any) -> Any:
-        extra = () if self.decoded_calls is None else (self.decoded_calls,)
-        fold, counter = self.module.Fold(*args, *extra), self
+        if self.decoded_calls is not None:  # in place of CallRecordsConfig.decoded_calls, the last
+            args = (*args[:-1], self.decoded_calls)
+        fold, counter = self.module.Fold(*args), self
         self.fold = fold
 
         class Wrapped:
@@ -188,6 +189,9 @@ def test_calls_are_kept_decoded_between_their_events_within_their_bound(native: 
     assert kept[None] > 100  # the default bound (16,384) is not reached here
     assert kept[3] == 3
     assert kept[0] == 0
+    # The bound as an operator sets it (`--decoded-calls`, CallRecordsConfig.decoded_calls).
+    counting, _ = both(records[:2000], native, config=CallRecordsConfig(decoded_calls=5))
+    assert counting.most_kept == 5
 
 
 def note(kind: str, dref: str | None, at_ms: int, **fields: Any) -> tuple[bytes, bytes, int]:
