@@ -228,6 +228,9 @@ def cmd_process(args: argparse.Namespace) -> int:
                            next_free=0 if args.health_port is not None else 100)
 
     _before_serving(args.uvloop)
+    from processors.runtime import GC_THRESHOLD
+
+    gc.set_threshold(*GC_THRESHOLD)  # a processor makes many short-lived objects per record
     try:
         return 0 if asyncio.run(main()) else 1
     except OSError as exc:

@@ -61,7 +61,7 @@ from processors.observability import ProcessorMetrics
 from processors.output import Output
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from processors.registry import ProcessorSpec
-from processors.runtime import Runtime
+from processors.runtime import GC_THRESHOLD, Runtime
 from processors.state import Store
 from processors.step import Record, Step
 from schemas.notification import Notification
@@ -134,9 +134,12 @@ async def processor_throughput(bootstrap: str, prefix: str, expected: int,
     # drain; the throughput's difference stayed within the run-to-run noise.)
     gc.collect()
     gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLD)  # as `keyyo-stream process` sets them
     try:
         return await _drain(runtime, metrics, spec, expected)
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
 
 

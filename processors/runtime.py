@@ -207,6 +207,14 @@ class _BatchWriter:
 
 _PARTITIONER = DefaultPartitioner()
 
+GC_THRESHOLD = (50_000, 20, 100)
+"""The cyclic garbage collector's thresholds in a processor's process (`keyyo-stream process`,
+and the benchmarks' drains). With Python's (700, 10, 10), a call-records drain of 280k
+notifications spent 1.5-1.9 s of its ≈ 20 s in collections (≈ 1,000 young ones and 8-10 full
+ones, each walking every tracked object: records, outputs, batches, futures in flight); with
+these, 0.3 s (5 young, 1 full). Only objects in reference cycles wait longer to be freed
+(everything else is freed by reference counting as before)."""
+
 
 class Runtime:
     """Runs a :class:`Logic` over the input topic with exactly-once outputs and state."""
