@@ -44,7 +44,6 @@ except ImportError:
     _native = None
 
 
-
 class NativeEvent(Protocol):
     """A notification as the native fold decodes it (``processors._native.Event``): the record's
     value and where each field is in it, not yet a :class:`Notification`."""
