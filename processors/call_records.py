@@ -46,7 +46,10 @@ except ImportError:
 
 class NativeEvent(Protocol):
     """A notification as the native fold decodes it (``processors._native.Event``): the record's
-    value and where each field is in it, not yet a :class:`Notification`."""
+    value and where each field is in it, not yet a :class:`Notification`. Its other attributes are
+    the notification's (``event.caller``...: made on first use), so code that reads a decoded
+    notification's fields reads an event alike; ``isinstance`` and ``dataclasses.replace`` need
+    ``notification()``."""
 
     @property
     def tenant(self) -> str: ...

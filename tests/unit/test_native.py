@@ -382,6 +382,7 @@ def test_decoding_gives_python_s_notification_or_leaves_the_value_to_python(nati
         assert made == expected and [type(getattr(made, f)) for f in Notification.__dataclass_fields__] == [
             type(getattr(expected, f)) for f in Notification.__dataclass_fields__], value
         assert got.notification() is made  # made once
+        assert all(getattr(got, f) == getattr(made, f) for f in Notification.__dataclass_fields__)
         assert (got.tenant, got.event_ms) == (expected.tenant, parse_rfc3339_ms(expected.event_time))
     assert natively > len(base)  # every canonical value, and some of the neighbours, natively
     assert natively < len(cases) - 5000  # the broken ones left to Python

@@ -498,6 +498,12 @@ impl Event {
         Ok(made.bind(py).clone())
     }
 
+    /// Any other attribute is the `Notification`'s (`event.caller`, `event.dref`, ...): code that
+    /// reads a decoded notification's fields, a wrapper of `CallRecords` for one, reads them alike.
+    fn __getattr__<'py>(&self, py: Python<'py>, name: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyAny>> {
+        self.notification(py)?.getattr(name)
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!("Event({})", self.notification(py)?.repr()?))
     }
