@@ -353,7 +353,6 @@ fn put_opt_time(out: &mut Vec<u8>, t: Option<i64>) {
 
 // -- the fold -------------------------------------------------------------------------------
 
-/// `_call_id`.
 /// The parts joined (a state key): one allocation, without `format!`'s machinery (a few per event).
 fn concat(parts: &[&str]) -> String {
     let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
@@ -363,6 +362,7 @@ fn concat(parts: &[&str]) -> String {
     out
 }
 
+/// `_call_id`.
 fn call_id(tenant: &str, dref: &str) -> String {
     let mut h = Sha256::new();
     h.update(tenant.as_bytes());
