@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 from deploy import compiled
 from devtools.bench_call_records import simulated
 from schemas.notification import parse_rfc3339_ms
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Run in a tree (pure or compiled): simulated traffic with hostile records mixed in, through the
 # runtime's step into call records, and those records into acd-stats; prints what came out.
@@ -89,6 +92,16 @@ def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -
     assert isinstance(calls_out, list) and calls_out[0] > 1000  # the run did fold calls
     acd_out = pure["acd_stats"]
     assert isinstance(acd_out, list) and acd_out[0] > 0
+
+    # The logic's own unit tests in the compiled copy: every call flow, the store, and the hostile
+    # records (whose logic wraps CallRecords and reads what its decode returns, as a user's may).
+    shutil.copytree(ROOT / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/unit/test_call_records.py", "tests/unit/test_store.py",
+                           "tests/unit/test_hostile_records.py"],
+                          cwd=tree, env={"PYTHONPATH": str(tree)}, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:]
 
     # A source edited after the build: every command refuses to start, in one line.
     with (tree / "processors" / "call_records.py").open("a") as f:
