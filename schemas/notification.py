@@ -236,7 +236,7 @@ def parse_rfc3339_ms(text: str) -> int:
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more to build, per request
 class Notification:
     """One normalised Keyyo call notification, the value of ``keyyo.notifications.v1``. Treat it
-    as read-only once made (the native fold reads the one it just decoded from its value)."""
+    as read-only once made (the native fold's decoded event hands the same one to every caller)."""
 
     event_id: str
     """Hash of tenant, account, dref, type and callref (without a dref: of the numbers and event
