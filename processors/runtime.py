@@ -34,7 +34,15 @@ from processors.output import Output, coalesce
 from processors.state import Store
 from processors.step import Limits, Step
 
+try:  # the optional native module (processors/native, built by `make compile`): its record batch
+    from processors import _native  # type: ignore[attr-defined]
+except ImportError:
+    _native = None
+
 log = logging.getLogger("keyyo.processor")
+
+BATCH_BYTES = 512 * 1024
+"""Largest record batch the runtime's producers send (their ``max_batch_size``)."""
 
 
 class _Tagged(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -149,11 +157,15 @@ class _BatchWriter:
 
     ``send_batch`` costs one future per batch instead of one per record; records of a partition
     keep their order. Partitions come from Kafka's default partitioner, as ``send`` would pick.
+    With the native module, a batch is its ``RecordBatch`` (transactional, as every runtime
+    producer is), which encodes each record where aiokafka's builder takes a Python and a Cython
+    call: the same bytes (tests/unit/test_record_batch.py).
     """
 
     def __init__(self, producer: AIOKafkaProducer, partitions: dict[str, list[int]],
-                 key_partition: dict[tuple[str, bytes], int]) -> None:
+                 key_partition: dict[tuple[str, bytes], int], native: Any = None) -> None:
         self.producer = producer
+        self.native = native
         self.partitions = partitions
         self.key_partition = key_partition
         self.open: dict[tuple[str, int], Any] = {}
@@ -170,7 +182,11 @@ class _BatchWriter:
             if partition is None:
                 return False
         batch = self.open.get((topic, partition))
-        return batch is not None and batch.append(key=key, value=value, timestamp=None) is not None
+        if batch is None:
+            return False
+        if self.native is not None:
+            return bool(batch.add(key, value))
+        return batch.append(key=key, value=value, timestamp=None) is not None
 
     async def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         if partition is None:
@@ -181,12 +197,19 @@ class _BatchWriter:
                 partition = int(_PARTITIONER(key, self.partitions[topic], self.partitions[topic]))
                 self.key_partition[(topic, key)] = partition
         batch = self.open.get((topic, partition))
-        if batch is None or batch.append(key=key, value=value, timestamp=None) is None:
+        if batch is None or not self._put(batch, key, value):
             if batch is not None:
                 await self._send(topic, partition, batch)
-            batch = self.open[(topic, partition)] = self.producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
+            batch = self.open[(topic, partition)] = (
+                self.producer.create_batch() if self.native is None
+                else self.native.RecordBatch(BATCH_BYTES, True))
+            if not self._put(batch, key, value):
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
+
+    def _put(self, batch: Any, key: bytes, value: bytes | None) -> bool:
+        if self.native is not None:
+            return bool(batch.add(key, value))
+        return batch.append(key=key, value=value, timestamp=None) is not None
 
     async def _send(self, topic: str, partition: int, batch: Any) -> None:
         self.counts.append(batch.record_count())
@@ -220,8 +243,12 @@ class Runtime:
     """Runs a :class:`Logic` over the input topic with exactly-once outputs and state."""
 
     def __init__(self, settings: RuntimeSettings, logic: Logic[Any], metrics: ProcessorMetrics,
-                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000, *,
+                 native: Any = _native) -> None:
+        """``native``: the native module whose record batches the transactions are written with
+        (``processors._native`` when `make compile` built it), or None for aiokafka's."""
         self.settings = settings
+        self.native = native
         self.logic = logic
         self.metrics = metrics
         self.clock = clock
@@ -464,7 +491,7 @@ class Runtime:
         return lambda key: int(_PARTITIONER(key, everyone, everyone)) == part.tp.partition
 
     def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
-        return _BatchWriter(producer, self._partitions, self._key_partition)
+        return _BatchWriter(producer, self._partitions, self._key_partition, self.native)
 
     async def _write(self, writer: _BatchWriter, outputs: Iterable[Output]) -> None:
         written: dict[str, int] = {}
@@ -523,7 +550,7 @@ class Runtime:
         s = self.settings
         return AIOKafkaProducer(
             bootstrap_servers=s.bootstrap, transactional_id=f"{s.group}.{tp.topic}.{tp.partition}",
-            client_id=f"{s.group}-p{tp.partition}", linger_ms=5, max_batch_size=512 * 1024,
+            client_id=f"{s.group}-p{tp.partition}", linger_ms=5, max_batch_size=BATCH_BYTES,
         )
 
     def _partition(self, tp: TopicPartition) -> _Partition:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import uuid
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
@@ -17,6 +19,21 @@ def broker() -> Iterator[Broker]:
     """The session's broker (see tests/kafka.py for how it is chosen)."""
     with session_broker() as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def native(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """The native module (processors/native) built from this tree's crate into a temporary
+    folder, not in place: the tree under test stays as it is (pure Python, or compiled)."""
+    missing = compiled_build.native_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    path = compiled_build.build_native(compiled_build.ROOT, dest=tmp_path_factory.mktemp("native"))
+    spec = importlib.util.spec_from_file_location("_native", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -16,11 +16,13 @@ from typing import Any
 from deploy.topics import create_topics, provision_processor
 from devtools.simulate import KafkaSender, wall_ms
 from devtools.simulator import Chaos, PlannedCall, Planner, Send, plan_traffic, play, schedule
+from ingest.parsing import parse_notification
 from processors.contract import Logic
 from processors.observability import ProcessorMetrics
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from processors.registry import ProcessorSpec
 from processors.runtime import Runtime
+from schemas.notification import Notification
 from schemas.topics import CALL_RECORDS, CALL_UPDATES, NOTIFICATIONS
 from tests.integration.edge import TENANTS
 from tests.kafka import read_values
@@ -116,6 +118,16 @@ async def send_to_kafka(bootstrap: str, prefix: str, sends: list[Send]) -> dict[
         return await play(sends, sender, wall_ms)
     finally:
         await sender.producer.stop()
+
+
+def event_ids(sends: list[Send]) -> set[str]:
+    """The event ids of the notifications in ``sends`` (a duplicate delivery has its original's)."""
+    ids = set()
+    for s in sends:
+        n = parse_notification(s.tenant, list(s.params.items()), "x", int(s.params["tsms"]))
+        assert isinstance(n, Notification)
+        ids.add(n.event_id)
+    return ids
 
 
 async def records(bootstrap: str, prefix: str) -> list[dict[str, Any]]:

@@ -22,13 +22,12 @@ from aiokafka.errors import KafkaError
 
 from devtools.simulate import HttpSender, KafkaSender, wall_ms
 from devtools.simulator import Chaos, play
-from ingest.parsing import parse_notification
 from processors.observability import health_server
 from processors.runtime import Runtime
-from schemas.notification import Notification
 from schemas.topics import CALL_RECORDS, CALL_UPDATES, DEAD_LETTERS, NOTIFICATIONS
 from tests.integration.edge import SECRET, TENANTS, running_edge
 from tests.integration.pipeline import (
+    event_ids,
     processor_process,
     provision,
     records,
@@ -65,15 +64,6 @@ def assert_exactly_the_truth(written: list[dict[str, Any]], written_updates: lis
     assert Counter((r["record_id"], r["revision"]) for r in written).most_common(1)[0][1] == 1
     counts = Counter(u["event_id"] for u in written_updates)
     assert set(counts) == event_ids(sends) and set(counts.values()) == {1}
-
-
-def event_ids(sends: list) -> set[str]:  # type: ignore[type-arg]
-    ids = set()
-    for s in sends:
-        n = parse_notification(s.tenant, list(s.params.items()), "x", int(s.params["tsms"]))
-        assert isinstance(n, Notification)
-        ids.add(n.event_id)
-    return ids
 
 
 async def test_records_equal_the_ground_truth_with_duplicates_and_reordering_then_replay(

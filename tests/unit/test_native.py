@@ -10,16 +10,13 @@ without, and compares every output of every record and, at the end, every state 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import random
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import orjson
-import pytest
 
-from deploy import compiled
 from devtools.bench_acd_stats import simulated_records
 from devtools.bench_call_records import TENANTS
 from devtools.simulator import Chaos, Planner, plan_traffic, schedule
@@ -37,20 +34,6 @@ from schemas.call_record import CALL_RECORD_SCHEMA
 from schemas.notification import Notification, parse_rfc3339_ms, rfc3339_ms
 
 T0 = 1_795_000_000_000
-
-
-@pytest.fixture(scope="module")
-def native(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """The native fold built from this tree's crate into a temporary folder (not in place)."""
-    missing = compiled.native_missing()
-    if missing is not None:
-        pytest.skip(missing)
-    path = compiled.build_native(compiled.ROOT, dest=tmp_path_factory.mktemp("native"))
-    spec = importlib.util.spec_from_file_location("_native", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Counting:

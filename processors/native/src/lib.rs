@@ -10,6 +10,7 @@
 //! state entry.
 
 mod acd;
+mod batch;
 
 /// The fold allocates a few small strings and buffers per notification (keys, values, decoded
 /// calls): mimalloc does that ≈ 1.1× faster than the system's malloc over the whole fold
@@ -1406,6 +1407,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Fold>()?;
     m.add_class::<Event>()?;
     m.add_class::<acd::Figures>()?;
+    m.add_class::<batch::RecordBatch>()?;
+    m.add_function(wrap_pyfunction!(batch::crc32c_of, m)?)?;
     m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)?;
     m.add_function(wrap_pyfunction!(acd::count_call, m)?)
 }

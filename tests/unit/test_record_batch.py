@@ -1,0 +1,111 @@
+"""The native record batch (processors/native/src/batch.rs) the runtime writes its transactions
+with when the native module is built: byte for byte what aiokafka's own builder makes of the same
+records, times and producer state, read back by aiokafka's reader, and bounded as aiokafka's is."""
+
+from __future__ import annotations
+
+import random
+from types import ModuleType
+
+from aiokafka.record._crecords.cutil import crc32c_cython
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+SIZES = [0, 1, 63, 64, 127, 128, 420, 8191, 8192, 70_000]
+"""Value lengths on both sides of each varint's byte boundary."""
+
+
+def records(seed: int, count: int) -> list[tuple[bytes | None, bytes | None, int]]:
+    rng = random.Random(seed)
+    start = 1_790_000_000_000 + rng.randrange(10**6)
+    out: list[tuple[bytes | None, bytes | None, int]] = []
+    for i in range(count):
+        key = None if i % 17 == 5 else f"tenant-{rng.randrange(100):04d}/{rng.getrandbits(64):x}".encode()
+        value = None if i % 11 == 3 else rng.randbytes(rng.choice(SIZES))
+        out.append((key, value, start + rng.randrange(-5, 5000)))  # times need not be in order
+    return out
+
+
+def aiokafka_bytes(recs: list[tuple[bytes | None, bytes | None, int]], transactional: bool,
+                   state: tuple[int, int, int] | None) -> bytes:
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=transactional,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=0,
+                                        batch_size=1 << 30)
+    for offset, (key, value, ts) in enumerate(recs):
+        assert builder.append(offset, timestamp=ts, key=key, value=value, headers=[]) is not None
+    if state is not None:
+        builder.set_producer_state(*state)
+    return bytes(builder.build())
+
+
+def native_bytes(native: ModuleType, recs: list[tuple[bytes | None, bytes | None, int]],
+                 transactional: bool, state: tuple[int, int, int] | None) -> bytes:
+    batch = native.RecordBatch(1 << 30, transactional)
+    for key, value, ts in recs:
+        assert batch.add(key, value, ts)
+    if state is not None:
+        batch._set_producer_state(*state)
+    built: bytes = batch._build()
+    return built
+
+
+def test_bytes_equal_aiokafkas(native: ModuleType) -> None:
+    for seed in range(12):
+        recs = records(seed, 1 + seed * 9)
+        for transactional in (True, False):
+            for state in (None, (4242, 3, 1_000_000 + seed)):
+                ours = native_bytes(native, recs, transactional, state)
+                assert ours == aiokafka_bytes(recs, transactional, state), (seed, transactional, state)
+
+
+def test_aiokafka_reads_it_back(native: ModuleType) -> None:
+    recs = records(99, 300)
+    batch = DefaultRecordBatch(native_bytes(native, recs, True, (77, 1, 5)))
+    assert batch.validate_crc()
+    assert (batch.producer_id, batch.producer_epoch, batch.base_sequence) == (77, 1, 5)
+    assert batch.is_transactional and not batch.is_control_batch
+    assert batch.first_timestamp == recs[0][2] and batch.max_timestamp == max(r[2] for r in recs)
+    read = [(r.offset, r.key, r.value, r.timestamp, r.headers) for r in batch]
+    assert read == [(i, k, v, ts, []) for i, (k, v, ts) in enumerate(recs)]
+
+
+def test_a_record_without_a_time_gets_the_wall_clock(native: ModuleType) -> None:
+    import time
+    before = time.time_ns() // 1_000_000
+    batch = native.RecordBatch(4096, True)
+    assert batch.add(b"k", b"v") and batch.add(b"k2", None)
+    after = time.time_ns() // 1_000_000
+    stamps = [r.timestamp for r in DefaultRecordBatch(batch._build())]
+    assert len(stamps) == 2 and all(before <= ts <= after for ts in stamps)
+
+
+def test_limit_and_closing(native: ModuleType) -> None:
+    batch = native.RecordBatch(1000, True)
+    assert batch.add(b"k", b"x" * 5000)  # a first record always fits (the broker judges it)
+    assert not batch.closed()
+    assert not batch.add(b"k", b"x")  # past the limit: refused, and the batch takes no more
+    assert batch.closed() and batch.record_count() == 1
+    small = native.RecordBatch(1000, True)
+    count = 0
+    while small.add(b"key", b"y" * 100):
+        count += 1
+    assert count == small.record_count() and 1000 - 120 < small.size() <= 1000
+    assert small.append(timestamp=None, key=b"k", value=b"v", headers=[]) is None  # aiokafka's own appends
+
+
+def test_built_once(native: ModuleType) -> None:
+    batch = native.RecordBatch(4096, True)
+    assert batch.add(b"k", b"v", 1)
+    first = batch._build()
+    assert batch.closed() and not batch.add(b"k", b"v", 2)
+    batch._set_producer_state(1, 1, 1)  # too late: a retry sends the same bytes
+    assert batch._build() is first
+
+
+def test_crc32c_matches_aiokafkas_both_ways(native: ModuleType) -> None:
+    rng = random.Random(7)
+    for size in (0, 1, 7, 8, 9, 15, 16, 17, 61, 1000, 65_537):
+        data = rng.randbytes(size)
+        expected = crc32c_cython(data)
+        assert native.crc32c_of(data) == expected, size
+        assert native.crc32c_of(data, portable=True) == expected, size
+    assert native.crc32c_of(b"123456789") == 0xE3069283  # the standard check value
