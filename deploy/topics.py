@@ -9,7 +9,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from processors.registry import ProcessorSpec
 from schemas.topics import ALL_TOPICS, Topic, changelog
 
-__all__ = ["ALL_TOPICS", "create_topics", "partition_count", "provision_processor"]
+__all__ = ["ALL_TOPICS", "create_topics", "delete_topics", "partition_count", "provision_processor",
+           "topic_names"]
 
 
 async def create_topics(
@@ -61,6 +62,27 @@ def _errors(response: object) -> list[tuple[str, int, str | None]]:
         message = entry[2] if len(entry) > 2 else None
         out.append((name, code, message))
     return out
+
+
+async def topic_names(bootstrap: str) -> set[str]:
+    """Names of the cluster's topics."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Delete these topics (their records are gone for good)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        for at in range(0, len(names), 100):
+            await admin.delete_topics(names[at:at + 100])
+    finally:
+        await admin.close()
 
 
 async def partition_count(bootstrap: str, topic: str) -> int:

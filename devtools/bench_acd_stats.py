@@ -35,10 +35,9 @@ from typing import Any
 import orjson
 
 from deploy import compiled as compiled_build
-from deploy.kafka_local import bootstrap_or_temporary_broker
 from deploy.topics import provision_processor
 from devtools.bench_call_records import fill, processor_throughput, raw_consume, runtime_only
-from devtools.bench_results import logic_alone, write_results
+from devtools.bench_results import bench_broker, logic_alone, write_results
 from devtools.simulator import SCENARIOS, Chaos, Planner, plan_traffic
 from processors.acd_stats import AcdStatsLogic
 from processors.registry import ACD_STATS_SPEC as SPEC
@@ -98,6 +97,9 @@ def main() -> int:
     parser.add_argument("--acd-only", action="store_true",
                         help="only ACD calls (a contact centre's line), instead of the full mix")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
                                "compiled_modules": compiled_build.check()}
@@ -113,7 +115,7 @@ def main() -> int:
     results["logic"] = logic_alone(items, AcdStatsLogic())
     print("memory per open interval ...", flush=True)
     results["memory"] = memory_per_open_interval(items)
-    with bootstrap_or_temporary_broker() as bootstrap:
+    with bench_broker(args.keep_topics) as bootstrap:
         prefix = f"benchacd{uuid.uuid4().hex[:6]}."
         topic = CALL_RECORDS.full_name(prefix)
 

@@ -35,11 +35,11 @@ from typing import Any
 
 import aiohttp
 
-from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
+from deploy.kafka_local import free_port
 from deploy.topics import create_topics, provision_processor
 from devtools.bench_acd_stats import simulated_records
 from devtools.bench_call_records import fill, processor_throughput, raw_consume
-from devtools.bench_results import logic_alone, write_results
+from devtools.bench_results import bench_broker, logic_alone, write_results
 from processors.action_rules import ActionRulesLogic
 from processors.action_rules_config import parse_rules
 from processors.executor import Executor, ExecutorMetrics, ExecutorSettings
@@ -130,6 +130,9 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=200, help="Keyyo lines the executor sends for")
     parser.add_argument("--per-line", type=int, default=4, help="SMS per line")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds")}
     start_ms = (time.time_ns() // 1_000_000) - 5 * 3600_000
@@ -139,7 +142,7 @@ def main() -> int:
     print("logic alone ...", flush=True)
     results["logic"] = logic_alone(items, ActionRulesLogic(parse_rules(tomllib.loads(rules))))
     lines = [f"33{200 + i // 1000:03d}{i % 1000:06d}" for i in range(args.lines)]
-    with bootstrap_or_temporary_broker() as bootstrap, TemporaryDirectory() as tmp:
+    with bench_broker(args.keep_topics) as bootstrap, TemporaryDirectory() as tmp:
         prefix = f"benchact{uuid.uuid4().hex[:6]}."
         config = Path(tmp) / "executor.toml"
         config.write_text("".join(f'[lines."{line}"]\npassword = "pw{line}"\n' for line in lines))

@@ -48,10 +48,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from deploy import compiled as compiled_build
-from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
+from deploy.kafka_local import free_port
 from deploy.tail import topic_partitions
 from deploy.topics import provision_processor
-from devtools.bench_results import logic_alone, write_results
+from devtools.bench_results import bench_broker, logic_alone, write_results
 from devtools.simulator import Chaos, Planner, plan_traffic, schedule
 from ingest.config import hash_secret
 from ingest.parsing import Refusal, parse_notification
@@ -580,6 +580,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile the per-record work without Kafka and print where the time goes")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
                                "compiled_modules": compiled_build.check(),
@@ -595,7 +598,7 @@ def main() -> int:
         sample = [(n.tenant.encode(), n.to_json()) for n in simulated(60_000, 2, _ms() - 3600_000)]
         results["logic"] = logic_alone(sample, CallRecords(CallRecordsConfig()))
         results["step"] = step_alone(sample, profile=args.profile)
-    with bootstrap_or_temporary_broker() as bootstrap:
+    with bench_broker(args.keep_topics) as bootstrap:
         # Latency first: the broker is still quiet (the throughput run leaves it compacting).
         if not args.no_latency:
             print(f"end-to-end latency at {args.rate:.0f} notifications/s ...", flush=True)

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import compiled
-from deploy.kafka_local import bootstrap_or_temporary_broker
-from devtools.bench_results import write_results
+from devtools.bench_results import bench_broker, write_results
 
 START_MS = 1_795_000_000_000
 """The simulated traffic's start (fixed, so both copies get the same input)."""
@@ -126,6 +125,9 @@ def main() -> int:
     parser.add_argument("--notifications", type=int, default=200_000,
                         help="records drained per run with --kafka")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child's part
     args = parser.parse_args()
     if args.measure:
@@ -150,7 +152,7 @@ def main() -> int:
                 assert (got["compiled_modules"] > 0) == (name == "compiled"), got
                 results["per_record"][name].append(got)
         if args.kafka:
-            with bootstrap_or_temporary_broker() as bootstrap:
+            with bench_broker(args.keep_topics) as bootstrap:
                 for r in range(args.rounds):
                     for name, tree in trees.items():
                         print(f"round {r + 1}/{args.rounds}: drains through Kafka, {name} ...", flush=True)

@@ -33,10 +33,10 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from deploy.kafka_local import bootstrap_or_temporary_broker, free_port
+from deploy.kafka_local import free_port
 from deploy.tail import topic_partitions
 from deploy.topics import create_topics
-from devtools.bench_results import write_results
+from devtools.bench_results import bench_broker, write_results
 from ingest.config import hash_secret
 
 SECRET = "bench-secret"  # noqa: S105 - a throwaway tenant of the benchmark
@@ -156,6 +156,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--connections", default="64,256", help="wrk connection counts")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
     parser.add_argument("--workers", default="1,2",
                         help="process counts of each server to measure (the first is the reference)")
     args = parser.parse_args()
@@ -163,7 +166,7 @@ def main() -> int:
         print("wrk is needed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2
     conns = [int(c) for c in args.connections.split(",")]
-    with bootstrap_or_temporary_broker() as bootstrap, tempfile.TemporaryDirectory() as tmp:
+    with bench_broker(args.keep_topics) as bootstrap, tempfile.TemporaryDirectory() as tmp:
         prefix = f"bench{uuid.uuid4().hex[:6]}."
         asyncio.run(create_topics(bootstrap, prefix))
         config = Path(tmp) / "ingest.toml"

@@ -1,18 +1,50 @@
-"""What the benchmarks share: where they write their results (``bench-results/<name>-<UTC
-time>.json``) and the timing of a processor's logic alone."""
+"""What the benchmarks share: the broker they run against (and the topics they leave on it),
+where they write their results (``bench-results/<name>-<UTC time>.json``) and the timing of a
+processor's logic alone."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from deploy.kafka_local import bootstrap_or_temporary_broker
+from deploy.topics import delete_topics, topic_names
 from processors.contract import Logic
 from processors.output import Output, coalesce
 from processors.state import Store
+
+BENCH_TOPIC = re.compile(r"^(bench|benchacd|benchact|bare|big|lat|scale)[0-9a-f]{6}\.")
+"""The names of the topics a benchmark makes: a prefix of its own, six random hex digits, a dot."""
+
+
+@contextmanager
+def bench_broker(keep_topics: bool = False) -> Iterator[str]:
+    """The broker a benchmark runs against: ``KAFKA_BOOTSTRAP_SERVERS`` when set, else a
+    temporary one (removed with everything on it at the end). On an existing broker the topics the
+    run made (named by :data:`BENCH_TOPIC`, absent when it began) are deleted at the end, unless
+    ``keep_topics``: a drain leaves ≈ 1 GB of topics, which a broker kept for days fills its disk
+    with."""
+    with bootstrap_or_temporary_broker() as bootstrap:
+        existing = bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+        before = asyncio.run(topic_names(bootstrap)) if existing and not keep_topics else None
+        try:
+            yield bootstrap
+        finally:
+            if before is not None:
+                made = sorted(t for t in asyncio.run(topic_names(bootstrap)) - before if BENCH_TOPIC.match(t))
+                if made:
+                    print(f"deleting the {len(made)} topics this run made on {bootstrap} "
+                          "(--keep-topics keeps them) ...", flush=True)
+                    asyncio.run(delete_topics(bootstrap, made))
 
 
 def write_results(folder: str, name: str, results: dict[str, Any]) -> Path:

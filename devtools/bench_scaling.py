@@ -27,10 +27,9 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from deploy.kafka_local import bootstrap_or_temporary_broker
 from deploy.topics import provision_processor
 from devtools.bench_call_records import fill, raw_consume, simulated
-from devtools.bench_results import write_results
+from devtools.bench_results import bench_broker, write_results
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from schemas.topics import NOTIFICATIONS
 
@@ -84,11 +83,14 @@ def main() -> int:
     parser.add_argument("--notifications", type=int, default=150_000)
     parser.add_argument("--processes", default="1,2,3")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
     args = parser.parse_args()
     counts = [int(c) for c in args.processes.split(",")]
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
                                "machine": {"cpus": os.cpu_count()}, "runs": []}
-    with bootstrap_or_temporary_broker() as bootstrap:
+    with bench_broker(args.keep_topics) as bootstrap:
         prefix = f"scale{uuid.uuid4().hex[:6]}."
         notes = simulated(args.notifications, 1, int(time.time() * 1000) - 3600_000)
         topic = NOTIFICATIONS.full_name(prefix)
