@@ -37,7 +37,7 @@ import orjson
 from deploy import compiled as compiled_build
 from deploy.topics import provision_processor
 from devtools.bench_call_records import fill, processor_throughput, raw_consume, runtime_only
-from devtools.bench_results import bench_broker, logic_alone, write_results
+from devtools.bench_results import bench_broker, keep_topics_option, logic_alone, write_results
 from devtools.simulator import SCENARIOS, Chaos, Planner, plan_traffic
 from processors.acd_stats import AcdStatsLogic
 from processors.registry import ACD_STATS_SPEC as SPEC
@@ -97,9 +97,7 @@ def main() -> int:
     parser.add_argument("--acd-only", action="store_true",
                         help="only ACD calls (a contact centre's line), instead of the full mix")
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
-                             "made (default: deleted at the end)")
+    keep_topics_option(parser)
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
                                "compiled_modules": compiled_build.check()}

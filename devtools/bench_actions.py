@@ -39,7 +39,7 @@ from deploy.kafka_local import free_port
 from deploy.topics import create_topics, provision_processor
 from devtools.bench_acd_stats import simulated_records
 from devtools.bench_call_records import fill, processor_throughput, raw_consume
-from devtools.bench_results import bench_broker, logic_alone, write_results
+from devtools.bench_results import bench_broker, keep_topics_option, logic_alone, write_results
 from processors.action_rules import ActionRulesLogic
 from processors.action_rules_config import parse_rules
 from processors.executor import Executor, ExecutorMetrics, ExecutorSettings
@@ -130,9 +130,7 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=200, help="Keyyo lines the executor sends for")
     parser.add_argument("--per-line", type=int, default=4, help="SMS per line")
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
-                             "made (default: deleted at the end)")
+    keep_topics_option(parser)
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds")}
     start_ms = (time.time_ns() // 1_000_000) - 5 * 3600_000

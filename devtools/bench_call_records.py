@@ -51,7 +51,7 @@ from deploy import compiled as compiled_build
 from deploy.kafka_local import free_port
 from deploy.tail import topic_partitions
 from deploy.topics import provision_processor
-from devtools.bench_results import bench_broker, logic_alone, write_results
+from devtools.bench_results import bench_broker, keep_topics_option, logic_alone, write_results
 from devtools.simulator import Chaos, Planner, plan_traffic, schedule
 from ingest.config import hash_secret
 from ingest.parsing import Refusal, parse_notification
@@ -580,9 +580,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile the per-record work without Kafka and print where the time goes")
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
-                             "made (default: deleted at the end)")
+    keep_topics_option(parser)
     args = parser.parse_args()
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),
                                "compiled_modules": compiled_build.check(),

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import compiled
-from devtools.bench_results import bench_broker, write_results
+from devtools.bench_results import bench_broker, keep_topics_option, write_results
 
 START_MS = 1_795_000_000_000
 """The simulated traffic's start (fixed, so both copies get the same input)."""
@@ -125,9 +125,7 @@ def main() -> int:
     parser.add_argument("--notifications", type=int, default=200_000,
                         help="records drained per run with --kafka")
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
-                             "made (default: deleted at the end)")
+    keep_topics_option(parser)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child's part
     args = parser.parse_args()
     if args.measure:

@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer
 from deploy.kafka_local import free_port
 from deploy.tail import topic_partitions
 from deploy.topics import create_topics
-from devtools.bench_results import bench_broker, write_results
+from devtools.bench_results import bench_broker, keep_topics_option, write_results
 from ingest.config import hash_secret
 
 SECRET = "bench-secret"  # noqa: S105 - a throwaway tenant of the benchmark
@@ -156,9 +156,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--connections", default="64,256", help="wrk connection counts")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
-                             "made (default: deleted at the end)")
+    keep_topics_option(parser)
     parser.add_argument("--workers", default="1,2",
                         help="process counts of each server to measure (the first is the reference)")
     args = parser.parse_args()

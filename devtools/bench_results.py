@@ -4,6 +4,7 @@ processor's logic alone."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -24,6 +25,13 @@ from processors.state import Store
 
 BENCH_TOPIC = re.compile(r"^(bench|benchacd|benchact|bare|big|lat|scale)[0-9a-f]{6}\.")
 """The names of the topics a benchmark makes: a prefix of its own, six random hex digits, a dot."""
+
+
+def keep_topics_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--keep-topics`` option of every benchmark (see :func:`bench_broker`)."""
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
+                             "made (default: deleted at the end)")
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.topics import provision_processor
 from devtools.bench_call_records import fill, raw_consume, simulated
-from devtools.bench_results import bench_broker, write_results
+from devtools.bench_results import bench_broker, keep_topics_option, write_results
 from processors.registry import CALL_RECORDS_SPEC as SPEC
 from schemas.topics import NOTIFICATIONS
 
@@ -83,9 +83,7 @@ def main() -> int:
     parser.add_argument("--notifications", type=int, default=150_000)
     parser.add_argument("--processes", default="1,2,3")
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="on an existing broker (KAFKA_BOOTSTRAP_SERVERS), keep the topics this run "
-                             "made (default: deleted at the end)")
+    keep_topics_option(parser)
     args = parser.parse_args()
     counts = [int(c) for c in args.processes.split(",")]
     results: dict[str, Any] = {"time": datetime.now(tz=UTC).isoformat(timespec="seconds"),

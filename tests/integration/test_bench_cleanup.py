@@ -14,7 +14,8 @@ from tests.kafka import Broker
 
 
 def make(bootstrap: str, *names: str) -> None:
-    asyncio.run(create_topics(bootstrap, "", topics=tuple(Topic(n, "test", 1, "delete", None) for n in names), partitions=1))
+    topics = tuple(Topic(n, "test", 1, "delete", None) for n in names)
+    asyncio.run(create_topics(bootstrap, "", topics=topics, partitions=1))
 
 
 @pytest.mark.parametrize("keep", [False, True])
