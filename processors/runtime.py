@@ -182,11 +182,7 @@ class _BatchWriter:
             if partition is None:
                 return False
         batch = self.open.get((topic, partition))
-        if batch is None:
-            return False
-        if self.native is not None:
-            return bool(batch.add(key, value))
-        return batch.append(key=key, value=value, timestamp=None) is not None
+        return batch is not None and self._put(batch, key, value)
 
     async def add(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
         if partition is None:
@@ -207,6 +203,7 @@ class _BatchWriter:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
 
     def _put(self, batch: Any, key: bytes, value: bytes | None) -> bool:
+        """Append to ``batch`` (native or aiokafka's); False when it is full."""
         if self.native is not None:
             return bool(batch.add(key, value))
         return batch.append(key=key, value=value, timestamp=None) is not None
