@@ -117,11 +117,12 @@ CALL_RECORDS_SPEC = ProcessorSpec(
     ),
     build=_call_records,
     description="Correlate notifications into call records and live call updates.",
-    # A transaction costs about a millisecond whatever it holds (its requests, markers, the
-    # offsets): draining a backlog, 50 ms slices gave 1.5-1.6x the records/s of 8 ms ones in
-    # separate benchmark runs (median 1.06x in drains interleaved in one process), and at 1,000
-    # notifications/s (no backlog: transactions take what waits, far below a slice) the latency
-    # stayed the same (README, Call-records benchmark, twelfth pass).
+    # A transaction has a fixed cost whatever it holds (its requests, markers, the offsets:
+    # 1.5-3.5 ms of the process's time each, measured). Draining a backlog, 50 ms slices gave
+    # 1.5-1.6x the records/s of 8 ms ones in separate benchmark runs (median 1.06x in drains
+    # interleaved in one process); at 1,000 notifications/s (no backlog: transactions take what
+    # waits, far below a slice) the latency stayed the same (README, Call-records benchmark,
+    # twelfth pass).
     default_slice_ms=50,
 )
 
