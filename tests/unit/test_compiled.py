@@ -17,8 +17,6 @@ from deploy import compiled
 from devtools.bench_call_records import simulated
 from schemas.notification import parse_rfc3339_ms
 
-ROOT = Path(__file__).resolve().parents[2]
-
 # Run in a tree (pure or compiled): simulated traffic with hostile records mixed in, through the
 # runtime's step into call records, and those records into acd-stats; prints what came out.
 FOLD = """
@@ -95,7 +93,7 @@ def test_the_compiled_build_computes_what_pure_python_computes(tmp_path: Path) -
 
     # The logic's own unit tests in the compiled copy: every call flow, the store, and the hostile
     # records (whose logic wraps CallRecords and reads what its decode returns, as a user's may).
-    shutil.copytree(ROOT / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(compiled.ROOT / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/unit/test_call_records.py", "tests/unit/test_store.py",
                            "tests/unit/test_hostile_records.py"],

@@ -5,6 +5,7 @@ records, times and producer state, read back by aiokafka's reader, and bounded a
 from __future__ import annotations
 
 import random
+import time
 from types import ModuleType
 
 from aiokafka.record._crecords.cutil import crc32c_cython
@@ -69,7 +70,6 @@ def test_aiokafka_reads_it_back(native: ModuleType) -> None:
 
 
 def test_a_record_without_a_time_gets_the_wall_clock(native: ModuleType) -> None:
-    import time
     before = time.time_ns() // 1_000_000
     batch = native.RecordBatch(4096, True)
     assert batch.add(b"k", b"v") and batch.add(b"k2", None)
