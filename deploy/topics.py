@@ -105,9 +105,15 @@ async def provision_processor(
 ) -> None:
     """Topics a processor needs: its input, its declared outputs, and its changelog (as many
     partitions as the input)."""
-    await create_topics(bootstrap, prefix, topics=(spec.input,), partitions=partitions)
+    name = spec.input.full_name(prefix)
+    made = await create_topics(bootstrap, prefix, topics=(spec.input,), partitions=partitions)
     await create_topics(bootstrap, out_prefix, topics=spec.outputs, partitions=partitions)
-    count = await partition_count(bootstrap, spec.input.full_name(prefix))
+    # A topic just made has the count it was made with: asking the cluster right away can find
+    # no partitions yet (a broker whose metadata lags, seen on a busy broker deleting topics).
+    count = (partitions or spec.input.partitions) if made.get(name) == "created" else \
+        await partition_count(bootstrap, name)
+    if count <= 0:
+        raise RuntimeError(f"the input topic {name} has no partitions the cluster reports")
     log_topic = changelog(group, spec.store, count)
     created = await create_topics(bootstrap, "", topics=(log_topic,))
     if created.get(log_topic.name) == "exists":

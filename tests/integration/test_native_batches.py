@@ -13,6 +13,7 @@ import pytest
 
 from devtools.simulate import wall_ms
 from devtools.simulator import Chaos
+from processors import runtime as runtime_module
 from processors.runtime import Runtime
 from schemas.topics import CALL_RECORDS, CALL_UPDATES
 from tests.integration.pipeline import (
@@ -60,13 +61,19 @@ async def test_native_batches_write_what_aiokafkas_do_and_restore(
     assert len(expected) >= 30
 
     runs: dict[str, State] = {}
-    for name, module in (("aiokafka", None), ("native", native)):
+    # "small": native batches of 1 KB, so that each transaction's outputs and changelog entries
+    # span many batches (a batch refusing an entry in the middle of the changelog's dict).
+    for name, module, limit in (("aiokafka", None, None), ("native", native, None), ("small", native, 1024)):
         out = f"{prefix}{name}."
         group = out + "keyyo.call-records"
         await provision(broker.bootstrap, prefix, out_prefix=out, group=group)
         runs[name] = {}
-        await run_to_end(broker.bootstrap, prefix, prepare=recording(module, runs[name]), group=group,
-                         output_prefix=out, mode="replay", until_idle_s=1.5, flush_at_end_ms=24 * 3600_000)
+        with pytest.MonkeyPatch.context() as patch:
+            if limit is not None:
+                patch.setattr(runtime_module, "BATCH_BYTES", limit)
+            await run_to_end(broker.bootstrap, prefix, prepare=recording(module, runs[name]), group=group,
+                             output_prefix=out, mode="replay", until_idle_s=1.5,
+                             flush_at_end_ms=24 * 3600_000)
         await settled(broker.bootstrap, CALL_RECORDS.full_name(out))
         await settled(broker.bootstrap, CALL_UPDATES.full_name(out))
 
@@ -78,11 +85,15 @@ async def test_native_batches_write_what_aiokafkas_do_and_restore(
     assert sorted(changes["native"], key=repr) == sorted(changes["aiokafka"], key=repr)
     assert sorted(u["event_id"] for u in changes["native"]) == sorted(event_ids(sends))  # one each
     assert runs["native"] == runs["aiokafka"] and any(runs["native"].values())
+    assert final_records(written["small"]) == expected
+    assert sorted(changes["small"], key=repr) == sorted(changes["native"], key=repr)
+    assert runs["small"] == runs["native"]
 
-    # A new run of the native group, without checkpoints or new input: its state is what it
+    # A new run of each native group, without checkpoints or new input: its state is what it
     # restores from the changelog the native batches wrote.
-    restored: State = {}
-    out = f"{prefix}native."
-    await run_to_end(broker.bootstrap, prefix, prepare=recording(None, restored),
-                     group=out + "keyyo.call-records", output_prefix=out, mode="replay", until_idle_s=1.5)
-    assert restored == runs["native"]
+    for name in ("native", "small"):
+        restored: State = {}
+        out = f"{prefix}{name}."
+        await run_to_end(broker.bootstrap, prefix, prepare=recording(None, restored),
+                         group=out + "keyyo.call-records", output_prefix=out, mode="replay", until_idle_s=1.5)
+        assert restored == runs[name], name

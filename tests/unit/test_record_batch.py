@@ -109,3 +109,43 @@ def test_crc32c_matches_aiokafkas_both_ways(native: ModuleType) -> None:
         assert native.crc32c_of(data) == expected, size
         assert native.crc32c_of(data, portable=True) == expected, size
     assert native.crc32c_of(b"123456789") == 0xE3069283  # the standard check value
+
+
+def test_add_entries_is_add_of_each_entry(native: ModuleType) -> None:
+    """A dict of entries appended in one call: the same bytes as ``add`` of each, str keys encoded
+    as UTF-8, tombstones kept; a batch that refuses an entry says which one, and a later call
+    starts where it is told."""
+    rng = random.Random(3)
+    entries: dict[str | bytes, bytes | None] = {}
+    for i in range(400):
+        key: str | bytes = f"c/tenant-{i % 7}/{rng.getrandbits(64):x}é" if i % 3 else f"i/{i}".encode()
+        entries[key] = None if i % 13 == 4 else rng.randbytes(rng.choice(SIZES[:8]))
+    ts = 1_795_000_000_000
+    whole = native.RecordBatch(1 << 30, True)
+    assert whole.add_entries(entries, timestamp_ms=ts) == len(entries)
+    one_by_one = native.RecordBatch(1 << 30, True)
+    for key, value in entries.items():
+        assert one_by_one.add(key.encode() if isinstance(key, str) else key, value, ts)
+    assert whole._build() == one_by_one._build()
+
+    pieces, done = [], 0
+    while done < len(entries):
+        batch = native.RecordBatch(50_000, True)
+        taken = batch.add_entries(entries, done, timestamp_ms=ts)
+        assert done < taken <= len(entries) and batch.record_count() == taken - done
+        assert taken == len(entries) or batch.closed()  # refused one: it takes no more
+        pieces.append(batch._build())
+        done = taken
+    assert len(pieces) > 3
+    read = [(r.key, r.value) for piece in pieces for r in DefaultRecordBatch(piece)]
+    assert read == [(k.encode() if isinstance(k, str) else k, v) for k, v in entries.items()]
+
+
+def test_add_entries_refuses_what_is_not_bytes(native: ModuleType) -> None:
+    batch = native.RecordBatch(4096, True)
+    for bad in ({"k": "not bytes"}, {1: b"v"}):
+        try:
+            batch.add_entries(bad)
+        except TypeError:
+            continue
+        raise AssertionError(f"{bad} was taken")

@@ -14,7 +14,7 @@
 //! times, and reads them back with aiokafka's reader.
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict, PyString};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bytes before the first record.
@@ -188,6 +188,39 @@ impl RecordBatch {
     #[pyo3(signature = (key, value, timestamp_ms=None))]
     fn add(&mut self, key: Option<&[u8]>, value: Option<&[u8]>, timestamp_ms: Option<i64>) -> bool {
         self.push(key, value, timestamp_ms.unwrap_or_else(now_ms))
+    }
+
+    /// Append the entries of ``entries`` (a dict: a key ``str`` or ``bytes``, a value ``bytes``
+    /// or None for a tombstone), from the ``start``-th on, each stamped with the wall clock,
+    /// until the batch refuses one (``timestamp_ms``: instead of the clock). Returns the position of the first entry not appended
+    /// (``len(entries)`` when all were). One call for a transaction's changelog where a call per
+    /// entry costs ≈ 0.5 µs of Python each.
+    #[pyo3(signature = (entries, start=0, timestamp_ms=None))]
+    fn add_entries(&mut self, entries: &Bound<'_, PyDict>, start: usize, timestamp_ms: Option<i64>)
+                   -> PyResult<usize> {
+        let now = timestamp_ms.unwrap_or_else(now_ms);
+        for (i, (key, value)) in entries.iter().enumerate().skip(start) {
+            let text;
+            let raw;
+            let key_bytes: &[u8] = if let Ok(s) = key.downcast::<PyString>() {
+                text = s.to_str()?; // an ASCII str's own bytes, no copy
+                text.as_bytes()
+            } else {
+                raw = key.downcast_into::<PyBytes>()?;
+                raw.as_bytes()
+            };
+            let held;
+            let value_bytes: Option<&[u8]> = if value.is_none() {
+                None
+            } else {
+                held = value.downcast_into::<PyBytes>()?;
+                Some(held.as_bytes())
+            };
+            if !self.push(Some(key_bytes), value_bytes, now) {
+                return Ok(i);
+            }
+        }
+        Ok(entries.len())
     }
 
     /// aiokafka's appending call (its `send` into a batch it found open): always refused, so a
