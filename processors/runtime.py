@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -507,9 +507,16 @@ class Runtime:
     def _writer(self, producer: AIOKafkaProducer) -> _BatchWriter:
         return _BatchWriter(producer, self._partitions, self._key_partition, self.native)
 
-    async def _write(self, writer: _BatchWriter, outputs: Iterable[Output]) -> None:
+    async def _write(self, writer: _BatchWriter, outputs: list[Output]) -> None:
         written: dict[str, int] = {}
-        for out in outputs:
+        native, done = writer.native, 0
+        while done < len(outputs):
+            if native is not None:  # as many as it can append (most), then one here
+                done = native.add_outputs(outputs, done, self._targets, writer.key_partition, writer.open,
+                                          written)
+                if done == len(outputs):
+                    break
+            out = outputs[done]
             topic = self._targets.get(out.topic)
             if topic is None:  # once per topic: its full name
                 topic = self._targets[out.topic] = self.settings.output_prefix + out.topic
@@ -517,6 +524,7 @@ class Runtime:
             if not writer.append(topic, out.key, value):  # (most records: no coroutine made)
                 await writer.add(topic, out.key, value)
             written[out.topic] = written.get(out.topic, 0) + 1
+            done += 1
         for base, count in written.items():  # counted once per topic and transaction
             self.metrics.records_out.labels(self.metrics.processor, base).inc(count)
 

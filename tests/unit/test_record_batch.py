@@ -7,9 +7,12 @@ from __future__ import annotations
 import random
 import time
 from types import ModuleType
+from typing import Any
 
 from aiokafka.record._crecords.cutil import crc32c_cython
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+from processors.output import Output
 
 SIZES = [0, 1, 63, 64, 127, 128, 420, 8191, 8192, 70_000]
 """Value lengths on both sides of each varint's byte boundary."""
@@ -149,3 +152,51 @@ def test_add_entries_refuses_what_is_not_bytes(native: ModuleType) -> None:
         except TypeError:
             continue
         raise AssertionError(f"{bad} was taken")
+
+
+def test_add_outputs_appends_what_it_knows_where_to_put(native: ModuleType) -> None:
+    """The runtime's outputs appended natively: each to the open batch of its topic and key's
+    partition, the same bytes as ``add`` of each, counted per base topic; it stops, and says
+    where, at the first output Python must write itself."""
+    ts = 1_795_000_000_000
+    rng = random.Random(5)
+    keys = [f"tenant-{i:03d}".encode() for i in range(20)]
+    outputs = [Output("updates" if i % 5 else "records", rng.choice(keys),
+                      rng.randbytes(rng.choice(SIZES[:8]))) for i in range(300)]
+    targets = {"updates": "p.updates", "records": "p.records"}
+    key_partition = {(full, key): int(key[-1:]) % 3 for full in targets.values() for key in keys}
+    ours = {(full, p): native.RecordBatch(1 << 30, True) for full in targets.values() for p in range(3)}
+    written: dict[str, int] = {}
+    assert native.add_outputs(outputs, 0, targets, key_partition, ours, written, ts) == len(outputs)
+    theirs = {where: native.RecordBatch(1 << 30, True) for where in ours}
+    for out in outputs:
+        full = targets[out.topic]
+        assert theirs[(full, key_partition[(full, out.key)])].add(out.key, out.value, ts)
+    assert {w: b._build() for w, b in ours.items()} == {w: b._build() for w, b in theirs.items()}
+    assert written == {"updates": 240, "records": 60}
+
+    def stops_at(position: int, outs: list[Output], **changed: Any) -> None:
+        state: dict[str, Any] = {"targets": targets, "key_partition": key_partition,
+                                 "open": {w: native.RecordBatch(1 << 30, True) for w in ours}} | changed
+        counted: dict[str, int] = {}
+        assert native.add_outputs(outs, 0, state["targets"], state["key_partition"], state["open"],
+                                  counted, ts) == position
+        assert sum(counted.values()) == position  # the ones before it, each counted once
+        assert native.add_outputs(outs, position + 1, state["targets"], state["key_partition"],
+                                  state["open"], counted, ts) == len(outs)  # and it goes on after it
+
+    first = outputs[:10]
+    stops_at(3, [*first[:3], Output("elsewhere", keys[0], b"v"), *first[3:]])  # a topic not known yet
+    stops_at(4, [*first[:4], Output("updates", b"new-key", b"v"), *first[4:]])  # a key not known yet
+    stops_at(5, [*first[:5], Output("updates", keys[0], lambda: b"v", True), *first[5:]])  # to render
+    def batch_of(out: Output) -> tuple[str, int]:
+        return targets[out.topic], key_partition[(targets[out.topic], out.key)]
+
+    some = {w: native.RecordBatch(1 << 30, True) for w in ours}
+    del some[batch_of(first[4])]  # no open batch for it (nor for any output sharing it)
+    position = next(i for i, o in enumerate(first) if batch_of(o) not in some)
+    assert native.add_outputs(first, 0, targets, key_partition, some, {}, ts) == position <= 4
+    full = {w: native.RecordBatch(1 << 30, True) for w in ours}
+    full[batch_of(first[0])] = native.RecordBatch(10, True)
+    assert full[batch_of(first[0])].add(b"k", b"x" * 20, ts)  # past its limit: the next is refused
+    assert native.add_outputs(first, 0, targets, key_partition, full, {}, ts) == 0

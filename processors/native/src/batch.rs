@@ -14,7 +14,8 @@
 //! times, and reads them back with aiokafka's reader.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::intern;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bytes before the first record.
@@ -284,6 +285,55 @@ impl RecordBatch {
         self.built = Some(built.clone_ref(py));
         built
     }
+}
+
+/// Append ``outputs[start:]`` (the runtime's ``Output`` objects) to the open batches of a
+/// transaction, as `Runtime._write` does one by one: ``targets`` maps an output's base topic to
+/// its full name, ``key_partition`` a (full topic, key) to its partition, ``open`` a (full topic,
+/// partition) to its open batch; ``written`` counts the outputs appended per base topic. Stops at
+/// the first output it cannot append itself (a topic, key or partition not known yet, no open
+/// batch or a full one, a value still to render) and returns its position, for Python to write it
+/// (``len(outputs)`` when all were appended). Each record is stamped with ``timestamp_ms``, or the
+/// wall clock.
+#[pyfunction]
+#[pyo3(signature = (outputs, start, targets, key_partition, open, written, timestamp_ms=None))]
+pub fn add_outputs(
+    outputs: &Bound<'_, PyList>,
+    start: usize,
+    targets: &Bound<'_, PyDict>,
+    key_partition: &Bound<'_, PyDict>,
+    open: &Bound<'_, PyDict>,
+    written: &Bound<'_, PyDict>,
+    timestamp_ms: Option<i64>,
+) -> PyResult<usize> {
+    let py = outputs.py();
+    let now = timestamp_ms.unwrap_or_else(now_ms);
+    let len = outputs.len();
+    for i in start..len {
+        let out = outputs.get_item(i)?;
+        let base = out.getattr(intern!(py, "topic"))?;
+        let key = out.getattr(intern!(py, "key"))?;
+        let value = out.getattr(intern!(py, "value"))?;
+        let (Ok(key_bytes), Ok(value_bytes)) = (key.downcast::<PyBytes>(), value.downcast::<PyBytes>()) else {
+            return Ok(i);
+        };
+        let Some(topic) = targets.get_item(&base)? else { return Ok(i) };
+        let Some(partition) = key_partition.get_item(PyTuple::new(py, [&topic, &key])?)? else {
+            return Ok(i);
+        };
+        let Some(batch) = open.get_item(PyTuple::new(py, [&topic, &partition])?)? else { return Ok(i) };
+        let Ok(batch) = batch.downcast::<RecordBatch>() else { return Ok(i) };
+        let Ok(mut batch) = batch.try_borrow_mut() else { return Ok(i) };
+        if !batch.push(Some(key_bytes.as_bytes()), Some(value_bytes.as_bytes()), now) {
+            return Ok(i);
+        }
+        let count = match written.get_item(&base)? {
+            Some(n) => n.extract::<usize>()? + 1,
+            None => 1,
+        };
+        written.set_item(&base, count)?;
+    }
+    Ok(len)
 }
 
 /// CRC-32C of ``data`` as the batch computes it (for the tests); ``portable``: with the table,

@@ -1409,6 +1409,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<acd::Figures>()?;
     m.add_class::<batch::RecordBatch>()?;
     m.add_function(wrap_pyfunction!(batch::crc32c_of, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::add_outputs, m)?)?;
     m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)?;
     m.add_function(wrap_pyfunction!(acd::count_call, m)?)
 }
