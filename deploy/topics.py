@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
@@ -11,6 +14,17 @@ from schemas.topics import ALL_TOPICS, Topic, changelog
 
 __all__ = ["ALL_TOPICS", "create_topics", "delete_topics", "partition_count", "provision_processor",
            "topic_names"]
+
+
+@asynccontextmanager
+async def _admin(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client of the cluster, closed after use."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
 
 
 async def create_topics(
@@ -26,9 +40,7 @@ async def create_topics(
     brokers in the cluster)`` unless given, with ``min.insync.replicas`` 2 from 3 replicas (an
     acks=all write then survives one broker down, and never rests on a single copy).
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with _admin(bootstrap) as admin:
         if replication is None:
             replication = min(3, len((await admin.describe_cluster())["brokers"]))
         durability = {"min.insync.replicas": "2"} if replication >= 3 else {}
@@ -51,8 +63,6 @@ async def create_topics(
                 elif code:
                     raise RuntimeError(f"creating topic {name} failed: error {code} {message}")
         return result
-    finally:
-        await admin.close()
 
 
 def _errors(response: object) -> list[tuple[str, int, str | None]]:
@@ -66,37 +76,25 @@ def _errors(response: object) -> list[tuple[str, int, str | None]]:
 
 async def topic_names(bootstrap: str) -> set[str]:
     """Names of the cluster's topics."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with _admin(bootstrap) as admin:
         return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:
     """Delete these topics (their records are gone for good)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with _admin(bootstrap) as admin:
         for at in range(0, len(names), 100):
             await admin.delete_topics(names[at:at + 100])
-    finally:
-        await admin.close()
 
 
 async def partition_count(bootstrap: str, topic: str) -> int:
     """Partitions of an existing topic (0 when it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with _admin(bootstrap) as admin:
         described = await admin.describe_topics([topic])
         for entry in described:
             if entry.get("topic") == topic and not entry.get("error_code"):
                 return len(entry.get("partitions", []))
         return 0
-    finally:
-        await admin.close()
 
 
 async def provision_processor(
@@ -125,28 +123,20 @@ async def provision_processor(
 
 async def replication_of(bootstrap: str, topic: str) -> int:
     """Replicas of an existing topic's first partition (0 when it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with _admin(bootstrap) as admin:
         for entry in await admin.describe_topics([topic]):
             if entry.get("topic") == topic and not entry.get("error_code") and entry.get("partitions"):
                 return len(entry["partitions"][0].get("replicas", []))
         return 0
-    finally:
-        await admin.close()
 
 
 async def set_configs(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
     """Give an existing topic these settings (a changelog created by an older version gets the
     compaction settings of this one). Its other dynamic settings are reset to the broker's."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
+    async with _admin(bootstrap) as admin:
         responses = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
         for response in responses:
             for resource in response.resources:
                 code, message = resource[0], resource[1]
                 if code:
                     raise RuntimeError(f"setting the configs of {topic} failed: error {code} {message}")
-    finally:
-        await admin.close()
