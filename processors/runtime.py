@@ -220,6 +220,30 @@ class _BatchWriter:
             await self.add(topic, key.encode(), value, partition=partition)
             done = self.open[(topic, partition)].add_entries(entries, done + 1)
 
+    async def add_outputs(self, outputs: list[Output], targets: dict[str, str],
+                          prefix: str) -> dict[str, int]:
+        """``add`` of each output to its topic (``targets``: base name -> full name, completed with
+        ``prefix``); returns how many went to each base topic. With native batches, one call
+        appends all but those it cannot (a topic, key or partition not seen yet, a full batch, a
+        value to render), which are added here one by one."""
+        written: dict[str, int] = {}
+        done = 0
+        while done < len(outputs):
+            if self.native is not None:
+                done = self.native.add_outputs(outputs, done, targets, self.key_partition, self.open, written)
+                if done == len(outputs):
+                    break
+            out = outputs[done]
+            topic = targets.get(out.topic)
+            if topic is None:  # once per topic: its full name
+                topic = targets[out.topic] = prefix + out.topic
+            value = out.rendered()
+            if not self.append(topic, out.key, value):  # (most records: no coroutine made)
+                await self.add(topic, out.key, value)
+            written[out.topic] = written.get(out.topic, 0) + 1
+            done += 1
+        return written
+
     def _put(self, batch: Any, key: bytes, value: bytes | None) -> bool:
         """Append to ``batch`` (native or aiokafka's); False when it is full."""
         if self.native is not None:
@@ -509,23 +533,7 @@ class Runtime:
         return _BatchWriter(producer, self._partitions, self._key_partition, self.native)
 
     async def _write(self, writer: _BatchWriter, outputs: list[Output]) -> None:
-        written: dict[str, int] = {}
-        native, done = writer.native, 0
-        while done < len(outputs):
-            if native is not None:  # as many as it can append (most), then one here
-                done = native.add_outputs(outputs, done, self._targets, writer.key_partition, writer.open,
-                                          written)
-                if done == len(outputs):
-                    break
-            out = outputs[done]
-            topic = self._targets.get(out.topic)
-            if topic is None:  # once per topic: its full name
-                topic = self._targets[out.topic] = self.settings.output_prefix + out.topic
-            value = out.rendered()
-            if not writer.append(topic, out.key, value):  # (most records: no coroutine made)
-                await writer.add(topic, out.key, value)
-            written[out.topic] = written.get(out.topic, 0) + 1
-            done += 1
+        written = await writer.add_outputs(outputs, self._targets, self.settings.output_prefix)
         for base, count in written.items():  # counted once per topic and transaction
             self.metrics.records_out.labels(self.metrics.processor, base).inc(count)
 

@@ -288,9 +288,9 @@ impl RecordBatch {
 }
 
 /// Append ``outputs[start:]`` (the runtime's ``Output`` objects) to the open batches of a
-/// transaction, as `Runtime._write` does one by one: ``targets`` maps an output's base topic to
-/// its full name, ``key_partition`` a (full topic, key) to its partition, ``open`` a (full topic,
-/// partition) to its open batch; ``written`` counts the outputs appended per base topic. Stops at
+/// transaction, as `_BatchWriter.add_outputs` (processors/runtime.py) does one by one:
+/// ``targets`` maps an output's base topic to its full name, ``key_partition`` a (full topic, key)
+/// to its partition, ``open`` a (full topic, partition) to its open batch; ``written`` counts the outputs appended per base topic. Stops at
 /// the first output it cannot append itself (a topic, key or partition not known yet, no open
 /// batch or a full one, a value still to render) and returns its position, for Python to write it
 /// (``len(outputs)`` when all were appended). Each record is stamped with ``timestamp_ms``, or the
