@@ -21,6 +21,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator
+from typing import Any
+
+try:  # the native module, when `make compile` built it
+    from processors import _native  # type: ignore[attr-defined]
+except ImportError:
+    _native = None
 
 RUNTIME_PREFIX = "\x00rt/"
 _TIME = RUNTIME_PREFIX + "time/"
@@ -32,7 +38,10 @@ _MISSING = object()
 class Store:
     """State of one input partition."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, native: Any = _native) -> None:
+        """``native``: the native module (``processors._native`` when built), whose
+        ``apply_entries`` then runs :meth:`commit`'s loop; None for the Python loop."""
+        self._apply_entries = None if native is None else native.apply_entries
         self._data: dict[str, bytes] = {}
         self._staged: dict[str, bytes | None] = {}
         self._heaps: dict[str, list[tuple[int, str]]] = {}
@@ -112,20 +121,25 @@ class Store:
         return f"{_WAKE}{self.domain}{_SEP}{key}"
 
     def due(self, domain: str, now_ms: int) -> Iterator[str]:
-        """Keys of ``domain`` whose committed timer is at or before ``now_ms``, earliest first.
+        """Keys of ``domain`` whose committed timer is at or before ``now_ms``, earliest first,
+        leaving out those whose timer this transaction changed already.
 
-        Each is yielded once and its timer removed (staged); the logic re-arms it if it still
-        needs one. Sets :attr:`domain` to ``domain``.
+        Each is yielded once per transaction and its timer removed (staged); the logic re-arms it
+        if it still needs one. Sets :attr:`domain` to ``domain``.
         """
         heap = self._heaps.get(domain)
         self.domain = domain
+        staged = self._staged
         inner = len(_WAKE) + len(domain) + 1  # where the processor's key starts in the entry's
         while heap and heap[0][0] <= now_ms:
             at, wake_key = heapq.heappop(heap)
             self._popped.append((domain, at, wake_key))
             current = self._data.get(wake_key)
-            if current is None or int(current) != at:
-                continue  # cancelled or moved
+            if current is None or int(current) != at or wake_key in staged:
+                # Cancelled or moved; or fired, moved or cancelled in this transaction already
+                # (the heap may hold one timer twice: set to t, moved, set to t again, or a
+                # restored changelog's history; the commit pushes a timer set anew).
+                continue
             self._stage(wake_key, None)
             yield wake_key[inner:]
 
@@ -203,10 +217,16 @@ class Store:
 
     def commit(self) -> None:
         """Make staged writes durable in memory (the runtime calls it after Kafka's commit)."""
-        for key, value in self.staged().items():
-            # Staged values are exact-size already: :meth:`put` copied those of the processor, the
-            # runtime's clocks and timers are made here, and the native fold writes its own.
-            self._apply(key, value)
+        # Staged values are exact-size already: :meth:`put` copied those of the processor, the
+        # runtime's clocks and timers are made here, and the native fold writes its own.
+        if self._apply_entries is not None:
+            # The same loop in Rust (processors/native/src/store.rs): 1.15 against 1.8 µs per
+            # notification of call records, measured in isolation (its timers' entries: 0.6
+            # against 1.15 µs).
+            self._apply_entries(self.staged(), self._data, self._heaps, self._times)
+        else:
+            for key, value in self.staged().items():
+                self._apply(key, value)
         self._staged = {}
         self._staged_times = {}
         self._popped = []

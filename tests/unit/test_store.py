@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import tracemalloc
+from types import ModuleType
 
 import orjson
 import pytest
@@ -174,3 +176,110 @@ def test_entries_put_hold_their_size_not_orjsons_hidden_capacity() -> None:
         tracemalloc.stop()
     assert store.get("c/7") == orjson.dumps([7, "a" * 200, None])
     assert per_entry < 600, per_entry  # ≈ 220 bytes of value, its key and the dict's slot
+
+
+def _same(pure: Store, fast: Store) -> None:
+    """Both stores hold the same entries in the same order, the same clocks and the same heaps,
+    element for element (the heaps' order decides which timer fires first)."""
+    assert list(fast.committed().items()) == list(pure.committed().items())
+    assert fast._times == pure._times
+    assert fast._heaps == pure._heaps
+
+
+def test_the_native_commit_applies_what_the_python_one_does(native: ModuleType) -> None:
+    """Random transactions (writes, deletions, timers set, moved, cancelled and fired, clocks, in
+    several domains, some aborted) through a store committing in Python and one committing with
+    the native loop: after every commit they are the same store."""
+    rng = random.Random(7)
+    pure, fast = Store(native=None), Store(native=native)
+    domains = ["acme", "béta", "t-0042", ""]
+    keys = [f"c/{d}/{i}" for d in domains for i in range(30)]
+    fired = 0
+    for transaction in range(400):
+        for _ in range(rng.randrange(1, 40)):
+            op, key, domain = rng.random(), rng.choice(keys), rng.choice(domains)
+            at = 1_790_000_000_000 + rng.randrange(0, 50) * 1000  # equal times: ties go by key
+            if op >= 0.9:  # fire the domain's due timers: the same keys, in the same order
+                pure.domain = fast.domain = domain
+                due = list(pure.due(domain, at))
+                assert list(fast.due(domain, at)) == due
+                fired += len(due)
+                continue
+            for store in (pure, fast):
+                store.domain = domain
+                if op < 0.35:
+                    store.put(key, orjson.dumps({"k": key, "n": transaction}))
+                elif op < 0.45:
+                    store.delete(key)
+                elif op < 0.75:
+                    store.wake(key, at)
+                elif op < 0.8:
+                    store.unwake(key)
+                else:
+                    store.advance(domain, at)
+        if rng.random() < 0.1:
+            pure.abort()
+            fast.abort()
+        else:
+            assert pure.staged() == fast.staged()
+            pure.commit()
+            fast.commit()
+        _same(pure, fast)
+    assert len(pure) > 50 and sum(len(h) for h in pure._heaps.values()) > 50 and fired > 50
+
+
+def test_the_native_loop_reads_values_and_fails_as_python_does(native: ModuleType) -> None:
+    """Values our code never writes (padded, signed, too long for 64 bits) are read by Python's
+    ``int``; a timer key without its separator fails alike; tombstones of clocks and of entries
+    that are not there."""
+    entries: dict[str, bytes | None] = {
+        "\x00rt/wake/a\x1fx": b"007", "\x00rt/wake/a\x1fy": b"+5", "\x00rt/wake/b\x1fz": b" 12 ",
+        "\x00rt/time/a": b"-3", "\x00rt/time/b": b"123456789012345678901234", "\x00rt/time/c": b"1",
+        "gone": None, "\x00rt/time/c ": None, "kept": b"v",
+    }
+    pure, fast = Store(native=None), Store(native=native)
+    for store in (pure, fast):
+        store.restore("\x00rt/time/z", b"9")
+        store._staged = dict(entries)
+        store._staged["\x00rt/time/z"] = None
+        store.commit()
+    _same(pure, fast)
+    assert fast._times == {"a": -3, "b": 123456789012345678901234, "c": 1}
+    for bad in (b"x1", b"", b"-"):
+        for store in (Store(native=None), Store(native=native)):
+            store._staged = {"\x00rt/wake/a\x1fx": bad}
+            with pytest.raises(ValueError):
+                store.commit()
+    for store in (Store(native=None), Store(native=native)):
+        store._staged = {"\x00rt/wake/no-separator": b"1"}
+        with pytest.raises(ValueError):
+            store.commit()
+
+
+def test_a_timer_fires_once_even_when_the_heap_holds_it_twice() -> None:
+    """Set to 100, moved to 200, set to 100 again: the heap holds (100, key) twice, and a restored
+    changelog holds that history too. The timer fires once, also when the logic re-arms it in
+    between."""
+    committed, restored = Store(), Store()
+    committed.domain = "d"
+    for at in (100, 200, 100):
+        committed.wake("k", at)
+        committed.commit()
+        restored.restore("\x00rt/wake/d\x1fk", str(at).encode())
+    for store in (committed, restored):
+        assert list(store.due("d", 150)) == ["k"]
+        store.wake("k", 120)  # the logic sets it again, within the same transaction
+        assert list(store.due("d", 150)) == []
+        store.commit()
+        assert list(store.due("d", 150)) == ["k"]  # the timer set anew, after the commit
+
+
+def test_a_timer_moved_later_in_the_transaction_does_not_fire_at_its_old_time() -> None:
+    store = Store()
+    store.domain = "d"
+    store.wake("k", 100)
+    store.commit()
+    store.wake("k", 500)  # an event moved it, earlier in the same transaction
+    assert list(store.due("d", 150)) == []
+    store.commit()
+    assert list(store.due("d", 150)) == [] and list(store.due("d", 500)) == ["k"]

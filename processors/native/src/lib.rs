@@ -11,6 +11,7 @@
 
 mod acd;
 mod batch;
+mod store;
 
 /// The fold allocates a few small strings and buffers per notification (keys, values, decoded
 /// calls): mimalloc does that ≈ 1.1× faster than the system's malloc over the whole fold
@@ -1410,6 +1411,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<batch::RecordBatch>()?;
     m.add_function(wrap_pyfunction!(batch::crc32c_of, m)?)?;
     m.add_function(wrap_pyfunction!(batch::add_outputs, m)?)?;
+    m.add_function(wrap_pyfunction!(store::apply_entries, m)?)?;
     m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)?;
     m.add_function(wrap_pyfunction!(acd::count_call, m)?)
 }
