@@ -33,6 +33,7 @@ _TIME = RUNTIME_PREFIX + "time/"
 _WAKE = RUNTIME_PREFIX + "wake/"
 _SEP = "\x1f"
 _MISSING = object()
+_NO_KEYS: frozenset[str] = frozenset()
 
 
 class Store:
@@ -134,11 +135,18 @@ class Store:
         while heap and heap[0][0] <= now_ms:
             at, wake_key = heapq.heappop(heap)
             self._popped.append((domain, at, wake_key))
+            if wake_key in staged:
+                # Fired, moved or cancelled in this transaction already (the heap may hold one
+                # timer twice: set to t, moved, set to t again): the commit pushes what it set.
+                continue
             current = self._data.get(wake_key)
-            if current is None or int(current) != at or wake_key in staged:
-                # Cancelled or moved; or fired, moved or cancelled in this transaction already
-                # (the heap may hold one timer twice: set to t, moved, set to t again, or a
-                # restored changelog's history; the commit pushes a timer set anew).
+            if current is None:
+                continue  # cancelled
+            when = int(current)
+            if when != at:
+                # Moved since this entry was pushed: later ones keep their earlier entry (see
+                # :meth:`_apply`), which brings the timer's time back to the heap now.
+                heapq.heappush(heap, (when, wake_key))
                 continue
             self._stage(wake_key, None)
             yield wake_key[inner:]
@@ -219,14 +227,15 @@ class Store:
         """Make staged writes durable in memory (the runtime calls it after Kafka's commit)."""
         # Staged values are exact-size already: :meth:`put` copied those of the processor, the
         # runtime's clocks and timers are made here, and the native fold writes its own.
+        popped = {key for _, _, key in self._popped} if self._popped else _NO_KEYS
         if self._apply_entries is not None:
             # The same loop in Rust (processors/native/src/store.rs): 1.15 against 1.8 µs per
             # notification of call records, measured in isolation (its timers' entries: 0.6
             # against 1.15 µs).
-            self._apply_entries(self.staged(), self._data, self._heaps, self._times)
+            self._apply_entries(self.staged(), self._data, self._heaps, self._times, popped)
         else:
             for key, value in self.staged().items():
-                self._apply(key, value)
+                self._apply(key, value, popped)
         self._staged = {}
         self._staged_times = {}
         self._popped = []
@@ -243,21 +252,35 @@ class Store:
 
     def restore(self, key: str, value: bytes | None) -> None:
         """Apply one changelog entry (restoration, no staging)."""
-        self._apply(key, value)
+        self._apply(key, value, _NO_KEYS)
 
-    def _apply(self, key: str, value: bytes | None) -> None:
+    def _apply(self, key: str, value: bytes | None, popped: set[str] | frozenset[str]) -> None:
+        """Make one entry committed. A timer's entry is pushed on its domain's heap unless the
+        heap holds an earlier entry of the same timer already: a timer moved later keeps the
+        entry it has, and :meth:`due` pushes its new time when that entry comes up. So a call's
+        timer, moved at each of its events, costs fewer pushes, and a deadline hours away is not
+        pushed at all while an earlier one stands (over 277k notifications of the simulator's mix,
+        the heaps ended with 3.15 entries per live timer with a push per move, 1.99 with this).
+        ``popped``: the timers :meth:`due` took from the heaps in this transaction, whose entries
+        are gone (their new time is pushed whatever it is)."""
         if value is None:
             self._data.pop(key, None)
             if key.startswith(_TIME):
                 self._times.pop(key[len(_TIME):], None)
             return
-        self._data[key] = value
-        if key[:1] == "\x00":
-            if key.startswith(_WAKE):
+        data = self._data
+        if key[:1] != "\x00":
+            data[key] = value
+            return
+        old = data.get(key)
+        data[key] = value
+        if key.startswith(_WAKE):
+            at = int(value)
+            if old is None or key in popped or at < int(old):
                 domain = key[len(_WAKE):key.index(_SEP, len(_WAKE))]
-                heapq.heappush(self._heaps.setdefault(domain, []), (int(value), key))
-            elif key.startswith(_TIME):
-                self._times[key[len(_TIME):]] = int(value)
+                heapq.heappush(self._heaps.setdefault(domain, []), (at, key))
+        elif key.startswith(_TIME):
+            self._times[key[len(_TIME):]] = int(value)
 
     def committed(self) -> dict[str, bytes]:
         """Every committed entry, the runtime's included (what a checkpoint saves)."""

@@ -41,14 +41,16 @@ fn int_of<'py>(py: Python<'py>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py
     py.get_type::<pyo3::types::PyInt>().call1((value,))
 }
 
-/// `for key, value in entries.items(): store._apply(key, value)`, with the store's committed
-/// entries (`_data`), timer heaps (`_heaps`) and clocks (`_times`).
+/// `for key, value in entries.items(): store._apply(key, value, popped)`, with the store's
+/// committed entries (`_data`), timer heaps (`_heaps`) and clocks (`_times`), and the timers
+/// `due` took from the heaps in this transaction (`popped`, a set).
 #[pyfunction]
 pub fn apply_entries(
     entries: &Bound<'_, PyDict>,
     data: &Bound<'_, PyDict>,
     heaps: &Bound<'_, PyDict>,
     times: &Bound<'_, PyDict>,
+    popped: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let py = entries.py();
     let heappush = py.import(intern!(py, "heapq"))?.getattr(intern!(py, "heappush"))?;
@@ -69,11 +71,22 @@ pub fn apply_entries(
             }
             continue;
         }
-        data.set_item(&key, &value)?;
         if !text.starts_with('\0') {
+            data.set_item(&key, &value)?;
             continue;
         }
+        let old = data.get_item(&key)?;
+        data.set_item(&key, &value)?;
         if let Some(rest) = text.strip_prefix(WAKE) {
+            // Pushed unless an earlier entry of the same timer stands (`_apply` says why).
+            let at = int_of(py, &value)?;
+            let push = match old {
+                None => true,
+                Some(old) => popped.contains(&key)? || at.lt(int_of(py, &old)?)?,
+            };
+            if !push {
+                continue;
+            }
             let Some(end) = rest.find(SEP) else {
                 // As `str.index` does when the separator is missing.
                 return Err(pyo3::exceptions::PyValueError::new_err("substring not found"));
@@ -94,7 +107,7 @@ pub fn apply_entries(
                     heap
                 }
             };
-            let item = PyTuple::new(py, [int_of(py, &value)?, key.into_any()])?;
+            let item = PyTuple::new(py, [at, key.into_any()])?;
             heappush.call1((heap, item))?;
         } else if let Some(domain) = text.strip_prefix(TIME) {
             times.set_item(domain, int_of(py, &value)?)?;
