@@ -195,17 +195,27 @@ def build_native(root: Path = ROOT, python: str = sys.executable, dest: Path | N
     """Build the native fold of the tree at ``root`` with cargo, into ``processors/_native`` (or
     into the folder ``dest``); the extension's path."""
     crate = root / NATIVE
+    # The crate's digest goes in as an environment variable the crate reads (`SOURCES`): cargo
+    # rebuilds a crate whose environment changed. Its own check is by times, and the build folder
+    # is shared: a tree whose sources were older than the last build of another tree got that
+    # tree's extension (seen with two trees alternating; a worktree would do the same).
+    sources = _digest(crate)
     done = subprocess.run(
         [shutil.which("cargo") or "cargo", "build", "--release", "--locked", "--quiet", "--manifest-path",
          str(crate / "Cargo.toml")],
-        env={**os.environ, "CARGO_TARGET_DIR": str(native_target()), "PYO3_PYTHON": python},
+        env={**os.environ, "CARGO_TARGET_DIR": str(native_target()), "PYO3_PYTHON": python,
+             "KEYYO_NATIVE_SOURCES": sources},
         capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
         raise CompiledError("cargo failed to build the native fold:\n" + "\n".join(tail))
+    built = native_target() / "release" / "lib_native.so"
+    if sources.encode() not in built.read_bytes():
+        raise CompiledError(f"cargo's build in {native_target()} is not of {crate}'s sources; "
+                            "remove that folder and build again")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     target = root / (NATIVE_MODULE + suffix) if dest is None else dest / ("_native" + suffix)
-    shutil.copy(native_target() / "release" / "lib_native.so", target)
+    shutil.copy(built, target)
     return target
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -170,3 +171,40 @@ def test_the_native_fold_is_stale_once_any_file_of_its_crate_changes(tmp_path: P
             compiled.check(root)
     assert compiled.clean(root) == 1
     assert compiled.status(root)[-1].state == "pure"
+
+
+def test_each_tree_gets_the_extension_of_its_own_crate(tmp_path: Path) -> None:
+    """Cargo's build folder is shared by every tree, and cargo judges a crate fresh by its files'
+    times. Tree A built, then tree B with other sources, then A again with files older than its
+    last build (as a worktree or an extracted archive has them): A must get its own extension,
+    not B's."""
+    missing = compiled.native_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    trees = {}
+    for name in ("a", "b"):
+        crate = tmp_path / name / compiled.NATIVE
+        shutil.copytree(compiled.ROOT / compiled.NATIVE, crate, ignore=shutil.ignore_patterns("target"))
+        if name == "b":
+            with (crate / "src" / "lib.rs").open("a") as f:
+                f.write("\n// tree b\n")
+        trees[name] = tmp_path / name
+
+    def built_from(name: str) -> str:
+        out = tmp_path / f"out-{name}"
+        out.mkdir(exist_ok=True)
+        path = compiled.build_native(trees[name], dest=out)
+        done = subprocess.run(
+            [sys.executable, "-c", "import importlib.util, sys; s = importlib.util.spec_from_file_location("
+             "'_native', sys.argv[1]); m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+             "print(m.SOURCES)", str(path)], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    digest_a = compiled._digest(trees["a"] / compiled.NATIVE)
+    digest_b = compiled._digest(trees["b"] / compiled.NATIVE)
+    assert digest_a != digest_b
+    assert built_from("a") == digest_a
+    assert built_from("b") == digest_b
+    for part in (trees["a"] / compiled.NATIVE).rglob("*"):
+        os.utime(part, (1_577_836_800, 1_577_836_800))  # 2020-01-01
+    assert built_from("a") == digest_a

@@ -1403,8 +1403,18 @@ impl Fold {
     }
 }
 
+/// The digest of the crate's sources this build was made from, as `deploy/compiled.py` computes
+/// it and passes it to cargo. Cargo rebuilds the crate when it changes, so a build folder shared
+/// by several trees never hands one tree the extension built from another's sources; the build
+/// then finds this very text in the extension it copies.
+const SOURCES: &str = match option_env!("KEYYO_NATIVE_SOURCES") {
+    Some(digest) => digest,
+    None => "",
+};
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("SOURCES", SOURCES)?;
     m.add_class::<Fold>()?;
     m.add_class::<Event>()?;
     m.add_class::<acd::Figures>()?;
