@@ -290,15 +290,15 @@ impl RecordBatch {
 /// Append ``outputs[start:]`` (the runtime's ``Output`` objects) to the open batches of a
 /// transaction, as `_BatchWriter.add_outputs` (processors/runtime.py) does one by one:
 /// ``targets`` maps an output's base topic to its full name, ``key_partition`` a (full topic, key)
-/// to its partition, ``open`` a (full topic, partition) to its open batch; ``written`` counts the outputs appended per base topic. Stops at
-/// the first output it cannot append itself (a topic, key or partition not known yet, no open
-/// batch or a full one, a value still to render) and returns its position, for Python to write it
-/// (``len(outputs)`` when all were appended). Each record is stamped with ``timestamp_ms``, or the
-/// wall clock.
+/// to its partition, ``open`` a (full topic, partition) to its open batch; ``written`` counts the
+/// outputs appended per base topic. Stops at the first output it cannot append itself (a topic,
+/// key or partition not known yet, no open batch or a full one, a value still to render) and
+/// returns its position, for Python to write it (``len(outputs)`` when all were appended). Each
+/// record is stamped with ``timestamp_ms``, or the wall clock.
 #[pyfunction]
 #[pyo3(signature = (outputs, start, targets, key_partition, open, written, timestamp_ms=None))]
-pub fn add_outputs(
-    outputs: &Bound<'_, PyList>,
+pub fn add_outputs<'py>(
+    outputs: &Bound<'py, PyList>,
     start: usize,
     targets: &Bound<'_, PyDict>,
     key_partition: &Bound<'_, PyDict>,
@@ -308,32 +308,50 @@ pub fn add_outputs(
 ) -> PyResult<usize> {
     let py = outputs.py();
     let now = timestamp_ms.unwrap_or_else(now_ms);
-    let len = outputs.len();
-    for i in start..len {
-        let out = outputs.get_item(i)?;
+    // The output appended, by its base topic; None for one Python must write.
+    let append = |out: Bound<'py, PyAny>| -> PyResult<Option<Bound<'py, PyAny>>> {
         let base = out.getattr(intern!(py, "topic"))?;
         let key = out.getattr(intern!(py, "key"))?;
         let value = out.getattr(intern!(py, "value"))?;
         let (Ok(key_bytes), Ok(value_bytes)) = (key.downcast::<PyBytes>(), value.downcast::<PyBytes>()) else {
-            return Ok(i);
+            return Ok(None);
         };
-        let Some(topic) = targets.get_item(&base)? else { return Ok(i) };
+        let Some(topic) = targets.get_item(&base)? else { return Ok(None) };
         let Some(partition) = key_partition.get_item(PyTuple::new(py, [&topic, &key])?)? else {
-            return Ok(i);
+            return Ok(None);
         };
-        let Some(batch) = open.get_item(PyTuple::new(py, [&topic, &partition])?)? else { return Ok(i) };
-        let Ok(batch) = batch.downcast::<RecordBatch>() else { return Ok(i) };
-        let Ok(mut batch) = batch.try_borrow_mut() else { return Ok(i) };
-        if !batch.push(Some(key_bytes.as_bytes()), Some(value_bytes.as_bytes()), now) {
-            return Ok(i);
+        let Some(batch) = open.get_item(PyTuple::new(py, [&topic, &partition])?)? else { return Ok(None) };
+        let Ok(batch) = batch.downcast::<RecordBatch>() else { return Ok(None) };
+        let Ok(mut batch) = batch.try_borrow_mut() else { return Ok(None) };
+        Ok(batch.push(Some(key_bytes.as_bytes()), Some(value_bytes.as_bytes()), now).then_some(base))
+    };
+    // Counted by runs of one base topic (the same string object, as the processors make them),
+    // written into ``written`` when the run ends rather than once per output.
+    let count = |base: &Bound<'py, PyAny>, n: usize| -> PyResult<()> {
+        let before = match written.get_item(base)? {
+            Some(before) => before.extract::<usize>()?,
+            None => 0,
+        };
+        written.set_item(base, before + n)
+    };
+    let mut run: Option<(Bound<'py, PyAny>, usize)> = None;
+    let mut i = start;
+    while i < outputs.len() {
+        let Some(base) = append(outputs.get_item(i)?)? else { break };
+        match &mut run {
+            Some((current, n)) if current.is(&base) => *n += 1,
+            _ => {
+                if let Some((current, n)) = run.replace((base, 1)) {
+                    count(&current, n)?;
+                }
+            }
         }
-        let count = match written.get_item(&base)? {
-            Some(n) => n.extract::<usize>()? + 1,
-            None => 1,
-        };
-        written.set_item(&base, count)?;
+        i += 1;
     }
-    Ok(len)
+    if let Some((current, n)) = run {
+        count(&current, n)?;
+    }
+    Ok(i)
 }
 
 /// CRC-32C of ``data`` as the batch computes it (for the tests); ``portable``: with the table,
