@@ -220,6 +220,42 @@ def test_identifiers_that_need_escaping_legs_linked_every_way_and_a_merge(native
     assert any(len(r["legs"]) == 4 for r in finals) and any(len(r["legs"]) == 3 for r in finals)
 
 
+def test_a_byte_to_escape_at_any_place_of_a_string_is_written_as_orjson_writes_it(native: ModuleType) -> None:
+    """Strings are scanned eight bytes at a time for the first byte to escape: each control
+    character, quote and backslash, at each place of a word and of the tail, alone, twice, or
+    after another, next to bytes to leave as they are (DEL, two- and four-byte characters, the
+    bytes just above each escaped one): orjson's bytes."""
+    specials = [chr(c) for c in range(0x20)] + ['"', "\\"]
+    neighbours = ["", "\x7f", "é", "😀", " ", "!", "#", "[", "]", "\x80"]
+    texts = ["", "a", "x" * 8, "x" * 16, "é" * 9, "😀" * 5, "".join(specials), "".join(specials) * 3]
+    for special in specials:
+        for at in range(20):
+            for pad in neighbours:
+                texts.append("x" * at + special + pad)
+                texts.append("x" * at + pad + special + "y" * (at % 9))
+                texts.append("x" * at + special + special + pad + "y" * (19 - at))
+    rng = random.Random(7)
+    alphabet = specials + neighbours[1:] + list("abcXYZ019/")
+    texts += ["".join(rng.choices(alphabet, k=rng.randrange(40))) for _ in range(3000)]
+    for text in texts:
+        assert native.json_str(text) == orjson.dumps(text), repr(text)
+
+
+def test_quotes_and_backslashes_at_any_place_of_an_identifier_are_folded_alike(native: ModuleType) -> None:
+    """Through the fold, with the contract's identifiers (printable ASCII): a quote or a
+    backslash at each place of a DREF, a session and a callref, in the calls' state and updates."""
+    records, t = [], T0
+    for i, special in enumerate(['"', "\\"]):
+        for at in range(18):
+            text = "x" * at + special + "~" * (at % 3) + special * (at % 2) + "y" * ((i + at) % 11)
+            records.append(note("SETUP", text, t, session_id=text[::-1], callref="c" + text))
+            records.append(note("RELEASE", text, t + 500, session_id=text[::-1], callref="c" + text))
+            t += 1000
+    counting, pure = both(records, native)
+    assert counting.native == len(records) and counting.python == 0
+    assert pure.values("keyyo.call-updates.v1")[-1]["legs"][0]["dref"] == text
+
+
 def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(native: ModuleType) -> None:
     """Calls in the object form of earlier versions, with odd values, or unreadable: the native
     fold leaves them to Python, which reads the first, takes the odd values as they are, and sets

@@ -184,16 +184,14 @@ fn unpack(raw: &[u8]) -> Option<Call> {
 
 // -- JSON as orjson writes it ---------------------------------------------------------------
 
+/// A JSON string as orjson writes it: `"`, `\\` and the control characters escaped, the rest as is.
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut plain = 0; // start of the bytes not yet written, which need no escape
-    for (i, &b) in bytes.iter().enumerate() {
-        if b >= 0x20 && b != b'"' && b != b'\\' {
-            continue;
-        }
-        out.extend_from_slice(&bytes[plain..i]);
-        plain = i + 1;
+    let mut rest = s.as_bytes();
+    loop {
+        let plain = plain_prefix(rest); // most strings are plain to their end: one copy
+        out.extend_from_slice(&rest[..plain]);
+        let Some(&b) = rest.get(plain) else { break };
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -208,12 +206,51 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
                 out.push(HEX[(b & 15) as usize]);
             }
         }
+        rest = &rest[plain + 1..];
     }
-    out.extend_from_slice(&bytes[plain..]);
     out.push(b'"');
 }
 
+/// How many bytes at the start of `bytes` need no escape in a JSON string (all of them when
+/// none does). Eight at a time: a word has a byte below 0x20, a `"` or a `\\` exactly when one
+/// of the three masks below is non-zero (the "has a byte less than" and "has a zero byte" tests
+/// of bit twiddling; a borrow only ever follows a byte that matched), then byte by byte in the
+/// word that has one and in the tail. Per byte, the loop it replaced took most of `put_str`'s
+/// time, ≈ 4.6 % of a compiled drain.
+fn plain_prefix(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        let control = x.wrapping_sub(ONES * 0x20) & !x;
+        let matched = (control | (quote.wrapping_sub(ONES) & !quote) | (backslash.wrapping_sub(ONES) & !backslash))
+            & HIGH;
+        if matched != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while let Some(&b) = bytes.get(i) {
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `text` as a JSON string, as the fold and the figures write it (for the tests).
+#[pyfunction]
+fn json_str<'py>(py: Python<'py>, text: &str) -> Bound<'py, PyBytes> {
+    let mut out = Vec::with_capacity(text.len() + 2);
+    put_str(&mut out, text);
+    PyBytes::new(py, &out)
+}
 
 /// An integer in decimal, as Python writes it.
 fn put_int(out: &mut Vec<u8>, value: i64) {
@@ -1420,6 +1457,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<acd::Figures>()?;
     m.add_class::<batch::RecordBatch>()?;
     m.add_function(wrap_pyfunction!(batch::crc32c_of, m)?)?;
+    m.add_function(wrap_pyfunction!(json_str, m)?)?;
     m.add_function(wrap_pyfunction!(batch::add_outputs, m)?)?;
     m.add_function(wrap_pyfunction!(store::apply_entries, m)?)?;
     m.add_function(wrap_pyfunction!(acd::decode_call_record, m)?)?;
