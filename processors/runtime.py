@@ -277,6 +277,9 @@ ones, each walking every tracked object: records, outputs, batches, futures in f
 these, 0.3 s (5 young, 1 full). Only objects in reference cycles wait longer to be freed
 (everything else is freed by reference counting as before)."""
 
+RECORDS_PER_CLOCK = 32
+"""A transaction reads the wall clock and checks its slice once per this many records."""
+
 
 class Runtime:
     """Runs a :class:`Logic` over the input topic with exactly-once outputs and state."""
@@ -434,14 +437,20 @@ class Runtime:
             while True:
                 until = time.perf_counter() + budget
                 while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
-                    rec = part.queue.popleft()
-                    records.append(rec)
-                    tries = part.attempts.get(rec.offset, 0) if part.careful else 0
-                    if tries >= s.max_attempts:
-                        outputs.append(step.dead_letter(rec, f"not accepted by Kafka after {tries} attempts: "
-                                                             f"{part.last_error}", attempts=tries))
-                    else:
-                        outputs.extend(step.record(rec, self.clock()))
+                    # A run of records on one reading of the clocks (≈ 1 % of a drain's time when
+                    # each record read both); a run takes well under a millisecond.
+                    wall_ms = self.clock()
+                    for _ in range(1 if part.careful else RECORDS_PER_CLOCK):
+                        if not part.queue:
+                            break
+                        rec = part.queue.popleft()
+                        records.append(rec)
+                        tries = part.attempts.get(rec.offset, 0) if part.careful else 0
+                        if tries >= s.max_attempts:
+                            reason = f"not accepted by Kafka after {tries} attempts: {part.last_error}"
+                            outputs.append(step.dead_letter(rec, reason, attempts=tries))
+                        else:
+                            outputs.extend(step.record(rec, wall_ms))
                 budget = until - time.perf_counter()
                 wait = commit_at - time.perf_counter()
                 if (part.queue or budget <= 0 or wait <= 0 or part.careful or part.closing

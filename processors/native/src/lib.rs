@@ -1412,14 +1412,18 @@ impl Fold {
                 _ => return Ok(None), // another form, or at its bound: Python says why
             },
         };
-        let short: String = note.event_id.chars().take(12).collect();
-        if call.events.contains(&short) {
+        // The event id's first 12 characters, borrowed (not collected a character at a time).
+        let short = match note.event_id.char_indices().nth(12) {
+            Some((end, _)) => &note.event_id[..end],
+            None => note.event_id,
+        };
+        if call.events.iter().any(|seen| seen == short) {
             return Ok(Some(PyList::empty(py))); // an exact duplicate
         }
         if call.events.len() >= self.max_events {
             return Ok(None);
         }
-        call.events.push(short);
+        call.events.push(short.to_owned());
         fold(&mut call, &note, event_ms);
         call.closed = Val::Bool(false);
         for (i, key) in index_keys.iter().enumerate() {
