@@ -437,8 +437,9 @@ class Runtime:
             while True:
                 until = time.perf_counter() + budget
                 while part.queue and (not records or (time.perf_counter() < until and not part.careful)):
-                    # A run of records on one reading of the clocks (≈ 1 % of a drain's time when
-                    # each record read both); a run takes well under a millisecond.
+                    # A run of records on one reading of the clocks: read for each record, the
+                    # wall clock alone (a Python call) took 0.8 % of a drain's samples. A run
+                    # takes well under a millisecond, so the slice and live mode's time hold.
                     wall_ms = self.clock()
                     for _ in range(1 if part.careful else RECORDS_PER_CLOCK):
                         if not part.queue:
