@@ -224,7 +224,7 @@ def test_a_byte_to_escape_at_any_place_of_a_string_is_written_as_orjson_writes_i
     """Strings are scanned eight bytes at a time for the first byte to escape: each control
     character, quote and backslash, at each place of a word and of the tail, alone, twice, or
     after another, next to bytes to leave as they are (DEL, two- and four-byte characters, the
-    bytes just above each escaped one): orjson's bytes."""
+    space, the bytes on either side of a quote and of a backslash): orjson's bytes."""
     specials = [chr(c) for c in range(0x20)] + ['"', "\\"]
     neighbours = ["", "\x7f", "é", "😀", " ", "!", "#", "[", "]", "\x80"]
     texts = ["", "a", "x" * 8, "x" * 16, "é" * 9, "😀" * 5, "".join(specials), "".join(specials) * 3]
