@@ -155,16 +155,26 @@ class Exploding(Wrapping):
         return self.inner.on_event(store, n, now_ms)
 
 
-def test_an_exception_in_the_logic_sets_the_record_aside_and_undoes_its_work() -> None:
-    driver = Driver(Exploding())
+def failures_logged(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, ...]]:
+    """(topic, partition, offset, error) of each failure the step logged."""
+    return [(r.topic, r.partition, r.offset, r.error) for r in caplog.records  # type: ignore[attr-defined]
+            if r.getMessage() == "processing failed; record set aside"]
+
+
+def test_an_exception_in_the_logic_sets_the_record_aside_and_undoes_its_work(
+        caplog: pytest.LogCaptureFixture) -> None:
+    driver = Driver(Exploding(), topic="notifications", partition=3)
+    good_call_of_globex(driver)
     for n in incoming_call(caller="33999999999").rings(A).events:
         driver.send(b"acme", n.to_json(), parse_rfc3339_ms(n.event_time))
-    good_call_of_globex(driver)
     driver.flush(3600_000)
     [letter] = dead_letters(driver)
     assert letter["reason"] == "processing failed: KeyError: 'a bug'"
+    assert (letter["topic"], letter["partition"], letter["offset"]) == ("notifications", 3, 3)
     assert driver.store.get("garbage") is None
     assert len(records_of(driver, "globex")) == 1
+    # The log says which record, read from the record only now that it failed.
+    assert failures_logged(caplog) == [("notifications", 3, 3, "KeyError('a bug')")]
 
 
 class TimerBug(Wrapping):
@@ -174,8 +184,9 @@ class TimerBug(Wrapping):
         return self.inner.on_timer(store, key, now_ms)
 
 
-def test_a_failing_timer_is_dead_lettered_once_and_does_not_fire_again() -> None:
-    driver = Driver(TimerBug())
+def test_a_failing_timer_is_dead_lettered_once_and_does_not_fire_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    driver = Driver(TimerBug(), partition=2)
     for n in incoming_call().rings(A).hangs_up(A).events:
         driver.send(b"acme", n.to_json(), parse_rfc3339_ms(n.event_time))
     good_call_of_globex(driver)
@@ -185,6 +196,7 @@ def test_a_failing_timer_is_dead_lettered_once_and_does_not_fire_again() -> None
     assert [d["reason"] for d in letters] == ["timer failed: RuntimeError: timer bug"]
     assert letters[0]["timer"].startswith("c/acme/") and letters[0]["offset"] is None
     assert len(records_of(driver, "globex")) == 1
+    assert failures_logged(caplog) == [("timer", 2, None, "RuntimeError('timer bug')")]
 
 
 class UnrenderableFigures(Wrapping):
