@@ -8,7 +8,6 @@ fires due timers (the runtime calls it after each transaction's records and when
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -127,21 +126,23 @@ class Step:
             return [self.dead_letter(rec, refusal)]
         now = self._floored(self.store.advance(domain, event_ms), wall_ms)  # the time, read once
         outputs = self._due(domain, now, rec.partition)
-        produced, problem = self._isolated(
-            domain, functools.partial(self._on_event, self.store, event, now), "processing failed", rec)
+        produced, problem = self._isolated(domain, self._on_event, event, now, "processing failed", rec)
         outputs.extend(produced if problem is None else [self.dead_letter(rec, problem)])
         return outputs
 
-    def _isolated(self, domain: str, work: Callable[[], list[Output]], failed: str,
+    def _isolated(self, domain: str, work: Callable[[Store, Any, int], list[Output]], subject: Any,
+                  now: int, failed: str,
                   where: InputRecord | tuple[str, int, int | None]) -> tuple[list[Output], str | None]:
-        """Run one piece of the logic so that, if it fails or outgrows a bound, its work is undone
-        and the reason returned instead of its outputs. ``where``: the record, or (what, partition,
-        None), for the log of a failure (a record's topic, partition and offset are read only then)."""
+        """Run one piece of the logic, ``work(store, subject, now)`` (its ``on_event``, ``on_timer``
+        or ``on_start``, called directly: a partial per record cost a call more), so that, if it
+        fails or outgrows a bound, its work is undone and the reason returned instead of its
+        outputs. ``where``: the record, or (what, partition, None), for the log of a failure (a
+        record's topic, partition and offset are read only then)."""
         store = self.store
         store.domain = domain
         store.begin_step()
         try:
-            produced = work()
+            produced = work(store, subject, now)
             problem = self._oversized(produced)
         except Refused as exc:
             problem = f"refused: {exc}"
@@ -191,9 +192,8 @@ class Step:
             if not owns(key) or (self.mode == "replay" and self.store.time(domain) == 0):
                 continue
             now = self.now(domain, wall_ms)
-            produced, problem = self._isolated(
-                domain, functools.partial(logic.on_start, self.store, domain, now), "start failed",
-                ("start", partition, None))
+            produced, problem = self._isolated(domain, logic.on_start, domain, now, "start failed",
+                                               ("start", partition, None))
             outputs.extend(produced if problem is None
                            else [self._timer_dead_letter(partition, domain, "start", problem)])
         return outputs
@@ -231,9 +231,8 @@ class Step:
             return []
         outputs: list[Output] = []
         for key in list(store.due(domain, now)):
-            produced, problem = self._isolated(
-                domain, functools.partial(self._on_timer, store, key, now), "timer failed",
-                ("timer", partition, None))
+            produced, problem = self._isolated(domain, self._on_timer, key, now, "timer failed",
+                                               ("timer", partition, None))
             outputs.extend(produced if problem is None
                            else [self._timer_dead_letter(partition, domain, key, problem)])
         return outputs

@@ -304,6 +304,38 @@ def test_state_written_in_other_forms_or_broken_is_read_as_python_reads_it(nativ
     assert key("gone") not in state and "i/acme/c/C-mine" not in state and "i/acme/s/S-other" in state
 
 
+def test_integers_and_times_are_written_digit_for_digit_as_python_writes_them(native: ModuleType) -> None:
+    """The native fold writes integers and times two digits at a time. A call whose leg holds an
+    integer where a string goes keeps it as it is: one such call per integer (each digit count,
+    both signs, the ends of a 64-bit integer), then events at times on either side of every
+    carry (seconds, minutes, hours, days, months, years, a leap day), all through both folds.
+    The native reader takes integers of at most 18 digits; longer ones are Python's."""
+    ints = [0, 5, 9, 10, 11, 42, 99, 100, 101, 999, 1000, 1001, 12345, 99999, 100000, 1234567,
+            10**12, 10**17, 10**18 - 1, 10**18, 2**63 - 1]
+    ints += [-i for i in ints if i] + [-(2**63)]
+
+    def key(dref: str) -> str:
+        return f"c/acme/{_call_id('acme', dref)}"
+
+    seed = {key(f"int{i}"): orjson.dumps([1, 0, False, None, None, T0, ["bbbbbbbbbbbb"], [
+        [f"int{i}", value, "33100000001", "1", "2", T0, None, None, None, None, False, None, T0, False,
+         False]]]) for i, value in enumerate(ints)}
+    records = [note(kind, f"int{i}", T0 + 1000 * i)
+               for i in range(len(ints)) for kind in ("CONNECT", "RELEASE")]
+    times = [parse_rfc3339_ms(t) for t in (
+        "2026-12-31T23:59:59.999Z", "2027-01-01T00:00:00.000Z", "2028-02-28T23:59:59.990Z",
+        "2028-02-29T09:09:09.009Z", "2028-03-01T00:00:00.100Z", "2029-09-30T19:59:59.099Z",
+        "2029-10-01T10:10:10.010Z", "2099-12-31T23:59:59.999Z", "2100-03-01T00:00:00.000Z")]
+    records += [note(kind, f"t{i}", at + step) for i, at in enumerate(times)
+                for step, kind in ((0, "SETUP"), (1, "CONNECT"), (61_001, "RELEASE"))]
+    counting, pure = both(records, native, seed=seed)
+    assert counting.python == 2 * sum(len(str(abs(value))) > 18 for value in ints)
+    assert counting.native == len(records) - counting.python
+    updates = b"".join(o.rendered() for o in pure.outputs if o.topic == "keyyo.call-updates.v1")
+    assert b'"callref":-99999,' in updates and b'"callref":-999999999999999999,' in updates
+    assert b'"2028-02-29T09:09:09.009Z"' in updates and b'"2100-03-01T00:01:01.001Z"' in updates
+
+
 def test_state_strings_with_escapes_are_read_as_orjson_reads_them(native: ModuleType) -> None:
     """The fold reads the escapes orjson writes in a call's state (every control character, quote,
     backslash; also an escaped slash and upper-case hex); a call whose state holds any other escape

@@ -252,18 +252,36 @@ fn json_str<'py>(py: Python<'py>, text: &str) -> Bound<'py, PyBytes> {
     PyBytes::new(py, &out)
 }
 
+/// "00" to "99": decimal digits are written two at a time (one division per pair, not per digit;
+/// a call's value and its update hold a dozen 13-digit times each).
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// The two digits of `n` (< 100).
+fn pair(n: u64) -> [u8; 2] {
+    let i = n as usize * 2;
+    [PAIRS[i], PAIRS[i + 1]]
+}
+
 /// An integer in decimal, as Python writes it.
 fn put_int(out: &mut Vec<u8>, value: i64) {
     let mut digits = [0u8; 20];
     let mut n = value.unsigned_abs();
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&pair(n % 100));
+        n /= 100;
+    }
+    if n >= 10 {
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&pair(n));
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     if value < 0 {
         out.push(b'-');
@@ -271,15 +289,21 @@ fn put_int(out: &mut Vec<u8>, value: i64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// ``width`` decimal digits of ``value`` (0 <= value < 10^width).
-fn put_digits(out: &mut Vec<u8>, value: i64, width: usize) {
-    let mut n = value;
-    let start = out.len();
-    out.resize(start + width, b'0');
-    for i in (0..width).rev() {
-        out[start + i] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
+/// Two decimal digits of `value` (0 <= value < 100).
+fn put2(out: &mut Vec<u8>, value: i64) {
+    out.extend_from_slice(&pair(value as u64));
+}
+
+/// Three decimal digits of `value` (0 <= value < 1000).
+fn put3(out: &mut Vec<u8>, value: i64) {
+    out.push(b'0' + (value / 100) as u8);
+    put2(out, value % 100);
+}
+
+/// Four decimal digits of `value` (0 <= value < 10000).
+fn put4(out: &mut Vec<u8>, value: i64) {
+    put2(out, value / 100);
+    put2(out, value % 100);
 }
 
 fn put_val(out: &mut Vec<u8>, v: &Val) {
@@ -370,16 +394,16 @@ fn put_time(out: &mut Vec<u8>, epoch_ms: i64) {
     let (y, m, d) = civil_from_days(day);
     out.push(b'"');
     if (0..10_000).contains(&y) {
-        put_digits(out, y, 4);
+        put4(out, y);
     } else {
         put_int(out, y);
     }
     for (sep, value) in [(b'-', m), (b'-', d), (b'T', rest / 3600), (b':', rest % 3600 / 60), (b':', rest % 60)] {
         out.push(sep);
-        put_digits(out, value, 2);
+        put2(out, value);
     }
     out.push(b'.');
-    put_digits(out, millis, 3);
+    put3(out, millis);
     out.extend_from_slice(b"Z\"");
 }
 
@@ -738,16 +762,17 @@ pub(crate) struct StoreView<'py> {
     data: Bound<'py, PyDict>,
     missing: Bound<'py, PyAny>,
     undo: Option<Bound<'py, PyList>>,
-    wake_prefix: String,
+    /// The current domain (`Store.domain`): its timers' keys are `WAKE + domain + SEP + key`.
+    domain: Bound<'py, PyString>,
 }
 
 impl<'py> StoreView<'py> {
     pub(crate) fn of(store: &Bound<'py, PyAny>) -> PyResult<StoreView<'py>> {
         let py = store.py();
         let handles = store.call_method0(intern!(py, "native_handles"))?;
-        let (staged, data, missing, undo, wake_prefix): (Bound<PyDict>, Bound<PyDict>, Bound<PyAny>,
-                                                         Option<Bound<PyList>>, String) = handles.extract()?;
-        Ok(StoreView { py, staged, data, missing, undo, wake_prefix })
+        let (staged, data, missing, undo, domain): (Bound<PyDict>, Bound<PyDict>, Bound<PyAny>,
+                                                    Option<Bound<PyList>>, Bound<PyString>) = handles.extract()?;
+        Ok(StoreView { py, staged, data, missing, undo, domain })
     }
 
     /// `Store.get`: the stored `bytes` object itself.
@@ -779,7 +804,7 @@ impl<'py> StoreView<'py> {
     /// `put` and `delete` do for a processor's key (none of the fold's starts with a NUL), and
     /// `wake` once it found the timer changed.
     pub(crate) fn stage(&self, key: &str, value: Option<&[u8]>) -> PyResult<()> {
-        debug_assert!(!key.starts_with('\0') || key.starts_with(&self.wake_prefix));
+        debug_assert!(!key.starts_with('\0') || key.starts_with(store::WAKE));
         let key = PyString::new(self.py, key);
         match value {
             Some(value) => self.stage_bytes(&key, &PyBytes::new(self.py, value).into_any()),
@@ -798,7 +823,7 @@ impl<'py> StoreView<'py> {
 
     /// `Store.wake`.
     pub(crate) fn wake(&self, key: &str, at_ms: i64) -> PyResult<()> {
-        let wake_key = PyString::new(self.py, &concat(&[&self.wake_prefix, key]));
+        let wake_key = PyString::new(self.py, &concat(&[store::WAKE, self.domain.to_str()?, store::SEP, key]));
         let mut value = Vec::with_capacity(16);
         put_int(&mut value, at_ms);
         if self.get_bytes_at(&wake_key)?.as_ref().map(|v| v.as_bytes()) != Some(value.as_slice()) {
@@ -831,7 +856,7 @@ fn put_ms_as_seconds(out: &mut Vec<u8>, ms: i64) -> Option<()> {
     if frac == 0 {
         out.push(b'0');
     } else {
-        put_digits(out, frac, 3);
+        put3(out, frac);
         while out.last() == Some(&b'0') {
             out.pop(); // trailing zeros, as Python's repr leaves none (a non-zero digit stays)
         }

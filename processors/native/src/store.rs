@@ -13,9 +13,9 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::collections::HashMap;
 
 /// `state._WAKE`, `state._TIME`, `state._SEP`.
-const WAKE: &str = "\0rt/wake/";
+pub(crate) const WAKE: &str = "\0rt/wake/";
 const TIME: &str = "\0rt/time/";
-const SEP: char = '\x1f';
+pub(crate) const SEP: &str = "\x1f";
 
 /// The integer a clock's or timer's value holds, when written as our code writes them (an optional
 /// minus and at most 18 digits); None for anything else, which Python's `int()` then reads.
