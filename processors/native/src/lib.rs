@@ -393,8 +393,8 @@ fn parse_time(text: &str) -> Option<i64> {
 }
 
 thread_local! {
-    /// The last day `put_time` wrote with a four-digit year, and its `YYYY-MM-DD`: the times of a
-    /// call and of an update mostly fall on one day.
+    /// The last day `put_time` wrote whose date took ten bytes (`YYYY-MM-DD`, a four-digit year),
+    /// and those bytes: the times of a call and of an update mostly fall on one day.
     static LAST_DAY: std::cell::Cell<(i64, [u8; 10])> = const { std::cell::Cell::new((i64::MIN, [0; 10])) };
 }
 
