@@ -76,11 +76,13 @@ def _child(measure: str, sample: Path, notifications: int) -> None:
 
 
 def count(tree: Path, measure: str, sample: Path, notifications: int) -> dict[str, int]:
-    """Instructions callgrind collected in ``tree``'s compiled code for ``measure``."""
+    """Instructions callgrind collected in ``tree``'s compiled code for ``measure``. The counted
+    process runs this file with ``tree`` first on its path, so an older tree without this tool
+    can be counted too."""
     with tempfile.TemporaryDirectory() as tmp:
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out",
                    *(f"--toggle-collect={symbol}" for symbol in COLLECTED[measure]),
-                   sys.executable, "-m", "devtools.count_instructions", "--child", measure,
+                   sys.executable, __file__, "--child", measure,
                    "--sample", str(sample), "--notifications", str(notifications)]
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
