@@ -828,7 +828,10 @@ impl<'py> StoreView<'py> {
     /// `put` and `delete` do for a processor's key (none of the fold's starts with a NUL), and
     /// `wake` once it found the timer changed.
     pub(crate) fn stage(&self, key: &str, value: Option<&[u8]>) -> PyResult<()> {
-        debug_assert!(!key.starts_with('\0') || key.starts_with(store::WAKE));
+        debug_assert!(!key.starts_with('\0')
+            || key.strip_prefix(store::WAKE).zip(self.domain.to_str().ok()).is_some_and(|(rest, domain)| {
+                rest.strip_prefix(domain).is_some_and(|rest| rest.starts_with(store::SEP))
+            }));
         let key = PyString::new(self.py, key);
         match value {
             Some(value) => self.stage_bytes(&key, &PyBytes::new(self.py, value).into_any()),
